@@ -1,0 +1,1 @@
+"""CLI commands, one module per area; importing this package registers them on `cli.app`."""

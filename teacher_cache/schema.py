@@ -1,0 +1,156 @@
+"""The label schema: what the cache holds for one clip, and the store-level fingerprint.
+
+This is the contract between precompute (writer) and training/eval (readers). Shapes use
+S = sampled frames of the clip, L = distilled teacher layers, (Ht, Wt) = teacher image size
+(e.g. 392x504 for a 640x480 video), (Hd, Wd) = depth resolution (half the teacher's, 196x252),
+(h, w) = pooled feature grid (teacher patch grid / 2, 14x18), C = feature channels (1024 for
+VGGT-1B: the frame-attention half of the aggregator tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+
+
+class SchemaError(ValueError):
+    """A clip or a store does not follow this schema; the message names the clip or store and field."""
+
+
+@dataclass
+class ClipLabels:
+    """Teacher labels of one clip, decoded (float32 arrays), as the student reads them.
+
+    Attributes:
+        clip_id: stable id, a hash of (video path relative to the corpus root, sampling policy).
+        video: the video path relative to the corpus root.
+        frame_indices: (S,) int64 indices of the sampled frames in the decoded video.
+        timestamps: (S,) float64 presentation times of the sampled frames, seconds.
+        frames_jpeg: S JPEG-encoded RGB frames at the student's resolution.
+        pose_enc: (S, 9) float32 VGGT pose encoding (see `geometry`), first camera = identity.
+        extrinsic: (S, 3, 4) float32 camera-from-world, OpenCV axes.
+        intrinsic: (S, 3, 3) float32 pinhole intrinsics in pixels of the teacher image.
+        depth: (S, Hd, Wd) float32 teacher depth (VGGT's normalised units).
+        depth_conf: (S, Hd, Wd) float32 teacher confidence (>= 1).
+        scale: metric scale, metres per VGGT unit (metric_depth ≈ scale * depth); NaN if invalid.
+        scale_valid: whether `scale` is usable (enough non-sky confident pixels, metric model run).
+        features: (S, L, h, w, C) float32 pooled frame-attention features of the distilled layers.
+        meta: JSON-able clip metadata (source size, fps, teacher image size, ...).
+    """
+
+    clip_id: str
+    video: str
+    frame_indices: np.ndarray
+    timestamps: np.ndarray
+    frames_jpeg: list[bytes]
+    pose_enc: np.ndarray
+    extrinsic: np.ndarray
+    intrinsic: np.ndarray
+    depth: np.ndarray
+    depth_conf: np.ndarray
+    scale: float
+    scale_valid: bool
+    features: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frame_indices.shape[0])
+
+    def validate(self) -> None:
+        """Check shapes and dtypes against each other; raise `SchemaError` naming the field."""
+        s = self.num_frames
+
+        def check(name: str, ok: bool, expected: str) -> None:
+            if not ok:
+                value = getattr(self, name)
+                got = value.shape if isinstance(value, np.ndarray) else type(value).__name__
+                raise SchemaError(f"clip {self.clip_id}: field {name} has shape {got}, expected {expected}")
+
+        check("frame_indices", self.frame_indices.ndim == 1 and s > 0, "(S,) with S > 0")
+        check("timestamps", self.timestamps.shape == (s,), f"({s},)")
+        if len(self.frames_jpeg) != s:
+            raise SchemaError(f"clip {self.clip_id}: {len(self.frames_jpeg)} JPEG frames for {s} sampled frames")
+        check("pose_enc", self.pose_enc.shape == (s, 9), f"({s}, 9)")
+        check("extrinsic", self.extrinsic.shape == (s, 3, 4), f"({s}, 3, 4)")
+        check("intrinsic", self.intrinsic.shape == (s, 3, 3), f"({s}, 3, 3)")
+        check("depth", self.depth.ndim == 3 and self.depth.shape[0] == s, f"({s}, Hd, Wd)")
+        check("depth_conf", self.depth_conf.shape == self.depth.shape, str(self.depth.shape))
+        check("features", self.features.ndim == 5 and self.features.shape[0] == s, f"({s}, L, h, w, C)")
+
+
+@dataclass(frozen=True)
+class StoreFingerprint:
+    """Everything the labels depend on; a store refuses writes (resume) under another fingerprint.
+
+    Attributes:
+        teacher: teacher model name, e.g. "vggt-1b".
+        checkpoint_sha256: hash of the teacher checkpoint file(s).
+        teacher_config: the teacher's architecture config (the `config.json` schema).
+        metric_teacher: metric-depth model name and hash, or "" when no metric scale is computed.
+        preprocess: teacher and student preprocessing (teacher long side, student frame size,
+            JPEG quality, feature pooling, depth resolution, codecs).
+        sampling: the frame sampling policy (fps, min/max frames, method).
+        feature_layers: the aggregator layers whose features are stored, in order (the L axis).
+        schema_version: `SCHEMA_VERSION` of the writer.
+        code_version: the geovr-pipeline version that wrote the store.
+    """
+
+    teacher: str
+    checkpoint_sha256: str
+    teacher_config: dict[str, Any]
+    metric_teacher: str
+    preprocess: dict[str, Any]
+    sampling: dict[str, Any]
+    feature_layers: tuple[int, ...]
+    schema_version: int = SCHEMA_VERSION
+    code_version: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["feature_layers"] = list(self.feature_layers)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], where: str = "store") -> StoreFingerprint:
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise SchemaError(
+                f"{where}: written with label schema version {version}, this code reads version "
+                f"{SCHEMA_VERSION}; re-run precompute or convert the store with a matching geovr-pipeline"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted(names - set(data))
+        if missing:
+            raise SchemaError(f"{where}: fingerprint lacks {', '.join(missing)}")
+        values = {k: data[k] for k in names}
+        values["feature_layers"] = tuple(values["feature_layers"])
+        return cls(**values)
+
+    def digest(self) -> str:
+        """Short hash of the fields that determine the labels (not `code_version`)."""
+        data = self.to_json()
+        data.pop("code_version")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def differences(self, other: StoreFingerprint) -> list[str]:
+        """Names and values of the fields that differ (ignoring `code_version`), for error messages."""
+        ours, theirs = self.to_json(), other.to_json()
+        return [
+            f"{name}: {ours[name]!r} != {theirs[name]!r}"
+            for name in ours
+            if name != "code_version" and ours[name] != theirs[name]
+        ]
+
+
+def clip_id_for(video: str, sampling: dict[str, Any]) -> str:
+    """Stable clip id: 16 hex digits of sha256 over the relative video path and the sampling policy."""
+    key = json.dumps({"video": video, "sampling": sampling}, sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]

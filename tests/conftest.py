@@ -1,0 +1,22 @@
+"""Shared test fixtures: paths of the shared reference vectors, loopback-only Ray environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("GEOVR_SHARED", REPO.parent / "shared"))
+REFERENCE = SHARED / "reference"
+
+# Every Ray process started by a test (head, workers, driver) stays on 127.0.0.1.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    if not REFERENCE.is_dir():
+        pytest.fail(f"shared reference vectors not found at {REFERENCE} (set GEOVR_SHARED)")
+    return REFERENCE
