@@ -11,6 +11,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from geovr.teacher_cache.config import ConfigError
 
@@ -29,7 +30,15 @@ class UsageError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
-EXPECTED_ERRORS: tuple[type[BaseException], ...] = (ConfigError, UsageError, FileNotFoundError, PermissionError)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError,
+    UsageError,
+    FileNotFoundError,
+    PermissionError,
+    NotADirectoryError,
+    IsADirectoryError,
+    FileExistsError,
+)
 
 
 def _register_commands() -> None:
@@ -39,11 +48,28 @@ def _register_commands() -> None:
 def main() -> None:
     _register_commands()
     try:
-        app()
+        # Not standalone: typer's own usage errors come back here and get the one-line treatment too.
+        status = app(standalone_mode=False)
+    except typer.TyperException as err:  # bad option values, missing options, unknown commands
+        if type(err).__name__ == "NoArgsIsHelpError":  # typer printed the help when raising it
+            sys.exit(err.exit_code)
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _print_error(f"{err.format_message()}{hint}")
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        _print_error("aborted")
+        sys.exit(1)
     except (*EXPECTED_ERRORS, ValueError) as err:
         # Schema and validation errors of the stages are ValueErrors whose message names the input.
         # GEOVR_DEBUG=1 shows the traceback instead.
         if os.environ.get("GEOVR_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+        _print_error(str(err))
         sys.exit(2)
+    # Without standalone mode typer returns the exit code of `--help` and `typer.Exit` instead of exiting.
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _print_error(message: str) -> None:
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)

@@ -26,7 +26,11 @@ class ConfigError(ValueError):
 
 def preset_names() -> list[str]:
     """Names of the presets shipped in `configs/`."""
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("geovr.configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in resources.files("geovr.configs").iterdir()
+        if p.name.endswith(".yaml")
+    )
 
 
 def read_preset(preset: str | Path) -> dict[str, Any]:
@@ -70,7 +74,12 @@ def load_section(
 
     Explicit keyword values that are None are ignored, so CLI options can pass through unset.
     """
-    raw: dict[str, Any] = dict(read_preset(preset).get(section) or {}) if preset is not None else {}
+    raw: dict[str, Any] = {}
+    if preset is not None:
+        from_preset = read_preset(preset).get(section) or {}
+        if not isinstance(from_preset, dict):
+            raise ConfigError(f"preset {preset}: section {section!r} must be a mapping of keys to values")
+        raw.update(from_preset)
     raw.update(parse_overrides(overrides).get(section, {}))
     raw.update({k: v for k, v in values.items() if v is not None})
     return from_dict(cls, raw, where=section)
@@ -115,9 +124,10 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (
+            value is None or (isinstance(value, str) and value.lower() in ("none", "null"))
+        ):
+            return None
         errors = []
         for arg in args:
             if arg is type(None):
@@ -133,7 +143,9 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return value
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            value = (
+                yaml.safe_load(value) if value.strip().startswith("[") else [v for v in value.split(",") if v]
+            )
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{name}: expected a list, got {value!r}")
         item = args[0] if args else Any
@@ -149,7 +161,9 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         try:
-            number = hint(value) if hint is float else int(str(value), 0) if isinstance(value, str) else int(value)
+            number = (
+                hint(value) if hint is float else int(str(value), 0) if isinstance(value, str) else int(value)
+            )
         except (TypeError, ValueError):
             raise ConfigError(f"{name}: expected {hint.__name__}, got {value!r}") from None
         if hint is int and isinstance(value, float) and not value.is_integer():

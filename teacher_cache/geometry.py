@@ -43,7 +43,7 @@ def quat_to_mat(quat: Tensor) -> Tensor:
         ),
         -1,
     )
-    return mat.reshape(quat.shape[:-1] + (3, 3))
+    return mat.reshape((*quat.shape[:-1], 3, 3))
 
 
 def mat_to_quat(mat: Tensor) -> Tensor:
@@ -52,7 +52,7 @@ def mat_to_quat(mat: Tensor) -> Tensor:
     Picks, per matrix, the best-conditioned of the four candidate formulas (largest of w, x, y, z),
     so the result is accurate for every rotation, including ones near 180 degrees.
     """
-    m = mat.reshape(mat.shape[:-2] + (9,))
+    m = mat.reshape((*mat.shape[:-2], 9))
     m00, m01, m02, m10, m11, m12, m20, m21, m22 = torch.unbind(m, -1)
     # 4*q_i^2 for (w, x, y, z); clamp guards tiny negative values from rounding.
     q_abs = torch.sqrt(
@@ -82,7 +82,7 @@ def mat_to_quat(mat: Tensor) -> Tensor:
     floor = torch.tensor(0.1, dtype=q_abs.dtype, device=q_abs.device)
     candidates = candidates / (2.0 * torch.maximum(q_abs[..., None], floor))
     best = q_abs.argmax(-1)
-    wxyz = torch.gather(candidates, -2, best[..., None, None].expand(best.shape + (1, 4))).squeeze(-2)
+    wxyz = torch.gather(candidates, -2, best[..., None, None].expand((*best.shape, 1, 4))).squeeze(-2)
     xyzw = torch.cat((wxyz[..., 1:], wxyz[..., :1]), -1)
     xyzw = torch.where(xyzw[..., 3:4] < 0, -xyzw, xyzw)
     return xyzw / xyzw.norm(dim=-1, keepdim=True)
@@ -109,7 +109,7 @@ def decode_pose(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Te
     fy = (height / 2.0) / torch.tan(pose_enc[..., 7] / 2.0)
     fx = (width / 2.0) / torch.tan(pose_enc[..., 8] / 2.0)
     extrinsic = torch.cat((rotation, translation[..., None]), -1)
-    intrinsic = torch.zeros(pose_enc.shape[:-1] + (3, 3), dtype=pose_enc.dtype, device=pose_enc.device)
+    intrinsic = torch.zeros((*pose_enc.shape[:-1], 3, 3), dtype=pose_enc.dtype, device=pose_enc.device)
     intrinsic[..., 0, 0] = fx
     intrinsic[..., 1, 1] = fy
     intrinsic[..., 0, 2] = width / 2.0
@@ -120,7 +120,7 @@ def decode_pose(pose_enc: Tensor, image_hw: tuple[int, int]) -> tuple[Tensor, Te
 
 def to_homogeneous(extrinsic: Tensor) -> Tensor:
     """(..., 3, 4) camera-from-world to (..., 4, 4)."""
-    bottom = torch.zeros(extrinsic.shape[:-2] + (1, 4), dtype=extrinsic.dtype, device=extrinsic.device)
+    bottom = torch.zeros((*extrinsic.shape[:-2], 1, 4), dtype=extrinsic.dtype, device=extrinsic.device)
     bottom[..., 0, 3] = 1.0
     return torch.cat((extrinsic, bottom), -2)
 
@@ -239,13 +239,13 @@ def fit_scale(
     if a.numel() < 16:
         return torch.tensor(float("nan"), dtype=torch.float64), torch.tensor(False)
     scale = (b / a).median()
-    keep = torch.ones_like(a, dtype=torch.bool)
     for _ in range(iterations):
-        scale = (a[keep] * b[keep]).sum() / (a[keep] * a[keep]).sum()
+        # Reject with the current scale (at first the median ratio, which outliers barely move), then refit.
         residual = (scale * a - b).abs() / b
         median = residual.median()
         mad = (residual - median).abs().median()
         keep = residual <= median + outlier_mads * max(float(mad), 1e-12) * 1.4826
+        scale = (a[keep] * b[keep]).sum() / (a[keep] * a[keep]).sum()
     return scale, torch.tensor(bool(keep.sum() >= 16))
 
 

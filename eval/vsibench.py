@@ -1,0 +1,432 @@
+"""VSI-Bench harness: any Qwen3-VL-format model directory on a local copy of the benchmark.
+
+Data directory: the annotations as `*.parquet` (the Hugging Face release) or, when there is no
+parquet, `*.jsonl` files (one VSI-Bench record a line: id, dataset, scene_name, question_type,
+question, options, ground_truth), and the videos at `<dataset>/<scene_name>.mp4`.
+
+Per question, as lmms-eval 0.7.3 runs VSI-Bench with Qwen3-VL:
+- frames: N frames sampled uniformly, indices round(linspace(0, total - 1, min(N, total))), decoded
+  with PyAV; resized to the student frame size (`teacher_cache.frames.student_frame_size`, at most
+  `max_frame_tokens` merged tokens) and preprocessed with `geovr.student.vision_inputs`, which
+  repeats each frame so that one temporal token holds one frame (GeoVR's convention; lmms-eval's
+  Qwen3-VL path instead merges consecutive frame pairs into one temporal token);
+- prompt: the system message "You are a helpful assistant." (lmms-eval's Qwen3-VL default), then
+  the video and `build_prompt(row)` in the user turn, through the model directory's chat template;
+- greedy decoding, at most 16 new tokens, several questions per batch with left padding.
+
+Output directory: `predictions.jsonl` gets one row per answered question (the record plus
+`prediction` and `frames`) as soon as its batch is answered; a rerun resumes from it and asks only the questions
+not in it. `errors.jsonl` lists this run's questions that could not be asked or scored (missing
+video, unknown question type, malformed row), by id; the run goes on without them. Then
+`summary.json`, `summary.md` and `scores.png` (see `geovr.eval.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import av
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from rich.console import Console
+
+from geovr.eval.report import vsibench_summary, write_vsibench_report
+from geovr.eval.scoring import MCA_QUESTION_TYPES, NA_QUESTION_TYPES, PARSERS, QUESTION_TYPES, score_rows
+from geovr.student.vision_inputs import VIDEO_TOKEN, VideoPreprocess, build_video_prompt, video_inputs
+from geovr.teacher_cache.frames import resize_frames, student_frame_size
+
+PRE_PROMPT = "These are frames of a video."
+NA_POST_PROMPT = "Please answer the question using a single word or phrase."
+MCA_POST_PROMPT = "Answer with the option's letter from the given choices directly."
+SYSTEM_PROMPT = "You are a helpful assistant."
+RECORD_FIELDS = ("id", "dataset", "scene_name", "question_type", "question", "options", "ground_truth")
+
+console = Console(stderr=True)
+
+
+@dataclass
+class VSIBenchConfig:
+    """How the benchmark is run (CLI options of `eval vsibench`)."""
+
+    frames: int = 32
+    parser: str = "original"
+    batch_size: int = 1
+    limit: int | None = None
+    max_new_tokens: int = 16
+    max_frame_tokens: int = 300
+    system_prompt: str = SYSTEM_PROMPT
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def validate(self) -> None:
+        if self.frames < 1:
+            raise ValueError(f"frames must be at least 1, got {self.frames}")
+        if self.parser not in PARSERS:
+            raise ValueError(f"unknown parser {self.parser!r}; choose one of {', '.join(PARSERS)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Annotations
+
+
+def build_prompt(row: dict[str, Any]) -> str:
+    """The benchmark's user text for one record (lmms-eval's `vsibench_doc_to_text` defaults)."""
+    if row["question_type"] in NA_QUESTION_TYPES:
+        return f"{PRE_PROMPT}\n{row['question']}\n{NA_POST_PROMPT}"
+    if row["question_type"] in MCA_QUESTION_TYPES:
+        options = "Options:\n" + "\n".join(row["options"])
+        return "\n".join([PRE_PROMPT, row["question"], options, MCA_POST_PROMPT])
+    raise ValueError(f"unknown question type {row['question_type']!r}")
+
+
+def _row_problem(row: Any) -> str | None:
+    """Why a record cannot be asked, or None."""
+    if not isinstance(row, dict):
+        return f"record is a {type(row).__name__}, not an object"
+    missing = [key for key in RECORD_FIELDS if key not in row or (row[key] is None and key != "options")]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    if row["question_type"] not in QUESTION_TYPES:
+        return f"unknown question type {row['question_type']!r}"
+    for key in ("dataset", "scene_name", "question"):
+        if not isinstance(row[key], str) or not row[key]:
+            return f"{key} must be a non-empty string"
+    if row["question_type"] in MCA_QUESTION_TYPES:
+        options = row["options"]
+        if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
+            return "multiple-choice question without a list of option strings"
+    return None
+
+
+def _read_jsonl(path: Path) -> Iterator[tuple[Any, str | None]]:
+    with path.open() as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line), None
+            except json.JSONDecodeError as err:
+                yield None, f"{path.name} line {number}: not valid JSON ({err.msg})"
+
+
+def load_annotations(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Valid records of a VSI-Bench directory, in file order, and {"id", "reason"} for the others."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir}: VSI-Bench data directory not found")
+    files = sorted(data_dir.glob("*.parquet")) or sorted(data_dir.glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"{data_dir}: no *.parquet or *.jsonl annotations")
+    rows, errors, seen = [], [], set()
+    for path in files:
+        if path.suffix == ".parquet":
+            records = ((row, None) for row in pq.read_table(path).to_pylist())
+        else:
+            records = _read_jsonl(path)
+        for index, (row, parse_error) in enumerate(records):
+            row_id = row.get("id", f"{path.name} record {index}") if isinstance(row, dict) else None
+            problem = parse_error or _row_problem(row)
+            if problem is None and row_id in seen:
+                problem = "duplicate id"
+            if problem is not None:
+                errors.append(
+                    {"id": row_id if row_id is not None else f"{path.name} record {index}", "reason": problem}
+                )
+                continue
+            seen.add(row_id)
+            rows.append(row)
+    return rows, errors
+
+
+# ---------------------------------------------------------------------------------------------
+# Video frames
+
+
+def sample_indices(total_frames: int, num_frames: int) -> np.ndarray:
+    """Uniform frame indices as qwen-vl-utils samples them: round(linspace(0, total - 1, n))."""
+    count = min(num_frames, total_frames)
+    return np.round(np.linspace(0, total_frames - 1, count)).astype(np.int64)
+
+
+def _count_frames(path: Path) -> int:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        return sum(1 for packet in container.demux(stream) if packet.size)
+
+
+def read_video_frames(path: Path, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """`num_frames` uniformly sampled frames: (S, H, W, 3) uint8 RGB and (S,) seconds."""
+    total = _count_frames(path)
+    if total == 0:
+        raise ValueError(f"{path}: video has no frames")
+    for _ in range(2):  # a second pass when the container's frame count was wrong
+        wanted = sample_indices(total, num_frames)
+        keep = set(wanted.tolist())
+        frames, times, decoded = {}, {}, 0
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            fps = float(stream.average_rate or 1)
+            for index, frame in enumerate(container.decode(stream)):
+                decoded = index + 1
+                if index in keep:
+                    frames[index] = frame.to_ndarray(format="rgb24")
+                    times[index] = float(frame.time) if frame.time is not None else index / fps
+        if len(frames) == len(keep):
+            order = sorted(frames)
+            return np.stack([frames[i] for i in order]), np.array([times[i] for i in order])
+        total = decoded
+    raise ValueError(f"{path}: could not decode the sampled frames")
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class VideoQuestion:
+    """One request: frames (S, H, W, 3) uint8 at the student size, their times, and the user text."""
+
+    frames: np.ndarray
+    timestamps: np.ndarray
+    prompt: str
+
+
+class Generator(Protocol):
+    def generate(self, requests: Sequence[VideoQuestion]) -> list[str]: ...
+
+
+class Qwen3VLGenerator:
+    """Greedy answers of a Qwen3-VL-format directory (base model or exported student), batched."""
+
+    def __init__(self, model_dir: str | Path, cfg: VSIBenchConfig) -> None:
+        from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
+        dtype = getattr(torch, cfg.dtype)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
+            model_dir, dtype=dtype, local_files_only=True
+        )
+        self.model.to(cfg.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.preprocess = VideoPreprocess.from_model_dir(model_dir, cfg.max_frame_tokens)
+        self.cfg = cfg
+        self.video_token_id = self.model.config.video_token_id
+        self.pad_token_id = self.tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            self.pad_token_id = self.tokenizer.eos_token_id
+
+    def _encode(self, request: VideoQuestion) -> tuple[list[int], dict[str, torch.Tensor]]:
+        vision = video_inputs(request.frames, request.timestamps, self.preprocess)
+        messages = [
+            {"role": "system", "content": self.cfg.system_prompt},
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": request.prompt}]},
+        ]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if text.count(VIDEO_TOKEN) != 1:
+            raise ValueError("the model's chat template does not render one video placeholder")
+        text = build_video_prompt(
+            text, vision["video_grid_thw"][0], request.timestamps, self.preprocess.merge_size
+        )
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"], vision
+
+    def batch_inputs(self, requests: Sequence[VideoQuestion]) -> dict[str, torch.Tensor]:
+        """Model inputs of a batch, left-padded: input_ids, attention_mask, mm_token_type_ids (B, L),
+        pixel_values_videos (sum of patches, D) and video_grid_thw (B, 3)."""
+        encoded = [self._encode(r) for r in requests]
+        length = max(len(ids) for ids, _ in encoded)
+        input_ids = torch.full((len(encoded), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        for row, (ids, _) in enumerate(encoded):
+            input_ids[row, length - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, length - len(ids) :] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": (input_ids == self.video_token_id).to(torch.int32) * 2,
+            "pixel_values_videos": torch.cat([v["pixel_values_videos"] for _, v in encoded]),
+            "video_grid_thw": torch.cat([v["video_grid_thw"] for _, v in encoded]),
+        }
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[VideoQuestion]) -> list[str]:
+        inputs = self.batch_inputs(requests)
+        length = inputs["input_ids"].shape[1]
+        inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
+        output = self.model.generate(
+            **{key: value.to(self.model.device) for key, value in inputs.items()},
+            max_new_tokens=self.cfg.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+        )
+        return self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _open_predictions(path: Path) -> dict[Any, dict[str, Any]]:
+    """Rows already answered, by id. A last line cut off by a kill is dropped from the file."""
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+        path.write_bytes(data)
+    answered = {}
+    for line in data.decode().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            answered[row["id"]] = row
+    return answered
+
+
+class _FrameCache:
+    """The sampled, resized frames of the last few videos (questions are grouped by video)."""
+
+    def __init__(self, cfg: VSIBenchConfig, size: int = 2) -> None:
+        self.cfg, self.size, self.items = cfg, size, OrderedDict()
+
+    def get(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+        if path not in self.items:
+            if not path.is_file():
+                raise FileNotFoundError(f"video {path} not found")
+            frames, times = read_video_frames(path, self.cfg.frames)
+            frames = resize_frames(frames, student_frame_size(*frames.shape[1:3], self.cfg.max_frame_tokens))
+            self.items[path] = (frames, times)
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+        return self.items[path]
+
+
+def run_vsibench(
+    model_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    cfg: VSIBenchConfig,
+    generator: Generator | None = None,
+) -> dict[str, Any]:
+    """Answer the questions not yet in `out_dir/predictions.jsonl`, then score and report all.
+
+    `generator` defaults to `Qwen3VLGenerator(model_dir, cfg)` (created only if a question is left).
+    Returns the summary (see `geovr.eval.report`).
+    """
+    cfg.validate()
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    rows, errors = load_annotations(data_dir)
+    if cfg.limit is not None:
+        rows = rows[: cfg.limit]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    predictions_path = out_dir / "predictions.jsonl"
+    answered = _open_predictions(predictions_path)
+    other_frames = {row.get("frames") for row in answered.values()} - {cfg.frames}
+    if other_frames:
+        raise ValueError(
+            f"{predictions_path}: answered with {sorted(other_frames, key=str)} frames, this run uses "
+            f"{cfg.frames}; resume with the same --frames or choose another --out"
+        )
+
+    pending = [row for row in rows if row["id"] not in answered]
+    videos: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in pending:  # group by video, keeping the order of first appearance
+        videos.setdefault((row["dataset"], row["scene_name"]), []).append(row)
+    pending = [row for group in videos.values() for row in group]
+    console.print(
+        f"VSI-Bench: {len(rows)} questions, {len(rows) - len(pending)} answered before, {len(pending)} to ask"
+    )
+
+    cache = _FrameCache(cfg)
+    batch: list[tuple[dict[str, Any], VideoQuestion]] = []
+    with predictions_path.open("a") as out:
+
+        def flush() -> None:
+            nonlocal generator
+            if not batch:
+                return
+            if generator is None:
+                generator = Qwen3VLGenerator(model_dir, cfg)
+            answers = generator.generate([request for _, request in batch])
+            for (row, _), answer in zip(batch, answers, strict=True):
+                record = {key: row[key] for key in RECORD_FIELDS} | {
+                    "prediction": answer,
+                    "frames": cfg.frames,
+                }
+                out.write(json.dumps(record) + "\n")
+                answered[row["id"]] = record
+            out.flush()
+            os.fsync(out.fileno())
+            batch.clear()
+
+        for row in pending:
+            video = data_dir / row["dataset"] / f"{row['scene_name']}.mp4"
+            try:
+                frames, times = cache.get(video)
+                request = VideoQuestion(frames, times, build_prompt(row))
+            except (OSError, ValueError, av.error.FFmpegError) as err:
+                errors.append({"id": row["id"], "reason": str(err)})
+                continue
+            batch.append((row, request))
+            if len(batch) == cfg.batch_size:
+                flush()
+        flush()
+
+    wanted = {row["id"] for row in rows}
+    scored, score_errors = score_rows([answered[i] for i in answered if i in wanted], cfg.parser)
+    errors += score_errors
+    with (out_dir / "errors.jsonl").open("w") as f:
+        for error in errors:
+            f.write(json.dumps(error) + "\n")
+    for error in errors:
+        console.print(f"[yellow]skipped[/] question {error['id']}: {error['reason']}", highlight=False)
+    summary = vsibench_summary(scored, errors, cfg.parser, model=str(model_dir), frames=cfg.frames)
+    write_vsibench_report(out_dir, summary)
+    return summary
+
+
+def score_file(predictions: str | Path, parser: str, out_dir: str | Path) -> dict[str, Any]:
+    """`eval score`: score a predictions jsonl, write `scores.jsonl` and the report; returns the summary.
+
+    Malformed lines and rows that cannot be scored are reported by id and left out.
+    """
+    predictions = Path(predictions)
+    if not predictions.is_file():
+        raise FileNotFoundError(f"{predictions}: predictions file not found")
+    rows, errors = [], []
+    for row, problem in _read_jsonl(predictions):
+        if problem is not None or not isinstance(row, dict):
+            errors.append({"id": None, "reason": problem or "record is not an object"})
+        else:
+            rows.append(row)
+    scored, score_errors = score_rows(rows, parser)
+    errors += score_errors
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "scores.jsonl").open("w") as f:
+        for row in scored:
+            f.write(json.dumps(row) + "\n")
+    frames = {row.get("frames") for row in rows} - {None}
+    summary = vsibench_summary(
+        scored, errors, parser, model=None, frames=frames.pop() if len(frames) == 1 else None
+    )
+    write_vsibench_report(out_dir, summary)
+    return summary

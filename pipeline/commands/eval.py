@@ -1,0 +1,119 @@
+"""`geovr-pipeline eval ...` (VSI-Bench, scoring, geometry metrics, question generation) and `inspect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from geovr.pipeline.cli import app
+
+eval_app = typer.Typer(
+    help="Evaluate models: VSI-Bench, scoring, geometry of the student heads.", no_args_is_help=True
+)
+app.add_typer(eval_app, name="eval")
+
+PARSER_HELP = "numerical answer parser: original (first word) or extract_number (lmms-eval 0.7.3)"
+
+
+def _print_scores(summary: dict) -> None:
+    for key, value in summary["scores"].items():
+        typer.echo(f"{key:<40} {100 * value:6.1f}")
+    if summary["num_errors"]:
+        typer.echo(f"{summary['num_errors']} question(s) not scored, listed in summary.json", err=True)
+
+
+@eval_app.command("vsibench")
+def vsibench(
+    model: Path = typer.Option(
+        ..., "--model", help="Qwen3-VL-format model directory (base model or exported student)"
+    ),
+    data: Path = typer.Option(
+        ..., "--data", help="VSI-Bench directory: *.parquet or *.jsonl + <dataset>/<scene>.mp4"
+    ),
+    out: Path = typer.Option(..., "--out", help="output directory (resumes from its predictions.jsonl)"),
+    frames: int = typer.Option(32, help="frames sampled uniformly per video"),
+    parser: str = typer.Option("original", help=PARSER_HELP),
+    batch_size: int = typer.Option(1, help="questions per generate call (left padding)"),
+    limit: int | None = typer.Option(None, help="only the first N questions"),
+    max_frame_tokens: int = typer.Option(300, help="merged visual tokens per frame at most"),
+    device: str = typer.Option("cpu", help="torch device"),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+) -> None:
+    """Answer VSI-Bench with a model (greedy, 16 new tokens) and score it as lmms-eval does."""
+    from geovr.eval.vsibench import VSIBenchConfig, run_vsibench
+
+    cfg = VSIBenchConfig(
+        frames=frames,
+        parser=parser,
+        batch_size=batch_size,
+        limit=limit,
+        max_frame_tokens=max_frame_tokens,
+        device=device,
+        dtype=dtype,
+    )
+    _print_scores(run_vsibench(model, data, out, cfg))
+
+
+@eval_app.command("score")
+def score(
+    predictions: Path = typer.Argument(
+        ..., help="jsonl rows with question_type, ground_truth, prediction, options"
+    ),
+    out: Path = typer.Option(
+        ..., "--out", help="output directory: scores.jsonl, summary.json/.md, scores.png"
+    ),
+    parser: str = typer.Option("original", help=PARSER_HELP),
+) -> None:
+    """Score a predictions file with the VSI-Bench scorer (no eval())."""
+    from geovr.eval.vsibench import score_file
+
+    _print_scores(score_file(predictions, parser, out))
+
+
+@eval_app.command("questions")
+def questions(
+    corpus: Path = typer.Option(..., "--corpus", help="synthetic corpus directory (geovr-pipeline synth)"),
+    out: Path = typer.Option(..., "--out", help="VSI-Bench-format directory to write"),
+    per_type: int = typer.Option(3, help="questions per raw question type and scene, at most"),
+    seed: int = typer.Option(0, help="random seed of the question choice"),
+) -> None:
+    """Write VSI-Bench-style questions with ground truth from the synthetic corpus's 3D scenes."""
+    from geovr.eval.questions import QuestionConfig, write_vsi_dataset
+
+    path = write_vsi_dataset(corpus, out, QuestionConfig(max_per_type=per_type, seed=seed))
+    count = sum(1 for _ in path.open())
+    typer.echo(f"{count} questions in {path}")
+
+
+@eval_app.command("geometry")
+def geometry(
+    model: Path = typer.Option(..., "--model", help="student checkpoint or RUN directory (last checkpoint)"),
+    store: Path = typer.Option(..., "--store", help="teacher-label store of held-out clips"),
+    out: Path = typer.Option(..., "--out", help="output directory: geometry.json and geometry.md"),
+    limit: int | None = typer.Option(None, help="only the store's first N clips"),
+    device: str = typer.Option("cpu", help="torch device"),
+) -> None:
+    """The student's heads against the cached teacher labels: depth, cameras, scale, features."""
+    from geovr.eval.geometry_metrics import evaluate_geometry
+
+    report = evaluate_geometry(model, store, out, limit=limit, device=device)
+    for name, value in report["metrics"].items():
+        typer.echo(f"{name:<28} {value:.4f}")
+    typer.echo(f"{report['num_clips']} clips; report in {out / 'geometry.md'}")
+
+
+@app.command("inspect")
+def inspect(
+    store: Path = typer.Option(..., "--store", help="teacher-label store"),
+    clip: str = typer.Option(..., "--clip", help="clip id (see `cache stats` or the store's done markers)"),
+    out: Path = typer.Option(..., "--out", help="output directory for the PNGs and PLY files"),
+    model: Path | None = typer.Option(
+        None, "--model", help="student checkpoint or RUN: adds its depth and cameras"
+    ),
+    device: str = typer.Option("cpu", help="torch device"),
+) -> None:
+    """Pictures of a clip: frames with teacher (and student) depth, camera trajectory, point clouds."""
+    from geovr.eval.inspect import describe, inspect_clip
+
+    typer.echo(describe(inspect_clip(store, clip, out, model=model, device=device)))

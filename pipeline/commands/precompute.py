@@ -1,0 +1,123 @@
+"""`geovr-pipeline index` and `geovr-pipeline precompute` (stage 1): thin wrappers over pipeline.index / pipeline.precompute."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from geovr.pipeline.cli import app
+
+PRESET_HELP = "config preset (tiny, vggt-1b, ...) or a YAML file"
+SET_HELP = "override a preset value: section.key=value (repeatable)"
+
+
+@app.command()
+def index(
+    sources: list[Path] = typer.Argument(
+        ..., help="video folders and/or QA files (JSON / JSONL rows naming a video)"
+    ),
+    out: Path = typer.Option(..., "--out", help="manifest to write (Parquet)"),
+    corpus_root: Path | None = typer.Option(None, help="video paths are stored relative to this folder"),
+    fps: float | None = typer.Option(None, help="frames kept per second of video [preset: 2]"),
+    min_frames: int | None = typer.Option(None, help="at least this many frames per clip [preset: 4]"),
+    max_frames: int | None = typer.Option(None, help="at most this many frames per clip [preset: 32]"),
+    sampling: str | None = typer.Option(None, help="uniform (GeoVR) or space_aware (Spatial-MLLM)"),
+    candidate_frames: int | None = typer.Option(None, help="space_aware: candidate frames per clip"),
+    clips_per_shard: int = typer.Option(64, help="clips per output shard"),
+    extend: Path | None = typer.Option(None, help="previous manifest: its clips keep their shards"),
+    workers: int | None = typer.Option(None, help="probe processes [default: CPU count, at most 16]"),
+    preset: str = typer.Option("vggt-1b", help=PRESET_HELP),
+    overrides: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Index videos into a clip manifest: probe, deduplicate across QA rows, assign shards."""
+    from geovr.pipeline.index import build_manifest
+    from geovr.pipeline.video import SamplingConfig
+    from geovr.teacher_cache.config import load_section
+
+    policy = load_section(
+        SamplingConfig,
+        "sampling",
+        preset,
+        overrides,
+        fps=fps,
+        min_frames=min_frames,
+        max_frames=max_frames,
+        method=sampling,
+        candidate_frames=candidate_frames,
+    )
+    report = build_manifest(sources, out, policy, corpus_root, clips_per_shard, extend, workers)
+    console = Console()
+    console.print(
+        f"indexed {report.num_clips} clips into {report.num_shards} shards -> {out} "
+        f"({report.num_qa_rows} QA rows, {report.rows_without_video} without a video)"
+    )
+    if report.bad:
+        table = Table(title=f"{len(report.bad)} unusable videos", header_style="bold")
+        for column in ("video", "status", "reason"):
+            table.add_column(column, overflow="fold")
+        for row in report.bad:
+            table.add_row(row["video"], row["status"], row["reason"])
+        console.print(table)
+
+
+@app.command()
+def precompute(
+    manifest: Path = typer.Option(..., help="clip manifest from `geovr-pipeline index`"),
+    out: Path = typer.Option(..., "--out", help="the label store (created, or resumed)"),
+    teacher: Path | None = typer.Option(None, help="VGGT checkpoint (dir, .safetensors or model.pt)"),
+    metric_teacher: Path | None = typer.Option(None, help="Depth Anything V2 Metric dir (metric scale)"),
+    format: str | None = typer.Option(None, "--format", help="store format: zarr or wds [preset: zarr]"),
+    ray_address: str | None = typer.Option(
+        None, help="Ray cluster address, or 'local' for an in-process one"
+    ),
+    num_gpus: int | None = typer.Option(None, help="teacher actors [default: every GPU; 1 on cpu]"),
+    decode_workers: int | None = typer.Option(None, help="decode tasks in flight [default: free CPUs]"),
+    device: str | None = typer.Option(None, help="cuda or cpu"),
+    clips_per_batch: int | None = typer.Option(None, help="clips per teacher call"),
+    max_failure_ratio: float | None = typer.Option(None, help="exit 1 when failed/all clips is above"),
+    max_teacher_frames: int | None = typer.Option(None, help="split clips longer than this (0: only on OOM)"),
+    retry_failed: bool = typer.Option(
+        False, "--retry-failed", help="relabel only the clips recorded as failed"
+    ),
+    preset: str = typer.Option("vggt-1b", help=PRESET_HELP),
+    overrides: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
+) -> None:
+    """Label every clip of the manifest with the teacher on Ray and commit the cache shards."""
+    from geovr.pipeline.precompute import PrecomputeConfig, run_precompute
+    from geovr.pipeline.teachers.labeler import TeacherConfig
+    from geovr.teacher_cache.config import load_section, to_dict
+
+    cfg = load_section(
+        PrecomputeConfig,
+        "precompute",
+        preset,
+        overrides,
+        format=format,
+        device=device,
+        num_actors=num_gpus,
+        decode_workers=decode_workers,
+        clips_per_batch=clips_per_batch,
+        max_failure_ratio=max_failure_ratio,
+        max_teacher_frames=max_teacher_frames,
+    )
+    teacher_cfg = load_section(
+        TeacherConfig, "teacher", preset, overrides, checkpoint=teacher, metric_checkpoint=metric_teacher
+    )
+    if teacher_cfg.checkpoint is None:
+        raise typer.BadParameter(
+            "give the teacher checkpoint: --teacher DIR (or teacher.checkpoint in the preset)"
+        )
+    record = {"preset": str(preset), "overrides": list(overrides or []), "manifest": str(manifest)}
+    result = run_precompute(
+        manifest, out, to_dict(teacher_cfg), cfg, ray_address, Console(), retry_failed, record
+    )
+    if result.exit_code:
+        Console(stderr=True).print(
+            f"[bold red]error:[/] failure ratio {result.failure_ratio:.3f} is above --max-failure-ratio "
+            f"{cfg.max_failure_ratio} ({result.store_failures} of {result.store_clips + result.store_failures} clips "
+            f"failed; see {out / 'failures.jsonl'})"
+        )
+        raise typer.Exit(result.exit_code)

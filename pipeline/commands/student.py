@@ -1,0 +1,24 @@
+"""`geovr-pipeline export`: a trained student to a plain Qwen3-VL checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from geovr.pipeline.cli import app
+
+
+@app.command("export")
+def export(
+    run_or_checkpoint: Path = typer.Argument(
+        ..., help="student checkpoint directory, or a run (its last checkpoint)"
+    ),
+    out: Path = typer.Option(..., "--out", help="new directory for the plain Qwen3-VL model"),
+) -> None:
+    """Write the plain Qwen3-VL model (config, safetensors, tokenizer and processor files) without the
+    geometric tokens and heads; it loads with Qwen3VLForConditionalGeneration.from_pretrained."""
+    from geovr.student.export import export_plain
+
+    written = export_plain(run_or_checkpoint, out)
+    typer.echo(f"exported {written}")

@@ -1,0 +1,45 @@
+"""`geovr-pipeline train`: train the GeoVR student from the teacher cache (a thin wrapper over `student.train`).
+
+Single process:  geovr-pipeline train --config tiny --store STORE --qa qa.jsonl --model MODEL --out RUN
+Several:         torchrun --nproc-per-node N --no-python geovr-pipeline train ... (same arguments)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import typer
+
+from geovr.pipeline.cli import app
+from geovr.student.data import DataConfig
+from geovr.student.model import StudentConfig
+from geovr.student.train import TrainConfig, TrainInputs, train
+from geovr.teacher_cache.config import load_section
+
+
+@app.command("train")
+def train_command(
+    config: str = typer.Option(..., "--config", help="Preset name (tiny, qwen3vl-2b-geovr) or YAML file."),
+    store: Path = typer.Option(..., "--store", help="Teacher-label store (Zarr or WebDataset)."),
+    qa: Path = typer.Option(..., "--qa", help="QA file, VSI-590K / LLaVA conversation style (.jsonl or .json)."),
+    model: Path = typer.Option(..., "--model", help="Local Qwen3-VL model directory (or a student checkpoint)."),
+    out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl, TensorBoard."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last complete checkpoint."),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Override a preset value: train.steps=100, data.num_workers=2, student.depth=false."
+    ),
+) -> None:
+    """Train the student on cached teacher labels (DDP / FSDP2 under torchrun), with exact resume."""
+    train_cfg = load_section(TrainConfig, "train", config, overrides)
+    data_cfg = load_section(DataConfig, "data", config, overrides)
+    student_cfg = load_section(StudentConfig, "student", config, overrides, base_model=str(model))
+    if not model.is_dir():
+        raise FileNotFoundError(f"model directory {model} does not exist")
+    summary = train(TrainInputs(store, qa, model, out, resume), train_cfg, data_cfg, student_cfg)
+    last = summary["last"]
+    if last and os.environ.get("RANK", "0") == "0":
+        typer.echo(
+            json.dumps({"run": str(out), "steps": summary["steps"], "loss": last["loss"], "data": summary["data"]["joined"]})
+        )

@@ -1,0 +1,334 @@
+"""`geovr-pipeline index`: the clip manifest (Parquet) that the precompute consumes.
+
+Sources are video folders (searched recursively for `VIDEO_EXTENSIONS`) or QA files in the
+VSI-590K / LLaVA conversation style: a JSON list of rows or JSONL, one row per line, each naming its
+video in `"video"` (a path, or a list of paths) or `"videos"`; rows without a video (image or text
+only) are counted and skipped. Video paths are taken relative to the corpus root.
+
+Teacher labels depend only on the video and the sampling policy, so QA rows that name the same
+video share one clip: `clip_id = schema.clip_id_for(relative video path, sampling.policy())`.
+
+Probing runs in a local process pool, not in Ray: it is a metadata pass (demux packet headers and
+decode one frame per video, tens of milliseconds each), so one node's cores saturate the file
+system within minutes even at 100,000 videos; it needs no cluster, starts in a second, and its
+result is deterministic. The GPU work is what goes to Ray.
+
+Shard assignment (deterministic, append-stable):
+- Without `--extend`: the clips sorted by clip id, `K = --clips-per-shard` per shard, shard ids
+  `f"{i:06d}"`. Sorting by the id (a hash) spreads long and short videos of one folder across shards,
+  which evens out the shard tasks.
+- With `--extend OLD.parquet`: every clip already in the old manifest keeps its shard; only new
+  clips are sorted and packed into new shards numbered after the old ones. This is what makes
+  appending videos to a corpus safe: the shards a store has already committed keep their exact
+  clip lists, so a resume with the extended manifest skips them and labels only the new shards.
+  (Re-sorting everything instead would move clips between committed shards.)
+
+Manifest rows, one per clip (all probed fields null when the video failed):
+  clip_id, video (relative path), shard, status ("ok" | "missing" | "empty" | "corrupt" |
+  "no-video-stream" | "too-short"), reason (the detail message, "" when ok), width, height,
+  num_frames, fps, duration_s, variable_frame_rate, codec, pix_fmt, num_qa_rows.
+Parquet schema metadata key `geovr` (JSON): format_version, corpus_root (absolute), sampling
+(the policy dict), clips_per_shard, sources.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from geovr.pipeline.video import SamplingConfig, VideoError, is_video_file, probe_video
+from geovr.teacher_cache.schema import clip_id_for
+
+MANIFEST_FORMAT_VERSION = 1
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("clip_id", pa.string()),
+        ("video", pa.string()),
+        ("shard", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("num_frames", pa.int64()),
+        ("fps", pa.float64()),
+        ("duration_s", pa.float64()),
+        ("variable_frame_rate", pa.bool_()),
+        ("codec", pa.string()),
+        ("pix_fmt", pa.string()),
+        ("num_qa_rows", pa.int64()),
+    ]
+)
+
+
+@dataclass
+class Manifest:
+    """A loaded manifest: rows (dicts with the MANIFEST_SCHEMA columns) and its metadata."""
+
+    rows: list[dict[str, Any]]
+    corpus_root: Path
+    sampling: dict[str, Any]
+    clips_per_shard: int
+    sources: list[str] = field(default_factory=list)
+
+    def shards(self) -> dict[str, list[dict[str, Any]]]:
+        """Rows grouped by shard id, shards in id order, rows in manifest order."""
+        grouped: dict[str, list[dict[str, Any]]] = {}
+        for row in self.rows:
+            grouped.setdefault(row["shard"], []).append(row)
+        return dict(sorted(grouped.items()))
+
+
+@dataclass
+class IndexReport:
+    num_clips: int
+    num_shards: int
+    num_qa_rows: int
+    rows_without_video: int
+    bad: list[dict[str, str]]  # {"video", "status", "reason"}
+    status_counts: dict[str, int]
+
+
+def shard_id(index: int) -> str:
+    return f"{index:06d}"
+
+
+def collect_videos(sources: list[Path], corpus_root: Path) -> tuple[Counter[str], int, int]:
+    """Relative video paths named by the sources, with the number of QA rows naming each.
+
+    Returns (videos -> QA row count (0 for folder sources), QA rows read, QA rows without a video).
+    """
+    videos: Counter[str] = Counter()
+    qa_rows = rows_without_video = 0
+    for source in sources:
+        if source.is_dir():
+            for path in sorted(source.rglob("*")):
+                if path.is_file() and is_video_file(path):
+                    videos[_relative(path, corpus_root)] += 0
+        elif source.is_file():
+            for row in _read_qa_rows(source):
+                qa_rows += 1
+                named = _videos_of_row(row, source)
+                if not named:
+                    rows_without_video += 1
+                for video in named:
+                    path = Path(video)
+                    videos[_relative(path if path.is_absolute() else corpus_root / path, corpus_root)] += 1
+        else:
+            raise FileNotFoundError(f"index source {source} does not exist")
+    return videos, qa_rows, rows_without_video
+
+
+def _relative(path: Path, corpus_root: Path) -> str:
+    resolved = Path(os.path.normpath(path.absolute()))
+    try:
+        return resolved.relative_to(corpus_root).as_posix()
+    except ValueError:
+        raise ValueError(
+            f"video {path} is outside the corpus root {corpus_root}; pass --corpus-root"
+        ) from None
+
+
+def _read_qa_rows(path: Path) -> list[dict[str, Any]]:
+    text = path.read_text()
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        if isinstance(rows, dict):  # {"data": [...]} style wrappers
+            rows = next((v for v in rows.values() if isinstance(v, list)), None)
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of QA rows (or JSONL)")
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: row {number} is not an object")
+    return rows
+
+
+def _videos_of_row(row: dict[str, Any], source: Path) -> list[str]:
+    value = row.get("video", row.get("videos"))
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ValueError(
+        f"{source}: row {row.get('id', '?')} has a video field that is neither a path nor a list of paths"
+    )
+
+
+def _probe_row(args: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
+    """Probe one video (runs in a pool worker) -> the probed manifest columns."""
+    video, root, policy = args
+    empty = dict.fromkeys(
+        ("width", "height", "num_frames", "fps", "duration_s", "variable_frame_rate", "codec", "pix_fmt")
+    )
+    try:
+        info = probe_video(Path(root) / video)
+    except VideoError as err:
+        return {**empty, "status": err.reason, "reason": str(err)}
+    cfg = SamplingConfig.from_policy(policy)
+    if info.num_frames < cfg.min_frames:
+        reason = f"too-short: {video}: {info.num_frames} frames, at least {cfg.min_frames} are needed"
+        return {**empty, "status": "too-short", "reason": reason}
+    row = {
+        "status": "ok",
+        "reason": "",
+        "width": info.width,
+        "height": info.height,
+        "num_frames": info.num_frames,
+        "fps": info.fps,
+        "duration_s": info.duration_s,
+        "variable_frame_rate": info.variable_frame_rate,
+        "codec": info.codec,
+        "pix_fmt": info.pix_fmt,
+    }
+    return row
+
+
+def probe_all(
+    videos: list[str], corpus_root: Path, policy: dict[str, Any], workers: int
+) -> list[dict[str, Any]]:
+    """Probe videos in a process pool of `workers` (inline when 1), results in input order."""
+    jobs = [(video, str(corpus_root), policy) for video in videos]
+    if workers <= 1 or len(jobs) <= 1:
+        return [_probe_row(job) for job in jobs]
+    # spawn: a forked child of a process that has started Ray or torch threads can deadlock.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_probe_row, jobs, chunksize=max(1, min(64, len(jobs) // (4 * workers)))))
+
+
+def assign_shards(
+    clip_ids: list[str], clips_per_shard: int, previous: dict[str, str] | None = None
+) -> dict[str, str]:
+    """clip id -> shard id. Clips in `previous` keep their shard; the others, sorted by id, fill
+    new shards of `clips_per_shard` numbered after the highest previous shard."""
+    previous = previous or {}
+    assignment = {cid: previous[cid] for cid in clip_ids if cid in previous}
+    first_new = max((int(s) for s in previous.values()), default=-1) + 1
+    new = sorted(cid for cid in clip_ids if cid not in previous)
+    for position, cid in enumerate(new):
+        assignment[cid] = shard_id(first_new + position // clips_per_shard)
+    return assignment
+
+
+def build_manifest(
+    sources: list[Path],
+    out: Path,
+    sampling: SamplingConfig,
+    corpus_root: Path | None = None,
+    clips_per_shard: int = 64,
+    extend: Path | None = None,
+    workers: int | None = None,
+) -> IndexReport:
+    """Index `sources` into the Parquet manifest `out` (see the module docstring)."""
+    if clips_per_shard < 1:
+        raise ValueError(f"--clips-per-shard must be >= 1, got {clips_per_shard}")
+    if not sources:
+        raise ValueError("index needs at least one source (a video folder or a QA file)")
+    sources = [Path(s) for s in sources]
+    for source in sources:
+        if not source.exists():
+            raise FileNotFoundError(f"index source {source} does not exist")
+    if corpus_root is None:
+        if len(sources) > 1:
+            raise ValueError("several sources: pass --corpus-root (video paths are stored relative to it)")
+        corpus_root = sources[0] if sources[0].is_dir() else sources[0].parent
+    corpus_root = Path(os.path.normpath(Path(corpus_root).absolute()))
+    policy = sampling.policy()
+
+    previous: dict[str, str] = {}
+    if extend is not None:
+        old = read_manifest(extend)
+        if old.sampling != policy:
+            raise ValueError(f"--extend {extend}: its sampling policy {old.sampling} differs from {policy}")
+        if old.corpus_root != corpus_root:
+            raise ValueError(
+                f"--extend {extend}: its corpus root {old.corpus_root} differs from {corpus_root}"
+            )
+        previous = {row["clip_id"]: row["shard"] for row in old.rows}
+
+    videos, qa_rows, rows_without_video = collect_videos(sources, corpus_root)
+    names = sorted(videos)
+    probed = probe_all(names, corpus_root, policy, workers or min(os.cpu_count() or 1, 16))
+    clip_ids = [clip_id_for(name, policy) for name in names]
+    shards = assign_shards(clip_ids, clips_per_shard, previous)
+    rows = [
+        {"clip_id": cid, "video": name, "shard": shards[cid], **probe, "num_qa_rows": videos[name]}
+        for cid, name, probe in zip(clip_ids, names, probed, strict=True)
+    ]
+    rows.sort(key=lambda r: (r["shard"], r["clip_id"]))
+    metadata = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "corpus_root": str(corpus_root),
+        "sampling": policy,
+        "clips_per_shard": clips_per_shard,
+        "sources": [str(s) for s in sources],
+    }
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA).replace_schema_metadata(
+        {"geovr": json.dumps(metadata)}
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(out)
+    bad = [
+        {"video": r["video"], "status": r["status"], "reason": r["reason"]}
+        for r in rows
+        if r["status"] != "ok"
+    ]
+    return IndexReport(
+        num_clips=len(rows),
+        num_shards=len(set(shards.values())),
+        num_qa_rows=qa_rows,
+        rows_without_video=rows_without_video,
+        bad=sorted(bad, key=lambda b: b["video"]),
+        status_counts=dict(Counter(r["status"] for r in rows)),
+    )
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Load a manifest written by `build_manifest`; ValueError naming the file if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"manifest {path} is not a Parquet file ({err})") from None
+    raw = (table.schema.metadata or {}).get(b"geovr")
+    if raw is None:
+        raise ValueError(f"manifest {path} lacks the geovr metadata: write it with `geovr-pipeline index`")
+    metadata = json.loads(raw)
+    if metadata.get("format_version") != MANIFEST_FORMAT_VERSION:
+        raise ValueError(f"manifest {path}: format version {metadata.get('format_version')} is not supported")
+    missing = sorted(set(MANIFEST_SCHEMA.names) - set(table.schema.names))
+    if missing:
+        raise ValueError(f"manifest {path} lacks the column(s) {', '.join(missing)}")
+    return Manifest(
+        rows=table.to_pylist(),
+        corpus_root=Path(metadata["corpus_root"]),
+        sampling=metadata["sampling"],
+        clips_per_shard=int(metadata["clips_per_shard"]),
+        sources=list(metadata.get("sources", [])),
+    )

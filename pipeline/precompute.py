@@ -1,0 +1,841 @@
+"""`geovr-pipeline precompute`: manifest -> decode -> teacher -> committed cache shards, on Ray.
+
+Why Ray core (tasks + actors) and not Ray Data with a custom datasink:
+- A shard must be written whole and committed by exactly one task, and resume works at shard
+  granularity. Ray Data re-partitions blocks as it likes; mapping its blocks back onto our fixed
+  shards (and knowing when a shard is complete) would mean fighting its scheduler. Here the driver
+  owns the shard -> clips mapping and submits one writer task per shard when its last clip is done.
+- Per-clip failures must be recorded and the run must go on. In Ray Data one failed block aborts the
+  job (`max_errored_blocks=0`) or is silently dropped; here every decode task and every teacher call
+  returns a status per clip, and failures travel with their shard into the store's commit record.
+- The teacher must be loaded once per GPU and fed batches of clips of a deterministic composition
+  (so a resumed run writes byte-identical labels). An explicit actor pool gives that directly.
+
+Data flow (all large data stays in the object store; the driver only sees small status dicts):
+
+    driver ──decode_clip(row)──▶ CPU task: probe timestamps, sample, decode (PyAV), resize + JPEG the
+       │                          student frames  ──▶ (status, frames (S,H,W,3) uint8, info)
+       │◀─ status ───────────────────────────┘
+       ├─ TeacherActor.label(jobs, *frames) ──▶ GPU actor (num_gpus=1; CPU actor with --device cpu):
+       │                                         [statuses, labels clip 0, labels clip 1, ...]
+       │◀─ statuses ─────────────────────────────┘
+       └─ write_shard_task(shard, info refs, label refs, failures) ──▶ one task per shard:
+                                         ClipLabels -> store.open_writer(...).write_shard(...)
+
+Batches are consecutive successfully-decoded clips of one shard in manifest order, `clips_per_batch`
+at a time, so a batch's composition does not depend on task timing.
+
+Backpressure (memory stays bounded whatever the corpus size): at most `max_inflight_shards` shards
+are open at once (their labels wait in the object store until the shard's writer runs), at most
+`decode_workers` decode tasks run at once, and decoding pauses while more than
+`2 * clips_per_batch * actors` decoded clips wait for a teacher. The driver holds references and
+status dicts only, never frames or labels.
+
+Resume and drift: the store's fingerprint (teacher name, checkpoint hash, teacher config, metric
+teacher, preprocessing, sampling policy, feature layers) is built from the first actor's labeler and
+the manifest; `open_writer` refuses a store written under another fingerprint and says what
+differs. Committed shards are skipped. `--retry-failed` re-runs only the clips a committed shard
+recorded as failed and rewrites that shard with the stored clips unchanged plus those now labelled.
+
+Failures: a clip that cannot be used is recorded with its stage (`index`, `probe`, `sample`,
+`decode`, `teacher`) and reason; the run goes on. `STORE/failures.jsonl` is rebuilt at the end of
+every run from the committed shards; the command exits non-zero only when failed / all clips of
+the store exceeds `max_failure_ratio`.
+
+Teacher out of memory (`TeacherOOM` from the labeler) or a clip longer than `max_teacher_frames`:
+the clip is labelled as two overlapping halves and merged (`clip_split`), recursively; the clip's
+metadata records the split.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import ray
+from rich.console import Console
+
+from geovr.pipeline.clip_split import SplitError, labels_to_dict, merge_halves, split_point
+from geovr.pipeline.index import Manifest, read_manifest
+from geovr.pipeline.progress import PrecomputeProgress, RunCounts, summary_table
+from geovr.pipeline.video import (
+    SamplingConfig,
+    VideoError,
+    decode_frames,
+    num_sampled_frames,
+    read_timestamps,
+    sample_indices,
+    select_space_aware,
+)
+from geovr.teacher_cache import __version__
+from geovr.teacher_cache.config import from_dict, require, to_dict
+from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame_size
+from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
+
+STAGES = ("index", "probe", "sample", "decode", "teacher", "write")
+
+
+@dataclass
+class PrecomputeConfig:
+    """Section `precompute` of the presets (CLI options override it).
+
+    Attributes:
+        format: store format, "zarr" or "wds".
+        device: "cuda" (one GPU per teacher actor) or "cpu" (tests, demo).
+        num_actors: teacher actors; 0 = one per GPU of the cluster (cuda) or 1 (cpu).
+        clips_per_batch: clips per teacher call.
+        decode_workers: decode tasks in flight at most; 0 = the cluster's CPUs not held by actors.
+        decode_cpus: CPUs reserved per decode task.
+        actor_cpus: CPUs reserved per teacher actor (its torch threads on --device cpu).
+        max_inflight_shards: shards open at once; 0 = enough to keep every actor fed twice over.
+        max_failure_ratio: exit non-zero when failed / all clips of the store is above this.
+        max_teacher_frames: clips with more frames are labelled as overlapping halves (0: never;
+            out-of-memory splits happen regardless).
+        student_max_tokens: the student frame size rule (`frames.student_frame_size`).
+        jpeg_quality: quality of the stored student frames.
+        max_actor_restarts: Ray restarts of a crashed teacher actor before its batches fail.
+    """
+
+    format: Literal["zarr", "wds"] = "zarr"
+    device: Literal["cuda", "cpu"] = "cuda"
+    num_actors: int = 0
+    clips_per_batch: int = 4
+    decode_workers: int = 0
+    decode_cpus: float = 1.0
+    actor_cpus: float = 1.0
+    max_inflight_shards: int = 0
+    max_failure_ratio: float = 0.01
+    max_teacher_frames: int = 0
+    student_max_tokens: int = 300
+    jpeg_quality: int = 90
+    max_actor_restarts: int = 2
+
+    def validate(self) -> None:
+        require(self.num_actors >= 0, f"precompute.num_actors must be >= 0, got {self.num_actors}")
+        require(
+            self.clips_per_batch >= 1, f"precompute.clips_per_batch must be >= 1, got {self.clips_per_batch}"
+        )
+        require(
+            self.decode_workers >= 0, f"precompute.decode_workers must be >= 0, got {self.decode_workers}"
+        )
+        require(self.decode_cpus > 0 and self.actor_cpus > 0, "precompute.decode_cpus/actor_cpus must be > 0")
+        require(self.max_inflight_shards >= 0, "precompute.max_inflight_shards must be >= 0")
+        require(
+            0.0 <= self.max_failure_ratio <= 1.0,
+            f"precompute.max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}",
+        )
+        require(
+            self.max_teacher_frames == 0 or self.max_teacher_frames >= 3,
+            "precompute.max_teacher_frames must be 0 (no limit) or at least 3",
+        )
+        require(
+            1 <= self.jpeg_quality <= 100,
+            f"precompute.jpeg_quality must be in [1, 100], got {self.jpeg_quality}",
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode (CPU task)
+
+
+def _failure(stage: str, reason: str) -> dict[str, Any]:
+    return {"ok": False, "stage": stage, "reason": reason}
+
+
+def decode_clip(
+    video: str, corpus_root: str, policy: dict[str, Any], student_max_tokens: int, jpeg_quality: int
+) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any] | None]:
+    """Sample and decode one clip; the body of the `decode_clip` Ray task.
+
+    Returns (status, frames, info):
+        status: {"ok": True, "frames": S decoded, "keep": frames to keep, "decode_s"} or a failure
+            {"ok": False, "stage", "reason"}.
+        frames: (S, H, W, 3) uint8 RGB for the teacher (the candidates for space-aware sampling).
+        info: frame_indices (S,) int64, timestamps (S,) float64, frames_jpeg (S student JPEGs), meta.
+    """
+    started = time.perf_counter()
+    path = Path(corpus_root) / video
+    cfg = SamplingConfig.from_policy(policy)
+    try:
+        pts, seconds = read_timestamps(path)
+        indices = sample_indices(seconds, cfg, video)
+        frames, times = decode_frames(path, indices, (pts, seconds))
+    except VideoError as err:
+        return _failure(err.stage, str(err)), None, None
+    except Exception as err:  # an unexpected decoder error must not stop the run
+        return _failure("decode", f"{type(err).__name__}: {err}"), None, None
+    num, height, width = frames.shape[:3]
+    keep = num
+    if cfg.method == "space_aware":
+        duration = float(seconds[-1]) * len(seconds) / max(len(seconds) - 1, 1)
+        keep = num_sampled_frames(duration, len(seconds), cfg)
+    student_hw = student_frame_size(height, width, student_max_tokens)
+    jpegs = [encode_jpeg(f, jpeg_quality) for f in resize_frames(frames, student_hw)]
+    info = {
+        "frame_indices": indices.astype(np.int64),
+        "timestamps": times.astype(np.float64),
+        "frames_jpeg": jpegs,
+        "meta": {
+            "source_size": [int(width), int(height)],
+            "source_frames": len(seconds),
+            "source_fps": (len(seconds) - 1) / float(seconds[-1]) if seconds[-1] > 0 else 0.0,
+            "student_size": [int(student_hw[1]), int(student_hw[0])],
+        },
+    }
+    status = {"ok": True, "frames": int(num), "keep": int(keep), "decode_s": time.perf_counter() - started}
+    return status, frames, info
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher (GPU actor)
+
+
+class TeacherActor:
+    """One teacher per actor, loaded once; `label` labels a batch of decoded clips.
+
+    `label(jobs, *clips)` returns `[statuses, labels_0, ..., labels_{n-1}]` (call it with
+    `num_returns = n + 1`): statuses[i] is {"ok", "frames", "split", ...} or a failure, labels_i the
+    clip's `clip_split.labels_to_dict` dict (plus "selected" for space-aware clips) or None.
+    """
+
+    def __init__(self, teacher: dict[str, Any], device: str, max_teacher_frames: int, threads: int) -> None:
+        import torch
+
+        from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler
+
+        if device == "cpu":
+            torch.set_num_threads(max(1, threads))
+        self.labeler = TeacherLabeler(from_dict(TeacherConfig, teacher, where="teacher"), device)
+        self.max_teacher_frames = max_teacher_frames
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        return self.labeler.fingerprint_parts()
+
+    def label(self, jobs: list[dict[str, Any]], *clips: np.ndarray) -> list[Any]:
+        started = time.perf_counter()
+        results = self._label_many(list(clips))
+        # Space-aware clips: choose `keep` of the candidates from their reconstruction, then label
+        # the chosen frames on their own (the teacher sees exactly the frames that are stored).
+        chosen: dict[int, np.ndarray] = {}
+        for i, job in enumerate(jobs):
+            result = results[i]
+            if job.get("voxel_size") and isinstance(result, dict) and job["keep"] < len(clips[i]):
+                chosen[i] = select_space_aware(
+                    result["depth"],
+                    result["depth_conf"],
+                    result["extrinsic"],
+                    result["intrinsic"],
+                    result["teacher_hw"],
+                    job["keep"],
+                    job["voxel_size"],
+                )
+        if chosen:
+            order = sorted(chosen)
+            relabelled = self._label_many([clips[i][chosen[i]] for i in order])
+            for i, result in zip(order, relabelled, strict=True):
+                if isinstance(result, dict):
+                    result["selected"] = chosen[i]
+                results[i] = result
+        elapsed = time.perf_counter() - started
+        statuses: list[dict[str, Any]] = []
+        labels: list[dict[str, Any] | None] = []
+        for result in results:
+            if isinstance(result, dict):
+                frames = int(result["extrinsic"].shape[0])
+                statuses.append({"ok": True, "frames": frames, "split": bool(result.get("split"))})
+                labels.append(result)
+            else:
+                statuses.append(_failure("teacher", f"{type(result).__name__}: {result}"))
+                labels.append(None)
+        statuses[0]["teacher_s"] = elapsed  # the batch's busy time, reported once
+        return [statuses, *labels]
+
+    def _label_many(self, clips: list[np.ndarray]) -> list[dict[str, Any] | Exception]:
+        """Label clips in one teacher call where possible; a clip that does not fit is split."""
+        from geovr.pipeline.teachers.labeler import TeacherOOM
+
+        results: list[dict[str, Any] | Exception | None] = [None] * len(clips)
+        todo = []
+        for i, clip in enumerate(clips):
+            if self.max_teacher_frames and len(clip) > self.max_teacher_frames:
+                results[i] = self._split_or_error(clip)
+            else:
+                todo.append(i)
+        while todo:
+            try:
+                labelled = self.labeler.label([clips[i] for i in todo])
+            except TeacherOOM as err:
+                results[todo[err.clip_index]] = self._split_or_error(clips[todo[err.clip_index]])
+                del todo[err.clip_index]
+                continue
+            except Exception as err:
+                if len(todo) == 1:
+                    results[todo[0]] = err
+                else:  # find the clip at fault: the others still get labelled
+                    for i in todo:
+                        results[i] = self._label_many([clips[i]])[0]
+                todo = []
+                continue
+            for i, labels in zip(todo, labelled, strict=True):
+                results[i] = labels_to_dict(labels)
+            todo = []
+        return results  # type: ignore[return-value]
+
+    def _split_or_error(self, clip: np.ndarray) -> dict[str, Any] | Exception:
+        try:
+            m = split_point(len(clip))
+            first, second = self._label_many([clip[: m + 1], clip[m:]])
+            for part in (first, second):
+                if isinstance(part, Exception):
+                    return part
+            return merge_halves(first, second)  # type: ignore[arg-type]
+        except SplitError as err:
+            return err
+
+
+# ----------------------------------------------------------------------------------------------
+# Shard writer (CPU task)
+
+
+def assemble_clip(row: dict[str, Any], info: dict[str, Any], labels: dict[str, Any]) -> ClipLabels:
+    """ClipLabels of one clip from its decode `info` and teacher `labels` (see `TeacherActor.label`)."""
+    indices, times, jpegs = info["frame_indices"], info["timestamps"], info["frames_jpeg"]
+    meta = dict(info["meta"])
+    meta["teacher_size"] = [int(labels["teacher_hw"][1]), int(labels["teacher_hw"][0])]
+    selected = labels.get("selected")
+    if selected is not None:
+        meta["space_aware"] = {
+            "candidate_frame_indices": [int(i) for i in indices],
+            "selected": [int(i) for i in selected],
+        }
+        indices, times, jpegs = indices[selected], times[selected], [jpegs[int(i)] for i in selected]
+    if labels.get("split"):
+        meta["split"] = labels["split"]
+    clip = ClipLabels(
+        clip_id=row["clip_id"],
+        video=row["video"],
+        frame_indices=np.asarray(indices, dtype=np.int64),
+        timestamps=np.asarray(times, dtype=np.float64),
+        frames_jpeg=list(jpegs),
+        pose_enc=labels["pose_enc"].astype(np.float32),
+        extrinsic=labels["extrinsic"].astype(np.float32),
+        intrinsic=labels["intrinsic"].astype(np.float32),
+        depth=labels["depth"].astype(np.float32),
+        depth_conf=labels["depth_conf"].astype(np.float32),
+        scale=float(labels["scale"]),
+        scale_valid=bool(labels["scale_valid"]),
+        features=labels["features"].astype(np.float32),
+        meta=meta,
+    )
+    clip.validate()
+    return clip
+
+
+def write_shard(
+    store: str,
+    fingerprint: dict[str, Any],
+    store_format: str,
+    shard: str,
+    rows: list[dict[str, Any]],
+    info_refs: list[Any],
+    label_refs: list[Any],
+    failures: list[dict[str, Any]],
+    keep_stored: bool,
+) -> dict[str, Any]:
+    """Body of the `write_shard` Ray task: assemble the shard's clips and commit it whole.
+
+    `rows[i]` pairs with `info_refs[i]` / `label_refs[i]` (object refs, fetched here, not by the
+    driver). `keep_stored` (retry-failed): the clips the store already holds for this shard are
+    read back and rewritten unchanged beside the new ones, in manifest order.
+    """
+    from geovr.teacher_cache.codecs import encode_clip
+    from geovr.teacher_cache.schema import SchemaError
+    from geovr.teacher_cache.store import DONE_DIR, open_store, open_writer
+
+    started = time.perf_counter()
+    infos = ray.get(list(info_refs))
+    labels = ray.get(list(label_refs))
+    clips = [assemble_clip(row, i, lab) for row, i, lab in zip(rows, infos, labels, strict=True)]
+    writer = open_writer(Path(store), StoreFingerprint.from_json(fingerprint), store_format)
+    if not keep_stored and shard in writer.committed_shards():  # a retried task whose first try committed
+        return {"shard": shard, "clips": len(clips), "write_s": time.perf_counter() - started}
+    if not keep_stored:
+        record = writer.write_shard(shard, sorted(clips, key=lambda c: c.clip_id), failures)
+    else:
+        # The stored clips are kept as encoded bytes, so they are rewritten bit for bit.
+        encoded = {c.clip_id: c for c in open_store(store).iter_shard_encoded(shard)}
+        failures = list(failures)
+        for clip in clips:
+            try:
+                encoded[clip.clip_id] = encode_clip(clip, writer.codecs)
+            except SchemaError as err:
+                failures.append(
+                    {"clip_id": clip.clip_id, "video": clip.video, "stage": "encode", "reason": str(err)}
+                )
+        # Un-commit, then commit the new version: a kill in between leaves the shard uncommitted,
+        # and the next plain run relabels it whole.
+        (Path(store) / DONE_DIR / f"{shard}.json").unlink()
+        record = writer.write_encoded_shard(shard, [encoded[k] for k in sorted(encoded)], failures)
+    return {"shard": shard, "clips": record["num_clips"], "write_s": time.perf_counter() - started}
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+
+
+@dataclass
+class _Clip:
+    row: dict[str, Any]
+    state: str = "pending"  # pending -> decoding -> decoded -> labelling -> labelled | failed
+    frames_ref: Any = None
+    info_ref: Any = None
+    label_ref: Any = None
+    keep: int = 0
+    num_frames: int = 0
+
+
+@dataclass
+class _Shard:
+    shard_id: str
+    clips: list[_Clip]
+    keep_stored: bool = False
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    next_to_batch: int = 0  # clips before this index are resolved (decoded or failed) and batched
+    forming: list[_Clip] = field(default_factory=list)
+    writing: bool = False
+
+    def complete(self) -> bool:
+        return all(c.state in ("labelled", "failed") for c in self.clips)
+
+
+@dataclass
+class _Batch:
+    shard: _Shard
+    clips: list[_Clip]
+    attempts: int = 0
+
+
+@dataclass
+class RunResult:
+    counts: RunCounts
+    timings: dict[str, float]
+    failure_ratio: float
+    store_clips: int
+    store_failures: int
+    exit_code: int
+
+
+def connect_ray(address: str | None, cpus: int | None = None) -> bool:
+    """Connect to the cluster at `address` ("local": start one in-process; None: Ray's default).
+
+    Every Ray process stays on loopback for a local cluster. Returns whether this call started Ray.
+    """
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address == "local":
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            logging_level="WARNING",
+            log_to_driver=False,
+        )
+    else:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    return True
+
+
+class Precompute:
+    """One precompute run: builds the actors, schedules decode/label/write, writes run.json."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        store: Path,
+        teacher: dict[str, Any],
+        cfg: PrecomputeConfig,
+        console: Console,
+        retry_failed: bool = False,
+        config_record: dict[str, Any] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.store = Path(store)
+        self.teacher = teacher
+        self.cfg = cfg
+        self.console = console
+        self.retry_failed = retry_failed
+        self.config_record = config_record or {}
+        self.sampling = SamplingConfig.from_policy(manifest.sampling)
+        self.counts = RunCounts()
+        self.timings: dict[str, float] = {"decode_s": 0.0, "teacher_s": 0.0, "write_s": 0.0}
+
+    # -- setup ---------------------------------------------------------------------------------
+
+    def _num_actors(self) -> int:
+        if self.cfg.num_actors:
+            return self.cfg.num_actors
+        if self.cfg.device == "cpu":
+            return 1
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus == 0:
+            raise ValueError(
+                "--device cuda but the Ray cluster has no GPUs; pass --device cpu or a GPU cluster"
+            )
+        return gpus
+
+    def _start_actors(self, count: int) -> list[Any]:
+        gpu = self.cfg.device == "cuda"
+        actor_cls = ray.remote(TeacherActor).options(
+            num_gpus=1 if gpu else 0,
+            num_cpus=self.cfg.actor_cpus,
+            max_restarts=self.cfg.max_actor_restarts,
+        )
+        threads = max(1, int(self.cfg.actor_cpus))
+        return [
+            actor_cls.remote(self.teacher, self.cfg.device, self.cfg.max_teacher_frames, threads)
+            for _ in range(count)
+        ]
+
+    def fingerprint(self, parts: dict[str, Any]) -> StoreFingerprint:
+        preprocess = dict(parts["preprocess"])
+        preprocess["student_frames"] = {
+            "max_tokens": self.cfg.student_max_tokens,
+            "rule": "frames.student_frame_size, PIL bicubic, JPEG",
+            "jpeg_quality": self.cfg.jpeg_quality,
+        }
+        return StoreFingerprint(
+            teacher=parts["teacher"],
+            checkpoint_sha256=parts["checkpoint_sha256"],
+            teacher_config=parts["teacher_config"],
+            metric_teacher=parts["metric_teacher"],
+            preprocess=preprocess,
+            sampling=self.manifest.sampling,
+            feature_layers=tuple(int(x) for x in self.teacher["feature_layers"]),
+            code_version=__version__,
+        )
+
+    def _plan(self, writer: Any) -> list[_Shard]:
+        """The shards this run labels: uncommitted ones, or with --retry-failed the failed clips of committed ones."""
+        committed = set(writer.committed_shards())
+        by_shard = self.manifest.shards()
+        self.counts.shards_total = len(by_shard)
+        shards: list[_Shard] = []
+        if self.retry_failed:
+            from geovr.teacher_cache.store import open_store
+
+            failed = {f["clip_id"] for f in open_store(self.store).failures()} if committed else set()
+            for shard_id, rows in by_shard.items():
+                if shard_id not in committed:
+                    shards.append(_Shard(shard_id, [_Clip(r) for r in rows]))
+                    continue
+                retry = [r for r in rows if r["clip_id"] in failed]
+                if retry:
+                    shards.append(_Shard(shard_id, [_Clip(r) for r in retry], keep_stored=True))
+                else:
+                    self.counts.shards_skipped += 1
+        else:
+            for shard_id, rows in by_shard.items():
+                if shard_id in committed:
+                    self.counts.shards_skipped += 1
+                else:
+                    shards.append(_Shard(shard_id, [_Clip(r) for r in rows]))
+        self.counts.clips_todo = sum(len(s.clips) for s in shards)
+        return shards
+
+    # -- run -----------------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        started = time.perf_counter()
+        actors = self._start_actors(self._num_actors())
+        try:
+            return self._run(actors, started)
+        finally:  # also on errors (e.g. a refused fingerprint): free the GPUs of a shared cluster
+            for actor in actors:
+                ray.kill(actor)
+
+    def _run(self, actors: list[Any], started: float) -> RunResult:
+        from geovr.teacher_cache.store import open_writer
+
+        cfg = self.cfg
+        num_actors = len(actors)
+        parts = ray.get(actors[0].fingerprint_parts.remote())
+        self.timings["actor_startup_s"] = time.perf_counter() - started
+        fingerprint = self.fingerprint(parts)
+        writer = open_writer(self.store, fingerprint, cfg.format)  # refuses a different fingerprint
+        shards = self._plan(writer)
+
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        decode_workers = cfg.decode_workers or max(
+            1, int((cpus - num_actors * cfg.actor_cpus) // cfg.decode_cpus)
+        )
+        max_shards = cfg.max_inflight_shards or max(
+            2, math.ceil(2 * num_actors * cfg.clips_per_batch / max(self.manifest.clips_per_shard, 1)) + 1
+        )
+        max_waiting = 2 * cfg.clips_per_batch * num_actors
+        decode_task = ray.remote(decode_clip).options(num_returns=3, num_cpus=cfg.decode_cpus, max_retries=1)
+        write_task = ray.remote(write_shard).options(num_cpus=0, max_retries=2)
+        fingerprint_json = fingerprint.to_json()
+
+        queue = deque(shards)
+        active: list[_Shard] = []
+        batches: deque[_Batch] = deque()
+        idle = list(range(num_actors))
+        pending: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, payload)
+        decoding = 0
+        waiting = 0  # decoded clips whose frames wait for a teacher
+        space_aware = self.sampling.method == "space_aware"
+
+        def fail(shard: _Shard, clip: _Clip, stage: str, reason: str) -> None:
+            clip.state = "failed"
+            clip.frames_ref = clip.info_ref = clip.label_ref = None
+            shard.failures.append(
+                {"clip_id": clip.row["clip_id"], "video": clip.row["video"], "stage": stage, "reason": reason}
+            )
+            self.counts.clips_failed += 1
+            self.counts.failures_by_stage[stage] = self.counts.failures_by_stage.get(stage, 0) + 1
+
+        def form_batches(shard: _Shard) -> None:
+            """Batch the shard's decoded clips in manifest order once every earlier clip is resolved."""
+            while shard.next_to_batch < len(shard.clips):
+                clip = shard.clips[shard.next_to_batch]
+                if clip.state in ("pending", "decoding"):
+                    break
+                if clip.state == "decoded":
+                    shard.forming.append(clip)
+                shard.next_to_batch += 1
+                if len(shard.forming) == cfg.clips_per_batch:
+                    batches.append(_Batch(shard, shard.forming))
+                    shard.forming = []
+            if shard.next_to_batch == len(shard.clips) and shard.forming:
+                batches.append(_Batch(shard, shard.forming))
+                shard.forming = []
+
+        def submit_decodes() -> None:
+            nonlocal decoding
+            while queue and len(active) < max_shards:
+                shard = queue.popleft()
+                active.append(shard)
+                for clip in shard.clips:
+                    if clip.row["status"] != "ok":
+                        fail(shard, clip, "index", clip.row["reason"] or clip.row["status"])
+                form_batches(shard)
+            for shard in active:
+                for clip in shard.clips:
+                    if decoding >= decode_workers or waiting + decoding >= max_waiting:
+                        return
+                    if clip.state != "pending":
+                        continue
+                    status, frames, info = decode_task.remote(
+                        clip.row["video"],
+                        str(self.manifest.corpus_root),
+                        self.manifest.sampling,
+                        cfg.student_max_tokens,
+                        cfg.jpeg_quality,
+                    )
+                    clip.state, clip.frames_ref, clip.info_ref = "decoding", frames, info
+                    pending[status] = ("decode", (shard, clip))
+                    decoding += 1
+
+        def dispatch_batches() -> None:
+            nonlocal waiting
+            while batches and idle:
+                batch = batches.popleft()
+                actor = idle.pop(0)
+                jobs = [
+                    {
+                        "clip_id": c.row["clip_id"],
+                        "keep": c.keep,
+                        "voxel_size": self.sampling.voxel_size if space_aware else 0.0,
+                    }
+                    for c in batch.clips
+                ]
+                refs = (
+                    actors[actor]
+                    .label.options(num_returns=len(batch.clips) + 1)
+                    .remote(jobs, *[c.frames_ref for c in batch.clips])
+                )
+                for c in batch.clips:
+                    c.state = "labelling"
+                pending[refs[0]] = ("label", (batch, actor, refs[1:]))
+
+        def submit_writes() -> None:
+            for shard in list(active):
+                if shard.writing or not shard.complete():
+                    continue
+                done = [c for c in shard.clips if c.state == "labelled"]
+                ref = write_task.remote(
+                    str(self.store),
+                    fingerprint_json,
+                    cfg.format,
+                    shard.shard_id,
+                    [{"clip_id": c.row["clip_id"], "video": c.row["video"]} for c in done],
+                    [c.info_ref for c in done],
+                    [c.label_ref for c in done],
+                    shard.failures,
+                    shard.keep_stored,
+                )
+                shard.writing = True
+                pending[ref] = ("write", shard)
+
+        progress = PrecomputeProgress(self.console, self.counts, num_actors)
+        with progress:
+            submit_decodes()
+            submit_writes()  # shards whose clips all failed at indexing
+            while pending or batches or queue:
+                dispatch_batches()
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+                for ref in ready:
+                    kind, payload = pending.pop(ref)
+                    if kind == "decode":
+                        decoding -= 1
+                        self._on_decoded(ref, *payload, fail)
+                        if payload[1].state == "decoded":
+                            waiting += 1
+                        form_batches(payload[0])
+                    elif kind == "label":
+                        batch, actor, label_refs = payload
+                        waiting -= self._on_labelled(ref, batch, label_refs, fail, batches)
+                        idle.append(actor)
+                    else:
+                        self._on_written(ref, payload)
+                        active.remove(payload)
+                submit_decodes()
+                submit_writes()
+                progress.update(num_actors - len(idle))
+
+        self.timings["wall_s"] = time.perf_counter() - started
+        return self._finish(decode_workers, max_shards, num_actors)
+
+    # -- event handlers ------------------------------------------------------------------------
+
+    def _on_decoded(self, ref: Any, shard: _Shard, clip: _Clip, fail: Any) -> None:
+        try:
+            status = ray.get(ref)
+        except ray.exceptions.RayError as err:  # the worker died (e.g. a decoder crash)
+            fail(shard, clip, "decode", f"decode task failed: {type(err).__name__}: {str(err)[:300]}")
+            return
+        if not status["ok"]:
+            fail(shard, clip, status["stage"], status["reason"])
+            return
+        self.timings["decode_s"] += status["decode_s"]
+        clip.state, clip.keep = "decoded", status["keep"]
+
+    def _on_labelled(self, ref: Any, batch: _Batch, label_refs: list[Any], fail: Any, batches: deque) -> int:
+        """Handle a finished teacher call; returns how many decoded clips left the waiting set."""
+        try:
+            statuses = ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            batch.attempts += 1
+            if batch.attempts <= self.cfg.max_actor_restarts:
+                for c in batch.clips:
+                    c.state = "decoded"
+                batches.appendleft(batch)
+                return 0
+            for c in batch.clips:
+                fail(batch.shard, c, "teacher", f"teacher actor died: {str(err)[:300]}")
+            return len(batch.clips)
+        except ray.exceptions.RayError as err:
+            for c in batch.clips:
+                fail(batch.shard, c, "teacher", f"{type(err).__name__}: {str(err)[:300]}")
+            return len(batch.clips)
+        self.timings["teacher_s"] += statuses[0].get("teacher_s", 0.0)
+        for clip, status, label_ref in zip(batch.clips, statuses, label_refs, strict=True):
+            clip.frames_ref = None  # the frames are no longer needed: let the object store free them
+            if status["ok"]:
+                clip.state, clip.label_ref, clip.num_frames = "labelled", label_ref, status["frames"]
+                self.counts.clips_ok += 1
+                self.counts.frames += status["frames"]
+                self.counts.clips_split += int(status["split"])
+            else:
+                fail(batch.shard, clip, status["stage"], status["reason"])
+        return len(batch.clips)
+
+    def _on_written(self, ref: Any, shard: _Shard) -> None:
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            raise RuntimeError(f"shard {shard.shard_id} could not be written to {self.store}: {err}") from err
+        self.timings["write_s"] += result["write_s"]
+        self.counts.shards_written += 1
+        for clip in shard.clips:
+            clip.info_ref = clip.label_ref = None
+
+    # -- end of run ----------------------------------------------------------------------------
+
+    def _finish(self, decode_workers: int, max_shards: int, num_actors: int) -> RunResult:
+        from geovr.teacher_cache.store import open_store
+
+        reader = open_store(self.store)
+        failures = reader.failures()
+        stored = len(reader.clip_ids())
+        total = stored + len(failures)
+        ratio = len(failures) / total if total else 0.0
+        tmp = self.store / "failures.jsonl.tmp"
+        tmp.write_text("".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
+        tmp.replace(self.store / "failures.jsonl")
+        exit_code = 1 if ratio > self.cfg.max_failure_ratio else 0
+        record = {
+            "config": {
+                **self.config_record,
+                "precompute": to_dict(self.cfg),
+                "teacher": {k: str(v) if isinstance(v, Path) else v for k, v in self.teacher.items()},
+                "sampling": self.manifest.sampling,
+                "resolved": {
+                    "num_actors": num_actors,
+                    "decode_workers": decode_workers,
+                    "max_inflight_shards": max_shards,
+                },
+                "retry_failed": self.retry_failed,
+            },
+            "timings": self.timings,
+            "counts": {
+                "shards_total": self.counts.shards_total,
+                "shards_skipped": self.counts.shards_skipped,
+                "shards_written": self.counts.shards_written,
+                "clips_todo": self.counts.clips_todo,
+                "clips_ok": self.counts.clips_ok,
+                "clips_failed": self.counts.clips_failed,
+                "clips_split": self.counts.clips_split,
+                "frames": self.counts.frames,
+                "failures_by_stage": self.counts.failures_by_stage,
+                "store_clips": stored,
+                "store_failures": len(failures),
+                "store_failure_ratio": ratio,
+            },
+            "exit_code": exit_code,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        tmp = self.store / "run.json.tmp"
+        tmp.write_text(json.dumps(record, indent=1, default=str))
+        tmp.replace(self.store / "run.json")
+        self.console.print(summary_table(self.counts, self.timings, ratio))
+        return RunResult(self.counts, self.timings, ratio, stored, len(failures), exit_code)
+
+
+def run_precompute(
+    manifest_path: Path,
+    store: Path,
+    teacher: dict[str, Any],
+    cfg: PrecomputeConfig,
+    ray_address: str | None,
+    console: Console,
+    retry_failed: bool = False,
+    config_record: dict[str, Any] | None = None,
+) -> RunResult:
+    """Read the manifest, connect to Ray, run, disconnect (if this call connected)."""
+    manifest = read_manifest(manifest_path)
+    started_ray = connect_ray(ray_address)
+    try:
+        return Precompute(manifest, store, teacher, cfg, console, retry_failed, config_record).run()
+    finally:
+        if started_ray:
+            ray.shutdown()

@@ -1,0 +1,502 @@
+"""Teacher labels for precompute: VGGT poses, depth, pooled features and the clip's metric scale.
+
+One `TeacherLabeler` per GPU actor loads VGGT (camera and depth heads only) and, optionally, a
+monocular metric-depth model, once. `label(clips)` turns decoded clips (uint8 frames at the source
+resolution) into `TeacherLabels`, several clips per forward pass.
+
+Preprocessing (as GeoVR's `preprocess_geo_frames` with `target_size=504, patch_size=28`, which is
+VGGT's `load_and_preprocess_images` "crop" mode without the crop): the longer side becomes
+`image_long_side` (504), the shorter side `round(short * 504 / long / 28) * 28` (Python's round,
+half to even, as theirs), aspect ratio otherwise kept, no cropping or padding. 640x480 -> 504x392,
+a 36x28 grid of 14-pixel patches; the grid is even on both axes so the features pool 2x2 exactly.
+Resizing: PIL bicubic on uint8 frames (PIL's bicubic antialiases when shrinking), then [0, 1]
+floats; VGGT normalises with the ImageNet mean/std inside the model.
+
+Labels per clip (S frames, teacher image Ht x Wt, patch grid gh x gw = Ht/14 x Wt/14):
+- `pose_enc` (S, 9), `extrinsic` (S, 3, 4), `intrinsic` (S, 3, 3): VGGT's camera head, the first
+  camera at the identity; intrinsics in pixels of the Ht x Wt teacher image.
+- `depth`, `depth_conf` (S, Ht/2, Wt/2): the student's dense head predicts at the patch grid x 7
+  (pixel shuffle of 7 on a 14-pixel grid), i.e. exactly one value per aligned 2x2 block of teacher
+  pixels, so each label is that block's area average: depth weighted by confidence
+  (sum(c * d) / sum(c)), confidence the plain mean. The weighting keeps a low-confidence pixel
+  (a flying pixel on a depth edge, sky) from pulling a block's depth towards a value the teacher
+  itself does not trust; among equally confident pixels it is the unbiased box average.
+- `features` (S, L, gh/2, gw/2, C): for each distilled aggregator layer, the frame-attention half
+  (first C = embed_dim channels) of the patch tokens, 2x2 average-pooled on the patch grid
+  (36x28 -> 18x14), float32.
+- `scale`, `scale_valid`: metres per VGGT depth unit (`metric ≈ scale * depth`) from
+  `clip_metric_scale`; NaN and False without a metric model or with too few usable pixels.
+
+Precision: bf16 autocast (`dtype: bfloat16`, the GPU default) for VGGT and the metric model;
+VGGT keeps its residual stream and heads in fp32 under autocast, so labels come out fp32.
+`dtype: float32` runs everything in fp32 (CPU tests).
+
+Batching and memory: clips with the same number of frames and the same teacher size are stacked
+into one (B, S, 3, Ht, Wt) forward of at most `max_frames_per_call` frames (B*S); other sizes go
+into separate calls. Only the `feature_layers` of the aggregator are retained, and the DPT head
+runs `dpt_frame_chunk` frames at a time. On `torch.OutOfMemoryError` for a batch of several clips
+the labeler frees the cache and retries those clips one at a time; a single clip that still runs
+out of memory raises `TeacherOOM` (a subclass of `torch.OutOfMemoryError` naming the clip's index
+in the call and its frame count), and the precompute splits that clip and labels the parts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from geovr.pipeline.teachers.metric_depth import CHECKPOINT_FILES as METRIC_CHECKPOINT_FILES
+from geovr.pipeline.teachers.metric_depth import MetricDepthModel
+from geovr.teacher_cache.config import ConfigError, require, to_dict
+from geovr.teacher_cache.geometry import fit_scale
+
+VGGT_CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
+"""The files of a VGGT checkpoint directory that determine its outputs (hashed for the fingerprint)."""
+
+
+@dataclass
+class TeacherConfig:
+    """Section `teacher` of the presets.
+
+    Attributes:
+        checkpoint: VGGT checkpoint: a directory (config.json + model.safetensors), a bare
+            model.safetensors, or the official model.pt. Required to build a labeler.
+        name: teacher name recorded in the store fingerprint.
+        image_long_side: the teacher image's longer side in pixels (GeoVR: 504).
+        size_multiple: the shorter side is rounded to a multiple of this (2 patches, so the
+            patch grid pools 2x2 exactly).
+        feature_layers: aggregator layers whose frame-attention patch tokens are stored.
+        dtype: "bfloat16" (autocast) or "float32".
+        attention: "sdpa" or "xformers" (when installed).
+        compile: `torch.compile` the model (GPU runs with many calls of one shape).
+        dpt_frame_chunk: frames per DPT-head chunk (None: all at once).
+        max_frames_per_call: at most this many frames (clips x frames) per forward pass.
+        metric_checkpoint: local Depth Anything V2 Metric directory, or None for no metric scale.
+        metric_sky_fraction: metric depth at or beyond this fraction of the model's max depth is sky.
+        metric_min_pixels: fewer usable (non-sky, confident) depth pixels than this: scale invalid.
+        metric_frames_per_call: frames per metric-depth forward pass.
+    """
+
+    checkpoint: Path | None = None
+    name: str = "vggt-1b"
+    image_long_side: int = 504
+    size_multiple: int = 28
+    feature_layers: tuple[int, ...] = (4, 11, 17, 23)
+    dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    compile: bool = False
+    dpt_frame_chunk: int | None = 8
+    max_frames_per_call: int = 64
+    metric_checkpoint: Path | None = None
+    metric_sky_fraction: float = 0.95
+    metric_min_pixels: int = 1000
+    metric_frames_per_call: int = 16
+
+    def validate(self) -> None:
+        require(
+            self.size_multiple > 0 and self.size_multiple % 2 == 0,
+            "teacher.size_multiple must be a positive even number",
+        )
+        require(
+            self.image_long_side > 0 and self.image_long_side % self.size_multiple == 0,
+            f"teacher.image_long_side ({self.image_long_side}) must be a positive multiple of "
+            f"teacher.size_multiple ({self.size_multiple})",
+        )
+        require(len(self.feature_layers) > 0, "teacher.feature_layers must name at least one layer")
+        require(all(layer >= 0 for layer in self.feature_layers), "teacher.feature_layers must be >= 0")
+        require(
+            self.dpt_frame_chunk is None or self.dpt_frame_chunk > 0,
+            "teacher.dpt_frame_chunk must be positive",
+        )
+        require(self.max_frames_per_call > 0, "teacher.max_frames_per_call must be positive")
+        require(0.0 < self.metric_sky_fraction <= 1.0, "teacher.metric_sky_fraction must be in (0, 1]")
+        require(self.metric_min_pixels >= 16, "teacher.metric_min_pixels must be at least 16")
+        require(self.metric_frames_per_call > 0, "teacher.metric_frames_per_call must be positive")
+
+
+@dataclass
+class TeacherLabels:
+    """Labels of one clip (float32 numpy arrays; S frames, teacher image Ht x Wt).
+
+    Attributes:
+        pose_enc: (S, 9) VGGT pose encoding, first camera at the identity.
+        extrinsic: (S, 3, 4) camera-from-world, OpenCV axes, VGGT's normalised units.
+        intrinsic: (S, 3, 3) pinhole intrinsics in pixels of the Ht x Wt teacher image.
+        depth: (S, Ht/2, Wt/2) depth, VGGT units (confidence-weighted 2x2 area average).
+        depth_conf: (S, Ht/2, Wt/2) confidence (>= 1; 2x2 mean).
+        features: (S, L, gh/2, gw/2, C) pooled frame-attention patch tokens of `feature_layers`.
+        scale: metres per VGGT unit (metric depth ≈ scale * depth); NaN when not valid.
+        scale_valid: whether `scale` was fitted from a metric model over enough pixels.
+        teacher_hw: (Ht, Wt).
+    """
+
+    pose_enc: np.ndarray
+    extrinsic: np.ndarray
+    intrinsic: np.ndarray
+    depth: np.ndarray
+    depth_conf: np.ndarray
+    features: np.ndarray
+    scale: float
+    scale_valid: bool
+    teacher_hw: tuple[int, int]
+
+
+class TeacherOOM(torch.OutOfMemoryError):
+    """One clip alone does not fit on the device: split it into shorter clips and label those.
+
+    Attributes:
+        clip_index: the clip's index in the `label()` call.
+        num_frames: its frame count.
+    """
+
+    def __init__(self, clip_index: int, num_frames: int, size_hw: tuple[int, int]) -> None:
+        super().__init__(
+            f"teacher ran out of device memory on clip {clip_index} alone ({num_frames} frames at "
+            f"{size_hw[1]}x{size_hw[0]}); split it into shorter clips"
+        )
+        self.clip_index = clip_index
+        self.num_frames = num_frames
+
+
+def teacher_size(height: int, width: int, long_side: int = 504, multiple: int = 28) -> tuple[int, int]:
+    """(Ht, Wt) of the teacher image for a (height, width) frame: GeoVR's rule.
+
+    The longer side becomes `long_side`; the shorter one is scaled with the aspect ratio and
+    rounded (Python's round) to a multiple of `multiple`, at least one multiple. Squares keep
+    `long_side` on both sides. 640x480 (W x H) -> (392, 504).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"frame size must be positive, got {width}x{height}")
+    if width >= height:
+        return max(multiple, round(height * (long_side / width) / multiple) * multiple), long_side
+    return long_side, max(multiple, round(width * (long_side / height) / multiple) * multiple)
+
+
+def preprocess_clip(frames: np.ndarray, size_hw: tuple[int, int]) -> Tensor:
+    """(S, H, W, 3) uint8 RGB to (S, 3, Ht, Wt) float32 in [0, 1] with PIL bicubic resizing."""
+    height, width = size_hw
+    resized = np.stack(
+        [np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.BICUBIC)) for f in frames]
+    )
+    return torch.from_numpy(resized).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def pool_patch_features(tokens: Tensor, patch_start_idx: int, width: int, grid_hw: tuple[int, int]) -> Tensor:
+    """Frame-attention half of the patch tokens, 2x2 average-pooled on the patch grid.
+
+    Args:
+        tokens: (B, S, P, 2 * width) aggregator output of one layer (special tokens first).
+        patch_start_idx: index of the first patch token (camera + register tokens before it).
+        width: aggregator width; the first `width` channels are the frame-attention half.
+        grid_hw: (gh, gw) patch grid, both even, row-major token order.
+
+    Returns:
+        (B, S, gh/2, gw/2, width) float32.
+    """
+    batch, frames = tokens.shape[:2]
+    grid_h, grid_w = grid_hw
+    patches = tokens[:, :, patch_start_idx:, :width].float()
+    patches = patches.reshape(batch * frames, grid_h, grid_w, width).permute(0, 3, 1, 2)
+    pooled = F.avg_pool2d(patches, kernel_size=2)
+    return pooled.permute(0, 2, 3, 1).reshape(batch, frames, grid_h // 2, grid_w // 2, width)
+
+
+def downsample_depth(depth: Tensor, conf: Tensor) -> tuple[Tensor, Tensor]:
+    """Depth and confidence (..., H, W) (H, W even) to half resolution over aligned 2x2 blocks.
+
+    Returns the confidence-weighted block average of depth and the block mean of confidence.
+    """
+    lead = depth.shape[:-2]
+    depth = depth.reshape(-1, 1, *depth.shape[-2:]).float()
+    conf = conf.reshape(-1, 1, *conf.shape[-2:]).float()
+    conf_half = F.avg_pool2d(conf, kernel_size=2)
+    depth_half = F.avg_pool2d(depth * conf, kernel_size=2) / conf_half
+    return depth_half.reshape(*lead, *depth_half.shape[-2:]), conf_half.reshape(*lead, *conf_half.shape[-2:])
+
+
+def clip_metric_scale(
+    vggt_depth: Tensor,
+    vggt_conf: Tensor,
+    metric_depth: Tensor,
+    sky_mask: Tensor | None,
+    min_pixels: int = 16,
+) -> tuple[float, bool]:
+    """Metric scale of one clip: metres per VGGT depth unit.
+
+    The pixels used are those not marked sky whose VGGT confidence is at or above the median
+    confidence of the clip's non-sky pixels (GeoVR / Depth Anything 3 alignment rule); the scale is
+    `geometry.fit_scale(vggt_depth, metric_depth, mask)` (robust least squares,
+    `metric_depth ≈ scale * vggt_depth`).
+
+    Args:
+        vggt_depth: (S, H, W) teacher depth, VGGT units.
+        vggt_conf: (S, H, W) teacher confidence.
+        metric_depth: (S, H, W) metric depth, metres, on the same pixels.
+        sky_mask: (S, H, W) bool, True for sky, or None when no pixel is sky.
+        min_pixels: fewer usable pixels than this gives (NaN, False).
+
+    Returns:
+        (scale, valid).
+    """
+    if not (vggt_depth.shape == vggt_conf.shape == metric_depth.shape):
+        raise ValueError(
+            f"depth {tuple(vggt_depth.shape)}, confidence {tuple(vggt_conf.shape)} and metric depth "
+            f"{tuple(metric_depth.shape)} must have the same shape"
+        )
+    usable = torch.isfinite(vggt_conf)
+    if sky_mask is not None:
+        usable = usable & ~sky_mask
+    if int(usable.sum()) < min_pixels:
+        return math.nan, False
+    confident = usable & (vggt_conf >= vggt_conf[usable].median())
+    if int(confident.sum()) < min_pixels:
+        return math.nan, False
+    scale, valid = fit_scale(vggt_depth, metric_depth, confident)
+    scale_value = float(scale)
+    if not (bool(valid) and math.isfinite(scale_value) and scale_value > 0):
+        return math.nan, False
+    return scale_value, True
+
+
+@cache
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """Streamed sha256 of a file, computed once per process for an unchanged (path, size, mtime)."""
+    path = Path(path).resolve()
+    stat = path.stat()
+    return _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def checkpoint_sha256(path: str | Path, names: Sequence[str]) -> str:
+    """sha256 of a checkpoint: a file's own hash, or for a directory a hash over the `names` present.
+
+    A directory's digest covers each present file's name and hash, so replacing the weights or the
+    config changes it; other files there (READMEs, reference outputs) do not count.
+    """
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    present = [name for name in names if (path / name).is_file()]
+    if not present:
+        raise FileNotFoundError(f"checkpoint {path}: none of {', '.join(names)} found")
+    lines = "".join(f"{name}\0{file_sha256(path / name)}\n" for name in present)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+class TeacherLabeler:
+    """VGGT (+ optional metric depth model) loaded once on `device`; labels clips in batches."""
+
+    def __init__(self, cfg: TeacherConfig, device: torch.device | str = "cuda") -> None:
+        from geovr.pipeline.teachers.vggt import VGGT
+
+        if cfg.checkpoint is None:
+            raise ConfigError(
+                "teacher.checkpoint is not set: give the VGGT checkpoint (directory, .safetensors or model.pt)"
+            )
+        if not Path(cfg.checkpoint).exists():
+            raise FileNotFoundError(f"teacher checkpoint {cfg.checkpoint} does not exist")
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.model = VGGT.from_pretrained(cfg.checkpoint, heads=("camera", "depth"), device=self.device)
+        self.model.requires_grad_(False)
+        self.model.set_inference_options(
+            attention=cfg.attention, dpt_frame_chunk=cfg.dpt_frame_chunk, compile=cfg.compile
+        )
+        model_cfg = self.model.config
+        self.patch_size = int(model_cfg.patch_size)
+        self.width = int(model_cfg.embed_dim)
+        self.patch_start_idx = int(self.model.patch_start_idx)
+        bad = [layer for layer in cfg.feature_layers if layer >= model_cfg.depth]
+        if bad:
+            raise ConfigError(
+                f"teacher.feature_layers {bad} out of range: {cfg.checkpoint} has {model_cfg.depth} layers"
+            )
+        if cfg.size_multiple % (2 * self.patch_size):
+            raise ConfigError(
+                f"teacher.size_multiple ({cfg.size_multiple}) must be a multiple of twice the patch size "
+                f"({2 * self.patch_size}) so that the patch grid pools 2x2"
+            )
+        self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
+        self.metric: MetricDepthModel | None = None
+        if cfg.metric_checkpoint is not None:
+            self.metric = MetricDepthModel(
+                cfg.metric_checkpoint,
+                self.device,
+                sky_fraction=cfg.metric_sky_fraction,
+                max_frames_per_call=cfg.metric_frames_per_call,
+            )
+
+    def teacher_size(self, height: int, width: int) -> tuple[int, int]:
+        """(Ht, Wt) the teacher sees for a (height, width) source frame (see `teacher_size`)."""
+        return teacher_size(height, width, self.cfg.image_long_side, self.cfg.size_multiple)
+
+    def label(self, clips: Sequence[np.ndarray]) -> list[TeacherLabels]:
+        """Label clips of uint8 RGB frames (S, H, W, 3); returns one `TeacherLabels` per clip, in order.
+
+        Clips of equal frame count and teacher size share forward passes. Raises `TeacherOOM`
+        when one clip alone does not fit on the device.
+        """
+        groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+        for index, frames in enumerate(clips):
+            if not (
+                isinstance(frames, np.ndarray)
+                and frames.dtype == np.uint8
+                and frames.ndim == 4
+                and frames.shape[-1] == 3
+            ):
+                got = (
+                    f"{frames.dtype} {frames.shape}"
+                    if isinstance(frames, np.ndarray)
+                    else type(frames).__name__
+                )
+                raise ValueError(f"clip {index}: expected uint8 frames (S, H, W, 3), got {got}")
+            if frames.shape[0] == 0:
+                raise ValueError(f"clip {index}: no frames")
+            groups[(frames.shape[0], *self.teacher_size(frames.shape[1], frames.shape[2]))].append(index)
+
+        results: list[TeacherLabels | None] = [None] * len(clips)
+        for (num_frames, *size_hw), indices in groups.items():
+            per_call = max(1, self.cfg.max_frames_per_call // num_frames)
+            for start in range(0, len(indices), per_call):
+                batch = indices[start : start + per_call]
+                # Resized only now, batch by batch: host memory holds one call's frames at a time.
+                images = torch.stack([preprocess_clip(clips[i], tuple(size_hw)) for i in batch])
+                if self.device.type == "cuda":
+                    images = images.pin_memory()
+                labeled = self._label_with_retry(batch, images, [clips[i] for i in batch])
+                for index, labels in zip(batch, labeled, strict=True):
+                    results[index] = labels
+        return results  # type: ignore[return-value]
+
+    def _label_with_retry(
+        self, batch: list[int], images: Tensor, clips: list[np.ndarray]
+    ) -> list[TeacherLabels]:
+        """Label one batch (B, S, 3, Ht, Wt); on device OOM retry clip by clip; `batch`: clip indices."""
+        try:
+            return self._label_batch(images, clips)
+        except torch.OutOfMemoryError:
+            if len(batch) == 1:
+                raise TeacherOOM(batch[0], images.shape[1], tuple(images.shape[-2:])) from None
+        # Out of the except block: the failed attempt's tensors are released before the retry.
+        self._release_memory()
+        labels = []
+        for position, index in enumerate(batch):
+            try:
+                labels.extend(
+                    self._label_batch(images[position : position + 1], clips[position : position + 1])
+                )
+            except torch.OutOfMemoryError:
+                raise TeacherOOM(index, images.shape[1], tuple(images.shape[-2:])) from None
+        return labels
+
+    def _release_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def _label_batch(self, images: Tensor, frames: list[np.ndarray]) -> list[TeacherLabels]:
+        """images (B, S, 3, Ht, Wt) in [0, 1] on the host; frames: the B source clips (for metric depth)."""
+        height, width = images.shape[-2:]
+        grid_hw = (height // self.patch_size, width // self.patch_size)
+        images = images.to(self.device, non_blocking=True)
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            out = self.model(images, return_layers=self.cfg.feature_layers)
+        depth, depth_conf = downsample_depth(out["depth"][..., 0], out["depth_conf"])
+        features = torch.stack(
+            [
+                pool_patch_features(out["layers"][layer], self.patch_start_idx, self.width, grid_hw)
+                for layer in self.cfg.feature_layers
+            ],
+            dim=2,
+        )
+        scales = [self._metric_scale(clip, depth[b], depth_conf[b]) for b, clip in enumerate(frames)]
+        host = {
+            "pose_enc": out["pose_enc"].float().cpu().numpy(),
+            "extrinsic": out["extrinsic"].float().cpu().numpy(),
+            "intrinsic": out["intrinsic"].float().cpu().numpy(),
+            "depth": depth.cpu().numpy(),
+            "depth_conf": depth_conf.cpu().numpy(),
+            "features": features.cpu().numpy(),
+        }
+        return [
+            TeacherLabels(
+                **{name: value[b] for name, value in host.items()},
+                scale=scale,
+                scale_valid=valid,
+                teacher_hw=(int(height), int(width)),
+            )
+            for b, (scale, valid) in enumerate(scales)
+        ]
+
+    def _metric_scale(self, frames: np.ndarray, depth: Tensor, depth_conf: Tensor) -> tuple[float, bool]:
+        """Scale of one clip from its source frames and its half-resolution VGGT depth (S, Hd, Wd)."""
+        if self.metric is None:
+            return math.nan, False
+        metric = self.metric.predict(frames, tuple(depth.shape[-2:]), self.autocast_dtype)
+        return clip_metric_scale(
+            depth, depth_conf, metric, self.metric.sky_mask(metric), self.cfg.metric_min_pixels
+        )
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """What the labels depend on, for the store fingerprint: teacher, weights, config, preprocessing."""
+        cfg = self.cfg
+        metric_teacher = ""
+        metric_rule = None
+        if self.metric is not None:
+            digest = checkpoint_sha256(self.metric.path, METRIC_CHECKPOINT_FILES)
+            metric_teacher = f"{self.metric.name}@sha256:{digest}"
+            metric_rule = {
+                "resolution": "teacher depth resolution (half the teacher image)",
+                "sky": f"metric depth >= {cfg.metric_sky_fraction} * max_depth ({self.metric.max_depth} m)",
+                "pixels": "non-sky, VGGT confidence >= the clip's non-sky median",
+                "min_pixels": cfg.metric_min_pixels,
+                "fit": "geometry.fit_scale (robust least squares, metric ≈ scale * depth)",
+            }
+        return {
+            "teacher": cfg.name,
+            "checkpoint_sha256": checkpoint_sha256(cfg.checkpoint, VGGT_CHECKPOINT_FILES),
+            "teacher_config": _plain_config(self.model.config),
+            "metric_teacher": metric_teacher,
+            "preprocess": {
+                "teacher_long_side": cfg.image_long_side,
+                "size_multiple": cfg.size_multiple,
+                "resize": "PIL bicubic from uint8, aspect kept, short side round()ed to the multiple, no crop/pad",
+                "input_range": "[0, 1]",
+                "features": "frame-attention half of the patch tokens, 2x2 average pooled, float32",
+                "depth": "2x2 blocks: confidence-weighted mean depth, mean confidence",
+                "dtype": cfg.dtype,
+                "metric_scale": metric_rule,
+            },
+        }
+
+
+def _plain_config(config: Any) -> dict[str, Any]:
+    if dataclasses.is_dataclass(config):
+        return to_dict(config)
+    return dict(config)

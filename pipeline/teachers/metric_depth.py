@@ -1,0 +1,164 @@
+"""Monocular metric depth (Depth Anything V2 Metric through transformers) for the per-clip scale.
+
+The teacher (VGGT) predicts depth in a normalised, scale-free unit. One monocular metric-depth
+model run on the same frames gives depth in metres; the least-squares ratio between the two over
+trustworthy pixels (`teachers.labeler.clip_metric_scale`) is the clip's metric scale, metres per
+VGGT unit.
+
+Loading: `DepthAnythingForDepthEstimation` and its image processor from a local directory only
+(`local_files_only=True`), e.g. a snapshot of `depth-anything/Depth-Anything-V2-Metric-Indoor-Large-hf`.
+The processor follows the checkpoint's own `preprocessor_config.json` (Depth Anything V2: the
+shorter side to at least 518, aspect ratio kept, both sides multiples of 14, bicubic, ImageNet
+normalisation).
+
+Sky: Depth Anything V2 Metric has no sky output. Its metric head ends in `sigmoid * max_depth`
+(20 m indoor, 80 m outdoor), so sky and anything beyond the trained range saturate at the far
+clip. `sky_mask` marks pixels predicted at or beyond `sky_fraction * max_depth` as sky: these carry
+no usable metric information whatever they are, so excluding them is right even for a distant wall.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+"""The files of a metric checkpoint directory that determine its predictions (hashed for the fingerprint)."""
+
+
+class MetricDepthModel:
+    """A Depth Anything (V2) metric-depth model and its image processor, loaded once.
+
+    Args:
+        path: local directory with `config.json`, `model.safetensors` and `preprocessor_config.json`.
+        device: where the model runs.
+        sky_fraction: pixels at or beyond `sky_fraction * max_depth` are treated as sky.
+        max_frames_per_call: frames per forward pass (memory bound).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        sky_fraction: float = 0.95,
+        max_frames_per_call: int = 16,
+    ) -> None:
+        from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"metric depth checkpoint {self.path}: no config.json (expected a local model directory)"
+            )
+        config = json.loads((self.path / "config.json").read_text())
+        if config.get("model_type") != "depth_anything" or config.get("depth_estimation_type") != "metric":
+            raise ValueError(
+                f"metric depth checkpoint {self.path}: model_type={config.get('model_type')!r}, "
+                f"depth_estimation_type={config.get('depth_estimation_type')!r}; expected a Depth Anything "
+                "model with depth_estimation_type='metric'"
+            )
+        self.device = torch.device(device)
+        self.processor = AutoImageProcessor.from_pretrained(self.path, local_files_only=True)
+        self.model = DepthAnythingForDepthEstimation.from_pretrained(self.path, local_files_only=True)
+        self.model.eval().requires_grad_(False).to(self.device)
+        self.max_depth = float(self.model.config.max_depth)
+        self.sky_fraction = sky_fraction
+        self.max_frames_per_call = max_frames_per_call
+
+    @property
+    def name(self) -> str:
+        """The checkpoint directory's name, e.g. `Depth-Anything-V2-Metric-Indoor-Large-hf`."""
+        return self.path.resolve().name
+
+    @torch.inference_mode()
+    def predict(
+        self, frames: np.ndarray, out_hw: tuple[int, int], autocast_dtype: torch.dtype | None
+    ) -> Tensor:
+        """Metric depth of a clip, resized to `out_hw`.
+
+        Args:
+            frames: (S, H, W, 3) uint8 RGB.
+            out_hw: (Ho, Wo) output size (the teacher's depth resolution).
+            autocast_dtype: bf16 autocast for the forward, or None for the model's fp32.
+
+        Returns:
+            (S, Ho, Wo) float32 depth in metres on `self.device` (area-antialiased bilinear resize
+            of the prediction at the processor's resolution).
+        """
+        outputs = []
+        for start in range(0, len(frames), self.max_frames_per_call):
+            chunk = frames[start : start + self.max_frames_per_call]
+            pixel_values = self.processor(images=list(chunk), return_tensors="pt")["pixel_values"].to(
+                self.device
+            )
+            with torch.autocast(
+                self.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
+                depth = self.model(pixel_values=pixel_values).predicted_depth
+            depth = F.interpolate(
+                depth.float()[:, None], size=out_hw, mode="bilinear", antialias=True, align_corners=False
+            )
+            outputs.append(depth[:, 0])
+        return torch.cat(outputs)
+
+    def sky_mask(self, depth: Tensor) -> Tensor:
+        """(…) bool: pixels of a metric prediction at the far clip (sky, or beyond the trained range)."""
+        return depth >= self.sky_fraction * self.max_depth
+
+
+def write_tiny_depth_anything(
+    out: str | Path, seed: int = 0, image_size: int = 56, max_depth: int = 20
+) -> Path:
+    """Write a tiny random Depth Anything V2 Metric model directory for tests (CPU, ~0.2M parameters).
+
+    Same structure as the real checkpoints (DINOv2 backbone, DPT neck, metric head with
+    `sigmoid * max_depth`), with small widths and a processor that resizes to `image_size`
+    (multiple of 14) instead of 518. Loads with `MetricDepthModel(out)`.
+    """
+    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation
+    from transformers.models.dpt.image_processing_pil_dpt import DPTImageProcessorPil
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = DepthAnythingConfig(
+        backbone_config={
+            "model_type": "dinov2",
+            "hidden_size": 32,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 2,
+            "image_size": 518,
+            "patch_size": 14,
+            "out_indices": [1, 2, 3, 4],
+            "reshape_hidden_states": False,
+        },
+        reassemble_hidden_size=32,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        fusion_hidden_size=16,
+        head_hidden_size=8,
+        depth_estimation_type="metric",
+        max_depth=max_depth,
+    )
+    torch.manual_seed(seed)
+    model = DepthAnythingForDepthEstimation(config)
+    # Random init leaves the last conv near zero (a constant sigmoid(0) * max_depth map); larger
+    # head weights give a prediction that varies over the image, as a trained model's does.
+    with torch.no_grad():
+        for conv in (model.head.conv2, model.head.conv3):
+            conv.weight.normal_(0.0, 0.5)
+    model.save_pretrained(out)
+    processor = DPTImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=3,
+        do_pad=False,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,368 @@
+"""Video probing, decoding (PyAV) and frame sampling for the precompute.
+
+Three steps, each usable on its own:
+
+1. `probe_video(path) -> VideoInfo`: demuxes the video stream without decoding it (cheap: packet
+   headers only) to get the exact frame count and every frame's presentation time, then decodes
+   the first frame to prove the stream is readable. Variable frame rate is detected from the
+   timestamps, not from the container's nominal rate.
+2. `SamplingConfig` + `sample_indices(timestamps, cfg)`: which frames a clip keeps. GeoVR's policy:
+   2 frames per second of video, at least 4 and at most 32, spread uniformly *in time* (for a
+   constant frame rate this is `linspace(0, N-1, n)` rounded; for a variable frame rate the frame
+   nearest each target time is taken, so a burst of frames does not get over-sampled).
+   `select_space_aware(...)` is the optional Spatial-MLLM policy: from a denser candidate set,
+   greedy maximum coverage of the voxels of the teacher's reconstruction.
+3. `decode_frames(path, indices) -> (frames, timestamps)`: decodes once, front to back, keeping only
+   the wanted frames, converted to RGB at the stream's first-frame size (grayscale, 10-bit, odd
+   sizes and mid-stream size changes all come out as (S, H, W, 3) uint8).
+
+Errors are `VideoError(stage, reason, detail)` with a short machine-readable `reason`
+(`missing`, `empty`, `corrupt`, `no-video-stream`, `too-short`) so failure records can be grouped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import av
+import numpy as np
+
+from geovr.teacher_cache.config import require
+
+VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
+
+# Relative spread of frame intervals above which a stream counts as variable frame rate.
+_VFR_TOLERANCE = 0.05
+
+
+class VideoError(Exception):
+    """A video cannot be used. `stage` is where it failed ("probe" or "decode"), `reason` a short code."""
+
+    def __init__(self, stage: str, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.stage = stage
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the index stores per video.
+
+    Attributes:
+        width, height: size of the decoded frames in pixels (the first frame's).
+        num_frames: frames in presentation order (demuxed packets that carry a timestamp).
+        fps: average frame rate, (num_frames - 1) / (last - first timestamp); the nominal rate
+            for a single-frame video.
+        duration_s: last - first timestamp + one average frame interval, seconds.
+        variable_frame_rate: whether frame intervals vary by more than 5%.
+        codec, pix_fmt: the stream's codec and pixel format names.
+    """
+
+    width: int
+    height: int
+    num_frames: int
+    fps: float
+    duration_s: float
+    variable_frame_rate: bool
+    codec: str
+    pix_fmt: str
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Frame sampling policy (section `sampling`); it is part of every clip id and of the store fingerprint.
+
+    Attributes:
+        fps: frames kept per second of video.
+        min_frames, max_frames: bounds on the frames kept per clip.
+        method: "uniform" (GeoVR) or "space_aware" (Spatial-MLLM: greedy voxel coverage).
+        candidate_frames: space-aware only: size of the dense candidate set decoded and labelled
+            first (uniform in time); the `n` kept frames are chosen from it.
+        voxel_size: space-aware only: voxel edge in the teacher's normalised units (VGGT scales a
+            scene so that the mean point distance is about 1).
+    """
+
+    fps: float = 2.0
+    min_frames: int = 4
+    max_frames: int = 32
+    method: Literal["uniform", "space_aware"] = "uniform"
+    candidate_frames: int = 64
+    voxel_size: float = 0.05
+
+    def validate(self) -> None:
+        require(self.fps > 0, f"sampling.fps must be > 0, got {self.fps}")
+        require(self.min_frames >= 1, f"sampling.min_frames must be >= 1, got {self.min_frames}")
+        require(
+            self.max_frames >= self.min_frames,
+            f"sampling.max_frames ({self.max_frames}) must be >= sampling.min_frames ({self.min_frames})",
+        )
+        if self.method == "space_aware":
+            require(
+                self.candidate_frames >= self.max_frames,
+                f"sampling.candidate_frames ({self.candidate_frames}) must be >= sampling.max_frames "
+                f"({self.max_frames})",
+            )
+            require(self.voxel_size > 0, f"sampling.voxel_size must be > 0, got {self.voxel_size}")
+
+    def policy(self) -> dict[str, Any]:
+        """The policy as a plain dict: the `sampling` input of `schema.clip_id_for` and of the fingerprint.
+
+        Uniform sampling is described by fps/min/max only; the space-aware knobs are added only when
+        that method is used, so uniform clip ids do not depend on settings they do not use.
+        """
+        policy: dict[str, Any] = {
+            "fps": float(self.fps),
+            "min_frames": int(self.min_frames),
+            "max_frames": int(self.max_frames),
+            "method": self.method,
+        }
+        if self.method == "space_aware":
+            policy["candidate_frames"] = int(self.candidate_frames)
+            policy["voxel_size"] = float(self.voxel_size)
+        return policy
+
+    @classmethod
+    def from_policy(cls, policy: dict[str, Any]) -> SamplingConfig:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        config = cls(**{k: v for k, v in policy.items() if k in fields})
+        config.validate()
+        return config
+
+
+def _open(path: Path, stage: str) -> av.container.InputContainer:
+    if not path.exists():
+        raise VideoError(stage, "missing", f"{path} does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise VideoError(stage, "empty", f"{path} is an empty file")
+    try:
+        return av.open(str(path), mode="r")
+    except (av.FFmpegError, UnicodeDecodeError, OSError) as err:
+        raise VideoError(stage, "corrupt", f"{path}: cannot open container ({err})") from None
+
+
+def _video_stream(container: av.container.InputContainer, path: Path, stage: str) -> av.VideoStream:
+    if not container.streams.video:
+        raise VideoError(stage, "no-video-stream", f"{path} has no video stream")
+    return container.streams.video[0]
+
+
+def read_timestamps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Presentation timestamps of every frame, by demuxing only (no decoding).
+
+    Returns:
+        pts: (N,) int64 sorted presentation timestamps in the stream's time base.
+        seconds: (N,) float64 the same, in seconds from the first frame.
+    """
+    path = Path(path)
+    with _open(path, "probe") as container:
+        stream = _video_stream(container, path, "probe")
+        time_base = stream.time_base
+        stamps = []
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the flush packet at the end of the stream
+                    continue
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is not None:
+                    stamps.append(stamp)
+        except av.FFmpegError as err:
+            raise VideoError("probe", "corrupt", f"{path}: demuxing failed ({err})") from None
+    if not stamps:
+        raise VideoError("probe", "empty", f"{path} has no video frames")
+    pts = np.unique(np.asarray(stamps, dtype=np.int64))
+    seconds = (pts - pts[0]).astype(np.float64) * float(time_base)
+    return pts, seconds
+
+
+def probe_video(path: str | Path) -> VideoInfo:
+    """Frame count, timing and size of a video; decodes only its first frame. Raises `VideoError`."""
+    path = Path(path)
+    _, seconds = read_timestamps(path)
+    with _open(path, "probe") as container:
+        stream = _video_stream(container, path, "probe")
+        codec = stream.codec_context.name
+        try:
+            first = next(container.decode(stream), None)
+        except av.FFmpegError as err:
+            raise VideoError("probe", "corrupt", f"{path}: the first frame does not decode ({err})") from None
+        if first is None:
+            raise VideoError("probe", "corrupt", f"{path}: no frame decodes")
+        width, height, pix_fmt = first.width, first.height, first.format.name
+        nominal = float(stream.average_rate) if stream.average_rate else 0.0
+    num_frames = len(seconds)
+    if num_frames > 1:
+        intervals = np.diff(seconds)
+        fps = (num_frames - 1) / float(seconds[-1])
+        variable = bool(intervals.std() > _VFR_TOLERANCE * intervals.mean())
+    else:
+        fps, variable = nominal, False
+    duration = float(seconds[-1]) + (1.0 / fps if fps > 0 else 0.0)
+    return VideoInfo(
+        width=width,
+        height=height,
+        num_frames=num_frames,
+        fps=fps,
+        duration_s=duration,
+        variable_frame_rate=variable,
+        codec=codec,
+        pix_fmt=pix_fmt,
+    )
+
+
+def num_sampled_frames(duration_s: float, num_frames: int, cfg: SamplingConfig) -> int:
+    """How many frames a clip keeps: round(duration * fps) clamped to [min, max] and to the frames available."""
+    wanted = min(max(round(duration_s * cfg.fps), cfg.min_frames), cfg.max_frames)
+    return min(wanted, num_frames)
+
+
+def uniform_in_time(seconds: np.ndarray, count: int) -> np.ndarray:
+    """`count` strictly increasing frame indices whose timestamps are nearest to `count` instants
+    spread uniformly from the first to the last frame. (N,) float64 -> (count,) int64, count <= N."""
+    n = len(seconds)
+    if count > n:
+        raise ValueError(f"cannot pick {count} distinct frames out of {n}")
+    if count == 1:
+        return np.zeros(1, dtype=np.int64)
+    targets = np.linspace(seconds[0], seconds[-1], count)
+    right = np.clip(np.searchsorted(seconds, targets), 1, n - 1)
+    nearest = np.where(targets - seconds[right - 1] <= seconds[right] - targets, right - 1, right)
+    # Nearest frames can coincide when frames are sparse around a target: push them apart,
+    # forwards then backwards, which keeps the order and stays within [0, N).
+    indices = nearest.astype(np.int64)
+    for k in range(1, count):
+        indices[k] = max(indices[k], indices[k - 1] + 1)
+    for k in range(count - 1, -1, -1):
+        indices[k] = min(indices[k], n - count + k)
+        if k + 1 < count:
+            indices[k] = min(indices[k], indices[k + 1] - 1)
+    return indices
+
+
+def sample_indices(seconds: np.ndarray, cfg: SamplingConfig, path: str | Path = "") -> np.ndarray:
+    """Frames to decode for a clip with frame times `seconds` (N,) float64 -> (n,) int64.
+
+    Uniform: the `n` kept frames. Space-aware: the candidate set (`cfg.candidate_frames`, or all
+    frames of a shorter video) from which the teacher's reconstruction picks `n`.
+    Raises `VideoError(reason="too-short")` when the video has fewer than `min_frames` frames.
+    """
+    n_frames = len(seconds)
+    if n_frames < cfg.min_frames:
+        raise VideoError(
+            "sample", "too-short", f"{path}: {n_frames} frames, at least {cfg.min_frames} are needed"
+        )
+    duration = float(seconds[-1]) + (float(seconds[-1]) / (n_frames - 1) if n_frames > 1 else 0.0)
+    count = num_sampled_frames(duration, n_frames, cfg)
+    if cfg.method == "space_aware":
+        count = min(max(count, cfg.candidate_frames), n_frames)
+    return uniform_in_time(seconds, count)
+
+
+def decode_frames(
+    path: str | Path, indices: np.ndarray, timestamps: tuple[np.ndarray, np.ndarray] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the frames at `indices` (positions in presentation order, as `read_timestamps` counts them).
+
+    `timestamps`: `read_timestamps(path)` when the caller has it already (saves a demux pass).
+
+    Returns:
+        frames: (S, H, W, 3) uint8 RGB at the first frame's size.
+        seconds: (S,) float64 their presentation times from the first frame.
+    """
+    path = Path(path)
+    pts, seconds = timestamps if timestamps is not None else read_timestamps(path)
+    indices = np.asarray(indices, dtype=np.int64)
+    if indices.size == 0 or indices.min() < 0 or indices.max() >= len(pts):
+        raise ValueError(f"{path}: frame indices out of range [0, {len(pts)})")
+    position_of = {int(p): i for i, p in enumerate(pts)}
+    wanted = {int(i) for i in indices}
+    last_wanted = int(indices.max())
+    kept: dict[int, np.ndarray] = {}
+    size: tuple[int, int] | None = None
+    with _open(path, "decode") as container:
+        stream = _video_stream(container, path, "decode")
+        stream.thread_type = "AUTO"
+        counter = 0
+        try:
+            for frame in container.decode(stream):
+                position = position_of.get(frame.pts, counter) if frame.pts is not None else counter
+                counter = position + 1
+                if size is None:
+                    size = (frame.width, frame.height)
+                if position in wanted and position not in kept:
+                    # rgb24 at a fixed size: converts gray/10-bit/yuv444 and odd sizes, and keeps a
+                    # stream whose resolution changes mid-way at its first size.
+                    kept[position] = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
+                if position >= last_wanted and len(kept) == len(wanted):
+                    break
+        except av.FFmpegError as err:
+            raise VideoError(
+                "decode", "corrupt", f"{path}: decoding failed after {counter} frames ({err})"
+            ) from None
+    missing = sorted(wanted - set(kept))
+    if missing:
+        raise VideoError(
+            "decode",
+            "corrupt",
+            f"{path}: {len(missing)} of {len(wanted)} sampled frames did not decode (first missing: {missing[0]})",
+        )
+    frames = np.stack([kept[int(i)] for i in indices])
+    return frames, seconds[indices]
+
+
+def select_space_aware(
+    depth: np.ndarray,
+    depth_conf: np.ndarray,
+    extrinsic: np.ndarray,
+    intrinsic: np.ndarray,
+    teacher_hw: tuple[int, int],
+    count: int,
+    voxel_size: float,
+) -> np.ndarray:
+    """Spatial-MLLM frame selection: greedy maximum voxel coverage over the candidates' reconstruction.
+
+    Each candidate frame's confident pixels (confidence above the clip's median) are unprojected to
+    the first candidate's camera frame and voxelised; frames are then picked one at a time, each
+    time the one adding the most voxels not yet covered (ties: the earliest), until `count` frames.
+
+    Args:
+        depth, depth_conf: (C, Hd, Wd) teacher depth and confidence of the C candidates.
+        extrinsic: (C, 3, 4) camera-from-world; intrinsic: (C, 3, 3) at the teacher size `teacher_hw`.
+        count: frames to keep (<= C).
+    Returns:
+        (count,) int64 positions into the candidates, increasing (time order).
+    """
+    num, height, width = depth.shape
+    scale = np.array([width / teacher_hw[1], height / teacher_hw[0], 1.0])[:, None]
+    ys, xs = np.meshgrid(
+        np.arange(height, dtype=np.float64), np.arange(width, dtype=np.float64), indexing="ij"
+    )
+    threshold = float(np.median(depth_conf))
+    voxel_sets: list[np.ndarray] = []
+    for i in range(num):
+        k = intrinsic[i].astype(np.float64) * scale  # intrinsics at the depth resolution
+        mask = (depth_conf[i] > threshold) & np.isfinite(depth[i]) & (depth[i] > 0)
+        z = depth[i][mask].astype(np.float64)
+        cam = np.stack([(xs[mask] - k[0, 2]) / k[0, 0] * z, (ys[mask] - k[1, 2]) / k[1, 1] * z, z], axis=-1)
+        rot, trans = extrinsic[i][:, :3].astype(np.float64), extrinsic[i][:, 3].astype(np.float64)
+        world = (cam - trans) @ rot  # R^T (X_cam - t), row vectors
+        keys = np.floor(world / voxel_size).astype(np.int64)
+        voxel_sets.append(np.unique(keys, axis=0).view([("", np.int64)] * 3).ravel())
+    covered = np.zeros(0, dtype=voxel_sets[0].dtype if voxel_sets else np.int64)
+    chosen: list[int] = []
+    for _ in range(min(count, num)):
+        gains = [
+            -1 if i in chosen else int(np.setdiff1d(voxel_sets[i], covered, assume_unique=True).size)
+            for i in range(num)
+        ]
+        best = int(np.argmax(gains))
+        chosen.append(best)
+        covered = np.union1d(covered, voxel_sets[best])
+    return np.sort(np.asarray(chosen, dtype=np.int64))
+
+
+def is_video_file(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS

@@ -1,0 +1,760 @@
+"""Training data: QA conversations joined with the teacher cache, batched for the student.
+
+A QA file holds rows in the VSI-590K / LLaVA conversation style (JSON Lines, or one JSON list):
+
+    {"id": "scene0000_00_q17", "video": "scannet/scene0000_00.mp4",
+     "conversations": [{"from": "human", "value": "<video>\\nHow many chairs are in the room?"},
+                       {"from": "gpt", "value": "4"}]}
+
+Only video rows are used (rows with an "image" or without a "video" are counted as `not_video`).
+Each row is joined with the cache by clip id: `clip_id_for(video, store.fingerprint.sampling)`,
+so many rows share one cached clip. Rows whose clip is missing from the store, whose clip failed
+in precompute, or whose conversation is malformed are counted in a `JoinReport` and skipped, or
+raise `DataError` naming the file and line (`DataConfig.on_missing_clip`, `on_bad_row`).
+
+Two access paths give the trainer the same stream of micro-batches per rank:
+
+- random access (`access="random"`, default for Zarr stores): a map-style dataset reading one
+  clip per sample with `StoreReader.read_clip`, ordered by `EpochBatchSampler` (a permutation per
+  (seed, epoch), padded by repetition so that every rank gets the same number of micro-batches).
+- streaming (`access="stream"`, default for WebDataset stores): a `webdataset.DataPipeline` over
+  the store's shards: resampled shards (or a deterministic shard shuffle), an explicit node
+  splitter and worker splitter, each shard expanded to its clips' QA samples, a shuffle buffer,
+  and `with_epoch` so that every rank and worker yields the same number of micro-batches whatever
+  the shard counts (ranks that run out at different steps hang DDP).
+
+Both streams are deterministic functions of (seed, epoch, rank, worker), so the loader state is
+two integers per rank (`LoaderState`: epoch and micro-batches consumed in it), and `restore`
+continues at exactly the next micro-batch (the stream path re-reads and discards the consumed
+part of the epoch without building it).
+
+A micro-batch is `collate(list of built samples)`; `TokenBudgetCollator` sorts it by length and
+splits it into chunks whose padded size stays within `max_batch_tokens`, so one micro-batch is a
+list of one or more chunks the trainer runs forward/backward one after another.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from geovr.teacher_cache.config import require
+from geovr.teacher_cache.schema import ClipLabels, clip_id_for
+
+VIDEO_PLACEHOLDER = "<video>"
+ROLE_OF = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+
+
+class DataError(ValueError):
+    """A QA row or a clip cannot be used; the message names the file, the line and the problem."""
+
+
+@dataclass
+class DataConfig:
+    """Section `data` of the presets: how QA rows become micro-batches.
+
+    Attributes:
+        access: "random" (map-style, `read_clip`), "stream" (WebDataset pipeline over shards), or
+            "auto": stream for WebDataset stores, random access for Zarr stores.
+        micro_batch: samples per rank per forward/backward (GeoVR: 2 per GPU).
+        max_seq_len: longest sample in tokens; a longer one raises `DataError` (the video alone must fit).
+        max_batch_tokens: padded tokens (batch x longest) per forward chunk; a micro-batch above it
+            is split into chunks run one after another.
+        shuffle_buffer: samples held by the streaming shuffle buffer (per worker).
+        shuffle_initial: samples buffered before the first one is yielded.
+        resampled: streaming draws shards with replacement (`wds.ResampledShards`); False walks a
+            deterministic per-epoch shard permutation split by node and worker, repeated as needed.
+        samples_per_epoch: samples per epoch over all ranks; 0 = the number of joined QA samples.
+        num_workers: DataLoader worker processes per rank (0 = load in the training process).
+        prefetch_factor: micro-batches prefetched per worker.
+        pin_memory: pin batches in page-locked memory (only used with a CUDA device).
+        on_missing_clip: "skip" (count) or "error" for rows whose clip is absent or failed in the store.
+        on_bad_row: "skip" (count) or "error" for malformed rows and conversations.
+    """
+
+    access: Literal["auto", "random", "stream"] = "auto"
+    micro_batch: int = 2
+    max_seq_len: int = 16384
+    max_batch_tokens: int = 32768
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    resampled: bool = True
+    samples_per_epoch: int = 0
+    num_workers: int = 4
+    prefetch_factor: int = 4
+    pin_memory: bool = True
+    on_missing_clip: Literal["skip", "error"] = "skip"
+    on_bad_row: Literal["skip", "error"] = "skip"
+
+    def validate(self) -> None:
+        require(self.micro_batch >= 1, f"data.micro_batch must be >= 1, got {self.micro_batch}")
+        require(self.max_seq_len >= 1, f"data.max_seq_len must be >= 1, got {self.max_seq_len}")
+        require(
+            self.max_batch_tokens >= self.max_seq_len,
+            f"data.max_batch_tokens ({self.max_batch_tokens}) must hold one sample of data.max_seq_len "
+            f"({self.max_seq_len})",
+        )
+        require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        require(
+            0 <= self.shuffle_initial <= self.shuffle_buffer,
+            f"data.shuffle_initial must be in [0, shuffle_buffer], got {self.shuffle_initial}",
+        )
+        require(self.samples_per_epoch >= 0, "data.samples_per_epoch must be >= 0")
+        require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
+        require(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+
+
+# ----------------------------------------------------------------------------------------------
+# QA rows and the join with the cache
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One conversation turn: role "system", "user" or "assistant"; text with at most one `<video>`."""
+
+    role: str
+    text: str
+
+
+@dataclass(frozen=True)
+class QASample:
+    """One usable QA row: its conversation and the cached clip it is joined with."""
+
+    row_id: str
+    line: int
+    video: str
+    clip_id: str
+    turns: tuple[Turn, ...]
+
+    def messages(self) -> list[dict[str, str]]:
+        """The conversation as chat-template messages [{"role", "content"}]."""
+        return [{"role": t.role, "content": t.text} for t in self.turns]
+
+
+@dataclass
+class JoinReport:
+    """Counts of what happened to each QA row, with the first few reasons per category."""
+
+    qa_file: str = ""
+    rows: int = 0
+    joined: int = 0
+    clips: int = 0
+    not_video: int = 0
+    malformed: int = 0
+    missing_clip: int = 0
+    failed_clip: int = 0
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    MAX_EXAMPLES = 5
+
+    def note(self, category: str, message: str) -> None:
+        setattr(self, category, getattr(self, category) + 1)
+        bucket = self.examples.setdefault(category, [])
+        if len(bucket) < self.MAX_EXAMPLES:
+            bucket.append(message)
+
+    @property
+    def skipped(self) -> int:
+        return self.malformed + self.missing_clip + self.failed_clip
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "qa_file": self.qa_file,
+            "rows": self.rows,
+            "joined": self.joined,
+            "clips": self.clips,
+            "not_video": self.not_video,
+            "malformed": self.malformed,
+            "missing_clip": self.missing_clip,
+            "failed_clip": self.failed_clip,
+            "examples": self.examples,
+        }
+
+    def summary(self) -> str:
+        return (
+            f"{self.qa_file}: {self.rows} rows, {self.joined} joined with {self.clips} cached clips; "
+            f"skipped {self.missing_clip} missing clip, {self.failed_clip} failed clip, "
+            f"{self.malformed} malformed, {self.not_video} not video"
+        )
+
+
+def read_qa_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed row) for a JSON Lines file, or (index + 1, row) for a JSON list file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"QA file {path} does not exist")
+    with path.open() as handle:
+        head = handle.read(1)
+        while head and head.isspace():
+            head = handle.read(1)
+        handle.seek(0)
+        if head == "[":
+            try:
+                rows = json.load(handle)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: not valid JSON ({err})") from None
+            yield from enumerate(rows, start=1)
+            return
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield number, json.loads(text)
+            except json.JSONDecodeError as err:
+                yield number, DataError(f"not valid JSON ({err.msg} at column {err.colno})")
+
+
+def parse_conversation(conversations: Any) -> tuple[Turn, ...]:
+    """LLaVA turns [{"from": "human"|"gpt"|..., "value": str}] -> `Turn`s, validated.
+
+    A valid conversation: an optional system turn, then user and assistant turns alternating,
+    starting with the user and ending with the assistant; exactly one `<video>` placeholder, in the
+    first user turn (prepended there when the row has none, as LLaVA does). Raises `DataError`.
+    """
+    if not isinstance(conversations, list) or not conversations:
+        raise DataError("'conversations' must be a non-empty list of turns")
+    turns = []
+    for i, turn in enumerate(conversations):
+        if not isinstance(turn, dict):
+            raise DataError(f"turn {i} is not an object")
+        speaker = turn.get("from", turn.get("role"))
+        text = turn.get("value", turn.get("content"))
+        if speaker not in ROLE_OF:
+            raise DataError(f"turn {i} has speaker {speaker!r}; expected one of {', '.join(ROLE_OF)}")
+        if not isinstance(text, str):
+            raise DataError(f"turn {i} has no text ('value' must be a string)")
+        turns.append(Turn(ROLE_OF[speaker], text))
+    body = turns[1:] if turns[0].role == "system" else turns
+    if not body:
+        raise DataError("conversation has no user turn")
+    for i, turn in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if turn.role != expected:
+            raise DataError(f"turn {i} is a {turn.role} turn where a {expected} turn was expected")
+    if body[-1].role != "assistant":
+        raise DataError("conversation ends without an assistant answer")
+    if any(not t.text.strip() for t in body if t.role == "assistant"):
+        raise DataError("an assistant turn is empty")
+    placeholders = sum(t.text.count(VIDEO_PLACEHOLDER) for t in turns)
+    if placeholders > 1:
+        raise DataError(f"conversation has {placeholders} {VIDEO_PLACEHOLDER} placeholders; expected one")
+    if placeholders == 1 and VIDEO_PLACEHOLDER not in body[0].text:
+        raise DataError(f"the {VIDEO_PLACEHOLDER} placeholder is not in the first user turn")
+    if placeholders == 0:
+        first = len(turns) - len(body)
+        turns[first] = Turn("user", f"{VIDEO_PLACEHOLDER}\n{body[0].text}")
+    return tuple(turns)
+
+
+class StoreLike(Protocol):
+    """The part of `teacher_cache.store.StoreReader` the data pipeline uses."""
+
+    @property
+    def fingerprint(self) -> Any: ...
+    @property
+    def format(self) -> str: ...
+    def shards(self) -> list[str]: ...
+    def clip_ids(self) -> list[str]: ...
+    def read_clip(self, clip_id: str) -> ClipLabels: ...
+    def iter_shard(self, shard_id: str) -> Iterator[ClipLabels]: ...
+    def failures(self) -> list[dict]: ...
+
+
+def join_qa(qa_path: str | Path, store: StoreLike, config: DataConfig) -> tuple[list[QASample], JoinReport]:
+    """Parse `qa_path` and keep the video rows whose clip is in `store`, in file order.
+
+    Raises `DataError` at the first bad row when the matching policy is "error"; otherwise the row
+    is counted in the report. A file with no usable row at all is always an error.
+    """
+    report = JoinReport(qa_file=str(qa_path))
+    sampling = store.fingerprint.sampling
+    cached = set(store.clip_ids())
+    failed = {row.get("clip_id"): row.get("reason", "") for row in store.failures()}
+    samples: list[QASample] = []
+
+    def reject(category: str, policy: str, line: int, message: str) -> None:
+        if policy == "error":
+            raise DataError(f"{qa_path}:{line}: {message}")
+        report.note(category, f"line {line}: {message}")
+
+    for line, row in read_qa_rows(qa_path):
+        report.rows += 1
+        if isinstance(row, DataError):
+            reject("malformed", config.on_bad_row, line, str(row))
+            continue
+        if not isinstance(row, dict):
+            reject("malformed", config.on_bad_row, line, "row is not a JSON object")
+            continue
+        if "video" not in row or "image" in row:
+            report.note("not_video", f"line {line}: no video (image or text-only row)")
+            continue
+        video = row["video"]
+        if not isinstance(video, str) or not video:
+            reject("malformed", config.on_bad_row, line, "'video' must be a non-empty relative path")
+            continue
+        try:
+            turns = parse_conversation(row.get("conversations"))
+        except DataError as err:
+            reject("malformed", config.on_bad_row, line, f"row {row.get('id', '?')}: {err}")
+            continue
+        clip_id = clip_id_for(video, sampling)
+        if clip_id not in cached:
+            if clip_id in failed:
+                reject(
+                    "failed_clip",
+                    config.on_missing_clip,
+                    line,
+                    f"clip {clip_id} of video {video} failed in precompute: {failed[clip_id]}",
+                )
+            else:
+                reject(
+                    "missing_clip",
+                    config.on_missing_clip,
+                    line,
+                    f"clip {clip_id} of video {video} is not in the cache (wrong corpus root or sampling?)",
+                )
+            continue
+        samples.append(QASample(str(row.get("id", line)), line, video, clip_id, turns))
+    report.joined = len(samples)
+    report.clips = len({s.clip_id for s in samples})
+    if not samples:
+        raise DataError(f"{qa_path}: no QA row could be used ({report.summary()})")
+    return samples, report
+
+
+# ----------------------------------------------------------------------------------------------
+# Loader state and the two access paths
+
+
+@dataclass
+class LoaderState:
+    """Where one rank is in its data stream: epoch and micro-batches consumed in that epoch."""
+
+    epoch: int = 0
+    batches: int = 0
+
+    def to_json(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches": self.batches}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> LoaderState:
+        return cls(epoch=int(data["epoch"]), batches=int(data["batches"]))
+
+
+SampleBuilder = Callable[[QASample, ClipLabels], Any]
+"""(QA sample, its clip's labels) -> one built student sample (tokenised, vision inputs, targets)."""
+
+
+def _seed_for(*parts: int) -> int:
+    """A 63-bit seed from integers, identical in every process (no Python string hashing)."""
+    seed = 0x9E3779B97F4A7C15
+    for part in parts:
+        seed = (seed * 6364136223846793005 + int(part) + 1442695040888963407) & 0x7FFFFFFFFFFFFFFF
+    return seed
+
+
+class EpochBatchSampler:
+    """Micro-batches of sample indices for one rank, deterministic per (seed, epoch).
+
+    The epoch's permutation of the N samples is extended by wrapping around until it divides into
+    world_size x micro_batch, so every rank gets the same number of micro-batches (as
+    `DistributedSampler(drop_last=False)`); rank r takes positions r, r + world, ... in order.
+    """
+
+    def __init__(self, num_samples: int, micro_batch: int, rank: int, world_size: int, seed: int):
+        self.num_samples = num_samples
+        self.micro_batch = micro_batch
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __len__(self) -> int:
+        per_rank = -(-self.num_samples // self.world_size)
+        return -(-per_rank // self.micro_batch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        total = len(self) * self.micro_batch * self.world_size
+        order = (order * (-(-total // self.num_samples)))[:total]
+        mine = order[self.rank :: self.world_size]
+        for b in range(self.start, len(self)):
+            yield mine[b * self.micro_batch : (b + 1) * self.micro_batch]
+
+
+class RandomAccessDataset(Dataset):
+    """Map-style dataset: sample i is `build(samples[i], store.read_clip(samples[i].clip_id))`.
+
+    The store is opened lazily in each process (DataLoader workers do not share file handles).
+    """
+
+    def __init__(
+        self, samples: Sequence[QASample], open_store: Callable[[], StoreLike], build: SampleBuilder
+    ):
+        self.samples = samples
+        self.open_store = open_store
+        self.build = build
+        self._store: StoreLike | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> Any:
+        if self._store is None:
+            self._store = self.open_store()
+        sample = self.samples[index]
+        return self.build(sample, self._store.read_clip(sample.clip_id))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_store": None}
+
+
+class StreamingDataset(IterableDataset):
+    """WebDataset pipeline over the store's shards yielding micro-batches (lists of built samples).
+
+    Per worker and epoch: shard ids (resampled with replacement, or a deterministic permutation)
+    -> node splitter (rank r of world) -> worker splitter -> clips of each shard (`iter_shard`)
+    -> the QA samples of each clip -> shuffle buffer -> skip the micro-batches consumed before a
+    resume -> build -> groups of `micro_batch`; `with_epoch` cuts every worker at the same number
+    of micro-batches and repeats the shard stream when a worker's shards run out.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[QASample],
+        shards: Sequence[str],
+        open_store: Callable[[], StoreLike],
+        build: SampleBuilder,
+        config: DataConfig,
+        rank: int,
+        world_size: int,
+        seed: int,
+        batches_per_worker: int,
+    ):
+        self.by_clip: dict[str, list[QASample]] = {}
+        for sample in samples:
+            self.by_clip.setdefault(sample.clip_id, []).append(sample)
+        self.shards = list(shards)
+        self.open_store = open_store
+        self.build = build
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.batches_per_worker = batches_per_worker
+        self.epoch = 0
+        self.consumed = 0
+
+    def set_position(self, epoch: int, consumed: int) -> None:
+        """Start in `epoch` after `consumed` micro-batches of it (over all workers of this rank)."""
+        self.epoch, self.consumed = epoch, consumed
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        loader_worker, num_workers = self._worker()
+        # The DataLoader takes micro-batches from its workers 0, 1, ..., W-1 in turn and always starts
+        # with worker 0; micro-batch j of the epoch belongs to stream j % W. After `consumed` of them,
+        # DataLoader worker w runs stream (w + consumed) % W, which has delivered consumed // W of
+        # its micro-batches (one more if it comes before consumed % W).
+        worker = (loader_worker + self.consumed) % num_workers
+        skip = self.consumed // num_workers + (1 if worker < self.consumed % num_workers else 0)
+        store = self.open_store()
+        stream_seed = _seed_for(self.seed, self.epoch, self.rank, worker)
+
+        def node_split(source: Iterator[dict]) -> Iterator[dict]:
+            yield from (item for i, item in enumerate(source) if i % self.world_size == self.rank)
+
+        def worker_split(source: Iterator[dict]) -> Iterator[dict]:
+            yield from (item for i, item in enumerate(source) if i % num_workers == worker)
+
+        if self.config.resampled:
+            # Each rank and worker draws its own shard sequence (seeded by rank and worker), so the
+            # node and worker splitters are the identity there; they stay explicit for the other mode.
+            shard_source = wds.ResampledShards(
+                self.shards, seed=self.seed, worker_seed=lambda: stream_seed, deterministic=True
+            )
+            stages: list[Any] = [shard_source]
+        else:
+            order = list(self.shards)
+            random.Random(_seed_for(self.seed, self.epoch)).shuffle(order)
+            stages = [wds.SimpleShardList(order), node_split, worker_split]
+
+        def clips_to_samples(source: Iterator[dict]) -> Iterator[tuple[QASample, ClipLabels]]:
+            for item in source:
+                for labels in store.iter_shard(item["url"]):
+                    for sample in self.by_clip.get(labels.clip_id, ()):
+                        yield sample, labels
+
+        skipped = [0]  # persists across the repetitions `with_epoch` makes of the pipeline
+
+        def skip_consumed(source: Iterator[list]) -> Iterator[list]:
+            for batch in source:
+                if skipped[0] < skip:
+                    skipped[0] += 1
+                    continue
+                yield batch
+
+        def build_batch(source: Iterator[list]) -> Iterator[list[Any]]:
+            for batch in source:
+                yield [self.build(sample, labels) for sample, labels in batch]
+
+        expected = self.batches_per_worker - skip
+        pipeline = wds.DataPipeline(
+            *stages,
+            clips_to_samples,
+            wds.shuffle(
+                self.config.shuffle_buffer,
+                initial=self.config.shuffle_initial,
+                rng=random.Random(stream_seed),
+            ),
+            wds.batched(self.config.micro_batch, collation_fn=list, partial=False),
+            skip_consumed,
+            build_batch,
+        ).with_epoch(nbatches=expected)
+        produced = 0
+        for batch in pipeline:
+            produced += 1
+            yield batch
+        if produced < expected:
+            raise DataError(
+                f"rank {self.rank} worker {worker}: the data stream ended after {produced} of {expected} "
+                "micro-batches (its shards hold no joined QA sample); use data.resampled=true or more shards"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# Building samples and collating them under a token budget
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """Placeholder for a sample the builder refused under the "skip" policy (e.g. too long)."""
+
+    row_id: str
+    reason: str
+
+
+class StudentSampleBuilder:
+    """(QA sample, clip labels) -> `StudentSample`, with the tokenizer and video settings of the model
+    directory (loaded lazily in each process, so the builder pickles into DataLoader workers).
+
+    A sample above `max_seq_len` tokens raises `DataError` under `on_bad_row="error"`, else becomes a
+    `SkippedSample` that the collator drops and counts.
+    """
+
+    def __init__(self, model_dir: str | Path, max_seq_len: int, on_bad_row: str, max_frame_tokens: int = 300):
+        self.model_dir = str(model_dir)
+        self.max_seq_len = max_seq_len
+        self.on_bad_row = on_bad_row
+        self.max_frame_tokens = max_frame_tokens
+        self._tokenizer: Any = None
+        self._preprocess: Any = None
+
+    def _load(self) -> None:
+        from transformers import AutoTokenizer
+
+        from geovr.student.vision_inputs import VideoPreprocess
+
+        self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
+        self._preprocess = VideoPreprocess.from_model_dir(self.model_dir, self.max_frame_tokens)
+
+    @property
+    def pad_token_id(self) -> int:
+        if self._tokenizer is None:
+            self._load()
+        return int(self._tokenizer.pad_token_id)
+
+    def __call__(self, sample: QASample, labels: ClipLabels) -> Any:
+        from geovr.student.batch import SequenceTooLong, make_sample
+
+        if self._tokenizer is None:
+            self._load()
+        try:
+            return make_sample(labels, sample.messages(), self._tokenizer, self._preprocess, self.max_seq_len)
+        except SequenceTooLong as err:
+            if self.on_bad_row == "error":
+                raise DataError(f"QA row {sample.row_id} (line {sample.line}): {err}") from None
+            return SkippedSample(sample.row_id, str(err))
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None, "_preprocess": None}
+
+
+@dataclass
+class MicroBatch:
+    """One rank's micro-batch: padded chunks within the token budget, and what was dropped from it."""
+
+    chunks: list[Any]
+    num_samples: int
+    skipped: list[SkippedSample]
+
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked copies of every tensor (called by the DataLoader's pinning thread)."""
+        import dataclasses
+
+        def pin(chunk: Any) -> Any:
+            if not dataclasses.is_dataclass(chunk):
+                return chunk
+            values = {f.name: getattr(chunk, f.name) for f in dataclasses.fields(chunk)}
+            return type(chunk)(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in values.items()})
+
+        return MicroBatch([pin(c) for c in self.chunks], self.num_samples, self.skipped)
+
+
+class TokenBudgetCollator:
+    """Micro-batch (list of built samples) -> `MicroBatch` of padded chunks within the token budget.
+
+    `SkippedSample`s are dropped. The rest are sorted by length (longest first) and packed greedily
+    while `len(chunk) * longest <= max_batch_tokens`; the order is deterministic. `collate` pads
+    one chunk; `length_of` gives a sample's token count.
+    """
+
+    def __init__(
+        self, collate: Callable[[list[Any]], Any], length_of: Callable[[Any], int], max_batch_tokens: int
+    ):
+        self.collate = collate
+        self.length_of = length_of
+        self.max_batch_tokens = max_batch_tokens
+
+    def chunks(self, lengths: Sequence[int]) -> list[list[int]]:
+        """Index groups of a micro-batch with the given sample lengths."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        groups: list[list[int]] = []
+        for i in order:
+            if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= self.max_batch_tokens:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        return groups
+
+    def __call__(self, built: list[Any]) -> MicroBatch:
+        skipped = [s for s in built if isinstance(s, SkippedSample)]
+        samples = [s for s in built if not isinstance(s, SkippedSample)]
+        lengths = [self.length_of(s) for s in samples]
+        chunks = [self.collate([samples[i] for i in group]) for group in self.chunks(lengths)]
+        return MicroBatch(chunks, len(samples), skipped)
+
+
+def student_collator(builder: StudentSampleBuilder, max_batch_tokens: int) -> TokenBudgetCollator:
+    """The collator for `StudentSample`s: right padding with the tokenizer's pad id."""
+    from functools import partial
+
+    from geovr.student.batch import collate_samples
+
+    return TokenBudgetCollator(
+        partial(collate_samples, pad_token_id=builder.pad_token_id), _sample_length, max_batch_tokens
+    )
+
+
+def _sample_length(sample: Any) -> int:
+    return int(sample.input_ids.numel())
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader a rank trains from
+
+
+class TrainLoader:
+    """An endless, checkpointable stream of micro-batches for one rank.
+
+    `next()` returns (epoch, list of collated chunks); epochs roll over by themselves. `state()`
+    is the position after the last returned micro-batch; a new `TrainLoader` given that state
+    continues with the very next micro-batch.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[QASample],
+        store: StoreLike,
+        open_store: Callable[[], StoreLike],
+        build: SampleBuilder,
+        collator: TokenBudgetCollator,
+        config: DataConfig,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device_is_cuda: bool = False,
+        state: LoaderState | None = None,
+    ):
+        self.config = config
+        self.access = config.access
+        if self.access == "auto":
+            self.access = "stream" if store.format == "wds" else "random"
+        self.collator = collator
+        self.rank, self.world_size = rank, world_size
+        self.pin_memory = config.pin_memory and device_is_cuda
+        samples_per_epoch = config.samples_per_epoch or len(samples)
+        per_rank = -(-samples_per_epoch // world_size)
+        if self.access == "random":
+            self.sampler = EpochBatchSampler(len(samples), config.micro_batch, rank, world_size, seed)
+            self.dataset: Dataset | IterableDataset = RandomAccessDataset(samples, open_store, build)
+            self.batches_per_epoch = len(self.sampler)
+        else:
+            workers = max(1, config.num_workers)
+            batches_per_worker = max(1, -(-per_rank // (config.micro_batch * workers)))
+            shards = store.shards()
+            if not config.resampled and len(shards) < world_size * workers:
+                raise DataError(
+                    f"streaming without resampling needs at least ranks x workers = {world_size * workers} "
+                    f"shards, the store has {len(shards)}; set data.resampled=true"
+                )
+            self.dataset = StreamingDataset(
+                samples, shards, open_store, build, config, rank, world_size, seed, batches_per_worker
+            )
+            self.batches_per_epoch = batches_per_worker * workers
+        self.position = state or LoaderState()
+        self._iterator: Iterator[list[Any]] | None = None
+
+    def state(self) -> LoaderState:
+        return LoaderState(self.position.epoch, self.position.batches)
+
+    def _open_epoch(self) -> Iterator[list[Any]]:
+        epoch, done = self.position.epoch, self.position.batches
+        workers = self.config.num_workers
+        loader_args: dict[str, Any] = {
+            "num_workers": workers,
+            "pin_memory": self.pin_memory,
+            "collate_fn": self.collator,
+        }
+        if workers > 0:
+            loader_args["prefetch_factor"] = self.config.prefetch_factor
+        if self.access == "random":
+            self.sampler.set_position(epoch, done)
+            loader = DataLoader(self.dataset, batch_sampler=self.sampler, **loader_args)
+        else:
+            self.dataset.set_position(epoch, done)
+            loader = DataLoader(self.dataset, batch_size=None, **loader_args)
+        return iter(loader)
+
+    def next(self) -> tuple[int, list[Any]]:
+        if self.position.batches >= self.batches_per_epoch:
+            self.position = LoaderState(self.position.epoch + 1, 0)
+            self._iterator = None
+        if self._iterator is None:
+            self._iterator = self._open_epoch()
+        try:
+            chunks = next(self._iterator)
+        except StopIteration:
+            raise DataError(
+                f"rank {self.rank}: epoch {self.position.epoch} ended after {self.position.batches} of "
+                f"{self.batches_per_epoch} micro-batches"
+            ) from None
+        epoch = self.position.epoch
+        self.position = LoaderState(epoch, self.position.batches + 1)
+        return epoch, chunks

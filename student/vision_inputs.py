@@ -1,0 +1,168 @@
+"""Qwen3-VL video inputs built here, without torchvision: pixel patches and the expanded prompt.
+
+Equal to what `Qwen3VLVideoProcessor` and `Qwen3VLProcessor` (transformers 5.x) produce for the
+same frames (proved in tests/test_student_vision_inputs.py where torchvision is installed):
+
+1. Frames: the cached frames are already at the student's size (`teacher_cache.frames.student_frame_size`,
+   sides multiples of patch_size * merge_size = 32), so no resize happens; frames of another size are
+   resized there first (bicubic, PIL).
+2. Each sampled frame is repeated twice, so that with temporal_patch_size = 2 one temporal token is one
+   frame (GeoVR's convention): S frames give grid_t = S.
+3. Rescale and normalise in float32 exactly as the processor's fused path: (x - 255 mean) / (255 std),
+   mean/std read from the model directory's `video_preprocessor_config.json`.
+4. Patchify into (grid_t * grid_h * grid_w, C * T * P * P) rows in the processor's order: temporal
+   index, then merge blocks in raster order, then the 2x2 patches inside a block; within a row the
+   values run over channel, temporal, patch row, patch column.
+
+The prompt: the chat template renders a video as `<|vision_start|><|video_pad|><|vision_end|>`; the
+processor replaces the inner `<|video_pad|>` by, per frame, `<{t:.1f} seconds>` + `<|vision_start|>`
++ grid_h * grid_w / merge^2 `<|video_pad|>` + `<|vision_end|>` (the outer wrapper stays, as in
+transformers 5.x). The timestamp of a frame is the mean of its two repeated copies, i.e. the frame's
+own presentation time.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from geovr.teacher_cache.frames import resize_frames, student_frame_size
+
+VIDEO_TOKEN = "<|video_pad|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+
+
+@dataclass(frozen=True)
+class VideoPreprocess:
+    """The video processor settings of a Qwen3-VL checkpoint (defaults: Qwen3-VL-2B-Instruct)."""
+
+    patch_size: int = 16
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    max_frame_tokens: int = 300
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, max_frame_tokens: int = 300) -> VideoPreprocess:
+        """Read `video_preprocessor_config.json` (or `preprocessor_config.json`) of a model directory."""
+        model_dir = Path(model_dir)
+        for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
+            path = model_dir / name
+            if path.is_file():
+                break
+        else:
+            raise FileNotFoundError(
+                f"{model_dir}: no video_preprocessor_config.json or preprocessor_config.json; "
+                "load the processor settings from the model directory"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if data.get("temporal_patch_size", 2) != 2:
+            raise ValueError(
+                f"{path}: temporal_patch_size {data['temporal_patch_size']}, the student needs 2"
+            )
+        return cls(
+            patch_size=int(data.get("patch_size", cls.patch_size)),
+            temporal_patch_size=2,
+            merge_size=int(data.get("merge_size", cls.merge_size)),
+            image_mean=tuple(float(v) for v in data.get("image_mean", cls.image_mean)),
+            image_std=tuple(float(v) for v in data.get("image_std", cls.image_std)),
+            rescale_factor=float(data.get("rescale_factor", cls.rescale_factor)),
+            max_frame_tokens=max_frame_tokens,
+        )
+
+    @property
+    def factor(self) -> int:
+        """Frame sides must be multiples of this (one merged token covers factor x factor pixels)."""
+        return self.patch_size * self.merge_size
+
+
+def video_inputs(
+    frames: np.ndarray,
+    timestamps: Sequence[float] | np.ndarray | None = None,
+    preprocess: VideoPreprocess | None = None,
+) -> dict[str, torch.Tensor]:
+    """Qwen3-VL video inputs for one clip, each sampled frame repeated twice.
+
+    Args:
+        frames: (S, H, W, 3) uint8 RGB, normally already at the student size (sides multiples of 32).
+        timestamps: (S,) presentation times in seconds (checked against S; returned for the prompt).
+        preprocess: processor settings; default Qwen3-VL's (read yours with `VideoPreprocess.from_model_dir`).
+
+    Returns:
+        pixel_values_videos: (S * grid_h * grid_w, 3 * 2 * P * P) float32,
+        video_grid_thw: (1, 3) int64 = [[S, grid_h, grid_w]] (grid in patches, before merging),
+        frame_timestamps: (S,) float64 seconds.
+    """
+    cfg = preprocess or VideoPreprocess()
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 (S, H, W, 3), got {frames.dtype} {frames.shape}")
+    num_frames, height, width = frames.shape[:3]
+    if timestamps is None:
+        timestamps = np.zeros(num_frames)
+    timestamps = np.asarray(timestamps, dtype=np.float64)
+    if timestamps.shape != (num_frames,):
+        raise ValueError(f"{num_frames} frames but timestamps of shape {timestamps.shape}")
+    if height % cfg.factor or width % cfg.factor:
+        frames = resize_frames(frames, student_frame_size(height, width, cfg.max_frame_tokens, cfg.factor))
+        height, width = frames.shape[1:3]
+
+    video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (S, C, H, W)
+    video = video.repeat_interleave(cfg.temporal_patch_size, dim=0)
+    mean = torch.tensor(cfg.image_mean) * (1.0 / cfg.rescale_factor)
+    std = torch.tensor(cfg.image_std) * (1.0 / cfg.rescale_factor)
+    video = (video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
+
+    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
+    grid_t, grid_h, grid_w = num_frames, height // p, width // p
+    patches = video.view(grid_t, tp, 3, grid_h // m, m, p, grid_w // m, m, p)
+    # -> (t, block row, block col, row in block, col in block, channel, temporal, pixel row, pixel col)
+    patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    pixel_values = patches.reshape(grid_t * grid_h * grid_w, 3 * tp * p * p)
+    return {
+        "pixel_values_videos": pixel_values,
+        "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64),
+        "frame_timestamps": torch.from_numpy(timestamps),
+    }
+
+
+def video_placeholder(grid_thw: Sequence[int], timestamps: Sequence[float], merge_size: int = 2) -> str:
+    """The text that replaces one `<|video_pad|>`: per frame `<t seconds>` + start + pads + end."""
+    grid_t, grid_h, grid_w = (int(v) for v in grid_thw)
+    if len(timestamps) != grid_t:
+        raise ValueError(f"video of {grid_t} temporal tokens but {len(timestamps)} timestamps")
+    frame_tokens = grid_h * grid_w // (merge_size * merge_size)
+    return "".join(
+        f"<{float(t):.1f} seconds>{VISION_START}{VIDEO_TOKEN * frame_tokens}{VISION_END}" for t in timestamps
+    )
+
+
+def build_video_prompt(
+    text: str,
+    grid_thw: Sequence[int] | torch.Tensor,
+    timestamps: Sequence[float] | np.ndarray | torch.Tensor,
+    merge_size: int = 2,
+) -> str:
+    """Expand the one `<|video_pad|>` of a rendered chat `text` the way `Qwen3VLProcessor` does.
+
+    Args:
+        text: the chat-template output holding exactly one `<|vision_start|><|video_pad|><|vision_end|>`.
+        grid_thw: the video's (grid_t, grid_h, grid_w) from `video_inputs` (one row).
+        timestamps: (grid_t,) seconds of the sampled frames.
+    """
+    count = text.count(VIDEO_TOKEN)
+    if count != 1:
+        raise ValueError(f"the prompt must hold exactly one {VIDEO_TOKEN}, found {count}")
+    grid = [int(v) for v in torch.as_tensor(grid_thw).reshape(-1).tolist()]
+    stamps = [float(t) for t in np.asarray(timestamps, dtype=np.float64).reshape(-1)]
+    return text.replace(VIDEO_TOKEN, video_placeholder(grid, stamps, merge_size), 1)

@@ -1,0 +1,343 @@
+"""Label codecs: how one clip's float32 labels become the compact arrays both store backends hold.
+
+The encoded form (`EncodedClip`) is backend-independent: Zarr and WebDataset store the very same
+arrays (each with lossless zstd on top), so converting a store copies encoded payloads bit for bit
+and never compounds quantisation error. Decoding needs only the stored arrays, never the
+`CodecConfig` that produced them.
+
+Encodings (chosen by measurement, see `bench/cache_footprint.py`; S frames, L layers, (h, w) grid,
+C channels, K = min(`feature_outlier_channels`, C), (Hd, Wd) depth size):
+
+- features: per layer and channel the rms over the clip, `feat_channel_rms` (L, C) float32, divides
+  the channels out, so that no channel dominates another. The K channels of largest rms per layer
+  (ViT outlier channels, ~100x the rest) are kept as float16 of the normalised values,
+  `feat_outliers` (S, L, h, w, K) at indices `feat_outlier_channels` (L, K) int16. The other
+  channels are rounded to int8 `feat_q` (S, L, h, w, C; the outlier slots hold 0) with one step per
+  token, `feat_token_step` (S, L, h, w) float32 = max(token rms / `feature_token_steps`,
+  token absmax / 127): a fixed relative precision per token, so the cosine fidelity holds for
+  weak tokens too, and no value is ever clipped. Typical int8 values are small, so zstd's entropy
+  coder brings them to about 4.6 bits.
+- depth: log-depth rounded to steps of `depth_log_step` (relative error at most step / 2) from a
+  per-frame minimum, as uint16; `depth_log_range` (S, 2) float32 holds (minimum, step). Stored as
+  zigzag-coded differences along the width (`depth_q`), which zstd compresses to about a third.
+- depth_conf: log-confidence over 256 levels per frame (`conf_q` uint8, same zigzag differences),
+  `conf_log_range` (S, 2) float32; relative error at most half a level (about 1% for a 1..1000 range).
+- cameras (frame indices, timestamps, pose_enc, extrinsic, intrinsic, scale, scale_valid): lossless.
+- frames_jpeg: the JPEG bytes as given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from geovr.teacher_cache.config import require
+from geovr.teacher_cache.schema import ClipLabels, SchemaError
+
+CODEC_VERSION = "geovr-codecs-1"
+
+# Encoded arrays by stored field; the first axis of a per-frame array is the clip's frames.
+FRAME_ARRAYS: dict[str, tuple[str, ...]] = {
+    "cameras": ("frame_indices", "timestamps", "pose_enc", "extrinsic", "intrinsic"),
+    "features": ("feat_q", "feat_token_step", "feat_outliers"),
+    "depth": ("depth_q", "depth_log_range"),
+    "depth_conf": ("conf_q", "conf_log_range"),
+}
+# Per-clip arrays (no frame axis).
+CLIP_ARRAYS: dict[str, tuple[str, ...]] = {
+    "cameras": ("scale", "scale_valid"),
+    "features": ("feat_channel_rms", "feat_outlier_channels"),
+}
+ARRAY_DTYPES: dict[str, np.dtype] = {
+    name: np.dtype(dtype)
+    for name, dtype in {
+        "frame_indices": "int64",
+        "timestamps": "float64",
+        "pose_enc": "float32",
+        "extrinsic": "float32",
+        "intrinsic": "float32",
+        "scale": "float64",
+        "scale_valid": "bool",
+        "feat_q": "int8",
+        "feat_token_step": "float32",
+        "feat_outliers": "float16",
+        "feat_channel_rms": "float32",
+        "feat_outlier_channels": "int16",
+        "depth_q": "uint16",
+        "depth_log_range": "float32",
+        "conf_q": "uint8",
+        "conf_log_range": "float32",
+    }.items()
+}
+# Fields as reported in byte counts: the array groups above plus the JPEG frames.
+FIELDS = ("frames_jpeg", "features", "depth", "depth_conf", "cameras")
+
+
+def field_of(array_name: str) -> str:
+    """The stored field an encoded array belongs to."""
+    for groups in (FRAME_ARRAYS, CLIP_ARRAYS):
+        for name, arrays in groups.items():
+            if array_name in arrays:
+                return name
+    raise KeyError(array_name)
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Precision knobs of the encoders (recorded in `store.json`; decoding does not need them).
+
+    Attributes:
+        feature_token_steps: int8 steps per token rms; 5 gives cosine >= 0.998 on the quantised
+            channels (error rms / signal rms = 1 / (sqrt(12) * 5)).
+        feature_outlier_channels: channels per layer kept in float16 (the largest rms).
+        depth_log_step: log-depth step; relative error at most half of it (2**-10: <= 0.05%).
+        zstd_level: level of the lossless zstd applied by both backends.
+    """
+
+    feature_token_steps: float = 5.0
+    feature_outlier_channels: int = 8
+    depth_log_step: float = 2.0**-10
+    zstd_level: int = 3
+
+    def validate(self) -> None:
+        require(self.feature_token_steps > 0, "codecs.feature_token_steps must be > 0")
+        require(self.feature_outlier_channels >= 0, "codecs.feature_outlier_channels must be >= 0")
+        require(0 < self.depth_log_step <= 0.01, "codecs.depth_log_step must be in (0, 0.01]")
+        require(1 <= self.zstd_level <= 22, "codecs.zstd_level must be in 1..22")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": CODEC_VERSION,
+            "feature_token_steps": self.feature_token_steps,
+            "feature_outlier_channels": self.feature_outlier_channels,
+            "depth_log_step": self.depth_log_step,
+            "zstd_level": self.zstd_level,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "codecs") -> CodecConfig:
+        version = data.get("version", CODEC_VERSION)
+        if version != CODEC_VERSION:
+            raise SchemaError(f"{where}: codec version {version!r}, this code reads {CODEC_VERSION!r}")
+        unknown = sorted(set(data) - {"version", *cls.__dataclass_fields__})
+        if unknown:
+            raise SchemaError(f"{where}: unknown codec settings {', '.join(unknown)}")
+        config = cls(**{k: v for k, v in data.items() if k != "version"})
+        config.validate()
+        return config
+
+
+@dataclass
+class EncodedClip:
+    """One clip in stored form: what a backend writes and reads back, bit for bit.
+
+    Attributes:
+        clip_id, video, meta: as in `ClipLabels`.
+        frames_jpeg: S JPEG frames.
+        arrays: every name of `FRAME_ARRAYS` (leading axis S) and `CLIP_ARRAYS`, dtypes `ARRAY_DTYPES`.
+    """
+
+    clip_id: str
+    video: str
+    meta: dict[str, Any]
+    frames_jpeg: list[bytes]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames_jpeg)
+
+    def geometry(self) -> str:
+        """Key of the label shapes (depth and feature grid); clips of one key stack along frames."""
+        _, hd, wd = self.arrays["depth_q"].shape
+        _, layers, h, w, channels = self.arrays["feat_q"].shape
+        outliers = self.arrays["feat_outliers"].shape[-1]
+        return f"d{hd}x{wd}_f{layers}x{h}x{w}x{channels}k{outliers}"
+
+    def validate(self) -> None:
+        """Check names, dtypes and frame counts; raise `SchemaError` naming the clip and array."""
+        expected = {n for group in (*FRAME_ARRAYS.values(), *CLIP_ARRAYS.values()) for n in group}
+        if set(self.arrays) != expected:
+            raise SchemaError(
+                f"clip {self.clip_id}: encoded arrays {sorted(self.arrays)} != expected {sorted(expected)}"
+            )
+        for name, array in self.arrays.items():
+            if array.dtype != ARRAY_DTYPES[name]:
+                raise SchemaError(f"clip {self.clip_id}: {name} is {array.dtype}, expected {ARRAY_DTYPES[name]}")
+        for arrays in FRAME_ARRAYS.values():
+            for name in arrays:
+                if self.arrays[name].shape[0] != self.num_frames:
+                    raise SchemaError(
+                        f"clip {self.clip_id}: {name} has {self.arrays[name].shape[0]} frames, "
+                        f"expected {self.num_frames}"
+                    )
+
+
+def _check_finite(clip_id: str, name: str, array: np.ndarray) -> None:
+    if not np.all(np.isfinite(array)):
+        raise SchemaError(f"clip {clip_id}: field {name} has non-finite values")
+
+
+# ---------------------------------------------------------------------------------------------
+# features
+
+
+def encode_features(features: np.ndarray, token_steps: float, outlier_channels: int) -> dict[str, np.ndarray]:
+    """(S, L, h, w, C) float32 -> feat_q, feat_token_step, feat_outliers, feat_channel_rms,
+    feat_outlier_channels (see the module docstring)."""
+    x = np.asarray(features, dtype=np.float32)
+    channels = x.shape[-1]
+    k = min(outlier_channels, channels)
+    channel_rms = np.sqrt(np.mean(np.square(x), axis=(0, 2, 3), dtype=np.float64)).astype(np.float32)
+    channel_rms[channel_rms == 0] = 1.0  # a dead channel: any positive scale decodes its zeros
+    z = x / channel_rms[None, :, None, None, :]
+
+    # The k largest-rms channels of each layer, ascending indices, (L, k).
+    top = np.sort(np.argsort(-channel_rms, axis=-1, kind="stable")[:, :k], axis=-1)
+    top_index = np.broadcast_to(top[None, :, None, None, :], (*z.shape[:-1], k))
+    outliers = np.take_along_axis(z, top_index, axis=-1).astype(np.float16)
+    np.put_along_axis(z, top_index, 0.0, axis=-1)
+
+    quantised = max(channels - k, 1)
+    token_rms = np.sqrt(np.sum(np.square(z), axis=-1) / quantised)
+    step = np.maximum(token_rms / token_steps, np.max(np.abs(z), axis=-1) / 127.0)
+    step[step == 0] = 1.0  # an all-zero token
+    q = np.clip(np.rint(z / step[..., None]), -127, 127).astype(np.int8)
+    return {
+        "feat_q": q,
+        "feat_token_step": step.astype(np.float32),
+        "feat_outliers": outliers,
+        "feat_channel_rms": channel_rms,
+        "feat_outlier_channels": top.astype(np.int16),
+    }
+
+
+def decode_features(
+    feat_q: np.ndarray,
+    feat_token_step: np.ndarray,
+    feat_outliers: np.ndarray,
+    feat_channel_rms: np.ndarray,
+    feat_outlier_channels: np.ndarray,
+) -> np.ndarray:
+    """Inverse of `encode_features`: (S, L, h, w, C) float32."""
+    out = np.multiply(feat_q, feat_token_step[..., None], dtype=np.float32)
+    if feat_outliers.shape[-1]:
+        index = np.broadcast_to(
+            feat_outlier_channels.astype(np.int64)[None, :, None, None, :], feat_outliers.shape
+        )
+        np.put_along_axis(out, index, feat_outliers.astype(np.float32), axis=-1)
+    out *= feat_channel_rms[None, :, None, None, :]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# depth and confidence: log-quantised, zigzag differences along the width
+
+
+def _zigzag_delta(q: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned `bits`-bit (..., W) -> zigzag-coded differences along W (modulo 2**bits), same dtype."""
+    mask = (1 << bits) - 1
+    d = np.diff(q.astype(np.int64), axis=-1, prepend=0)
+    d = ((d + (1 << (bits - 1))) & mask) - (1 << (bits - 1))  # wrap to signed bits-bit
+    return (((d << 1) ^ (d >> 63)) & mask).astype(q.dtype)
+
+
+def _undo_zigzag_delta(u: np.ndarray, bits: int) -> np.ndarray:
+    mask = (1 << bits) - 1
+    # Partial sums are bounded by W * 2**bits: int32 holds them for any W below 2**(31 - bits).
+    wide = np.int32 if u.shape[-1] < (1 << (31 - bits)) else np.int64
+    v = u.astype(wide)
+    d = (v >> 1) ^ -(v & 1)
+    return (np.cumsum(d, axis=-1, dtype=wide) & mask).astype(u.dtype)
+
+
+def _log_quantise(x: np.ndarray, levels: int, min_step: float) -> tuple[np.ndarray, np.ndarray]:
+    """(S, H, W) positive -> (q in [0, levels), (S, 2) float32 [log minimum, step] per frame)."""
+    log_x = np.log(np.maximum(x, np.finfo(np.float32).tiny)).astype(np.float32)
+    low = log_x.min(axis=(1, 2)).astype(np.float32)
+    span = log_x.max(axis=(1, 2)) - low
+    step = np.maximum(span / (levels - 1), min_step).astype(np.float32)
+    step[step == 0] = 1.0  # a constant frame
+    q = np.rint((log_x - low[:, None, None]) / step[:, None, None])
+    return np.clip(q, 0, levels - 1), np.stack([low, step], axis=1)
+
+
+def _log_dequantise(q: np.ndarray, log_range: np.ndarray) -> np.ndarray:
+    low, step = log_range[:, 0, None, None], log_range[:, 1, None, None]
+    return np.exp(q.astype(np.float32) * step + low)
+
+
+def encode_depth(depth: np.ndarray, log_step: float) -> dict[str, np.ndarray]:
+    """(S, Hd, Wd) positive float32 -> depth_q uint16, depth_log_range (S, 2)."""
+    q, log_range = _log_quantise(depth, 1 << 16, log_step)
+    return {"depth_q": _zigzag_delta(q.astype(np.uint16), 16), "depth_log_range": log_range}
+
+
+def decode_depth(depth_q: np.ndarray, depth_log_range: np.ndarray) -> np.ndarray:
+    return _log_dequantise(_undo_zigzag_delta(depth_q, 16), depth_log_range)
+
+
+def encode_confidence(conf: np.ndarray) -> dict[str, np.ndarray]:
+    """(S, Hd, Wd) positive float32 -> conf_q uint8, conf_log_range (S, 2)."""
+    q, log_range = _log_quantise(conf, 1 << 8, 0.0)
+    return {"conf_q": _zigzag_delta(q.astype(np.uint8), 8), "conf_log_range": log_range}
+
+
+def decode_confidence(conf_q: np.ndarray, conf_log_range: np.ndarray) -> np.ndarray:
+    return _log_dequantise(_undo_zigzag_delta(conf_q, 8), conf_log_range)
+
+
+# ---------------------------------------------------------------------------------------------
+# whole clips
+
+
+def encode_clip(clip: ClipLabels, config: CodecConfig) -> EncodedClip:
+    """Validate and encode one clip; raises `SchemaError` naming the clip and field on bad input."""
+    clip.validate()
+    for name in ("pose_enc", "extrinsic", "intrinsic", "features", "depth", "depth_conf"):
+        _check_finite(clip.clip_id, name, getattr(clip, name))
+    arrays: dict[str, np.ndarray] = {
+        "frame_indices": np.asarray(clip.frame_indices, dtype=np.int64),
+        "timestamps": np.asarray(clip.timestamps, dtype=np.float64),
+        "pose_enc": np.asarray(clip.pose_enc, dtype=np.float32),
+        "extrinsic": np.asarray(clip.extrinsic, dtype=np.float32),
+        "intrinsic": np.asarray(clip.intrinsic, dtype=np.float32),
+        "scale": np.asarray(clip.scale, dtype=np.float64),
+        "scale_valid": np.asarray(bool(clip.scale_valid)),
+    }
+    arrays.update(encode_features(clip.features, config.feature_token_steps, config.feature_outlier_channels))
+    arrays.update(encode_depth(clip.depth, config.depth_log_step))
+    arrays.update(encode_confidence(clip.depth_conf))
+    return EncodedClip(
+        clip_id=clip.clip_id,
+        video=clip.video,
+        meta=dict(clip.meta),
+        frames_jpeg=[bytes(f) for f in clip.frames_jpeg],
+        arrays=arrays,
+    )
+
+
+def decode_clip(encoded: EncodedClip) -> ClipLabels:
+    """Encoded arrays back to float32 `ClipLabels` (`ClipLabels.validate` passes on the result)."""
+    encoded.validate()
+    a = encoded.arrays
+    return ClipLabels(
+        clip_id=encoded.clip_id,
+        video=encoded.video,
+        frame_indices=a["frame_indices"],
+        timestamps=a["timestamps"],
+        frames_jpeg=list(encoded.frames_jpeg),
+        pose_enc=a["pose_enc"],
+        extrinsic=a["extrinsic"],
+        intrinsic=a["intrinsic"],
+        depth=decode_depth(a["depth_q"], a["depth_log_range"]),
+        depth_conf=decode_confidence(a["conf_q"], a["conf_log_range"]),
+        scale=float(a["scale"]),
+        scale_valid=bool(a["scale_valid"]),
+        features=decode_features(
+            a["feat_q"], a["feat_token_step"], a["feat_outliers"], a["feat_channel_rms"], a["feat_outlier_channels"]
+        ),
+        meta=dict(encoded.meta),
+    )

@@ -1,0 +1,141 @@
+"""Metric scale: the per-clip fit on synthetic scenes with known scale, and the Depth Anything path."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from geovr.pipeline.synth import SynthConfig, generate_scene, render_scene
+from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler, clip_metric_scale, downsample_depth
+from geovr.pipeline.teachers.metric_depth import MetricDepthModel, write_tiny_depth_anything
+from geovr.teacher_cache.geometry import fit_scale, normalize_clip
+from tests.conftest import REFERENCE
+
+TINY_VGGT = REFERENCE / "vggt" / "tiny-a"
+
+
+def synthetic_clip(index: int, frames: int = 4, width: int = 112, height: int = 84):
+    """A rendered synthetic clip: (rgb (S,H,W,3) uint8, depth (S,H,W) metres, extrinsic, intrinsic)."""
+    scene = generate_scene(SynthConfig(scenes=1, frames=frames, width=width, height=height, seed=3), index)
+    rendered = list(render_scene(scene))
+    rgb = np.stack([f.rgb for f in rendered])
+    depth = torch.from_numpy(np.stack([f.depth for f in rendered]).astype(np.float64))
+    return rgb, depth, torch.from_numpy(scene.extrinsic), torch.from_numpy(scene.intrinsic)
+
+
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_fitted_scale_equals_the_normalisation_factor(index):
+    """Ground-truth depth as the metric model, the normalised clip as VGGT: the scale is the factor."""
+    _, depth_m, extrinsic, intrinsic = synthetic_clip(index)
+    _, depth_normalised, factor = normalize_clip(extrinsic, depth_m, intrinsic)
+    assert float(factor) > 0.5  # metres per normalised unit in rooms of 4 to 8 m: far from 1
+
+    # Confidence that varies over the image; sky in the top rows, where the metric model saturates.
+    generator = torch.Generator().manual_seed(index)
+    conf = 1.0 + 5.0 * torch.rand(depth_m.shape, generator=generator, dtype=torch.float64)
+    sky = torch.zeros(depth_m.shape, dtype=torch.bool)
+    sky[:, :10] = True
+    metric = depth_m.clone()
+    metric[sky] = 80.0
+    # Low-confidence pixels (below the median) whose metric depth is wrong: the fit must ignore them.
+    unreliable = conf < conf[~sky].median()
+    metric[unreliable & (torch.rand(depth_m.shape, generator=generator) < 0.6)] *= 3.0
+
+    scale, valid = clip_metric_scale(depth_normalised, conf, metric, sky, min_pixels=100)
+    assert valid
+    assert scale == pytest.approx(float(factor), rel=1e-6)
+    # The masks matter: the same fit over every pixel is pulled off the true factor.
+    naive, _ = fit_scale(depth_normalised, metric)
+    assert abs(float(naive) / float(factor) - 1.0) > 1e-3
+
+
+def test_fitted_scale_after_downsampling_to_the_label_resolution():
+    """The labeler fits at half resolution after the 2x2 confidence-weighted average: still exact."""
+    _, depth_m, extrinsic, intrinsic = synthetic_clip(4)
+    _, depth_normalised, factor = normalize_clip(extrinsic, depth_m, intrinsic)
+    conf = 1.0 + torch.rand(depth_m.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    depth_half, conf_half = downsample_depth(depth_normalised, conf)
+    metric_half, _ = downsample_depth(
+        depth_m, conf
+    )  # the same weights: metric = factor * depth holds blockwise
+    scale, valid = clip_metric_scale(depth_half, conf_half, metric_half, None)
+    assert valid
+    assert scale == pytest.approx(float(factor), rel=1e-5)  # float32 pooling
+
+
+def test_too_few_pixels_or_all_sky_gives_an_invalid_scale():
+    depth = torch.rand(2, 8, 8) + 0.5
+    conf = torch.ones_like(depth)
+    scale, valid = clip_metric_scale(depth, conf, 2.0 * depth, torch.ones_like(depth, dtype=torch.bool))
+    assert not valid and math.isnan(scale)
+    sky = torch.ones_like(depth, dtype=torch.bool)
+    sky[0, 0, :10] = False  # 8 usable pixels < 16
+    scale, valid = clip_metric_scale(depth, conf, 2.0 * depth, sky)
+    assert not valid and math.isnan(scale)
+    scale, valid = clip_metric_scale(depth, conf, 2.0 * depth, None, min_pixels=16)
+    assert valid and scale == pytest.approx(2.0, rel=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        clip_metric_scale(depth, conf[:1], depth, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_depth_anything(tmp_path_factory):
+    return write_tiny_depth_anything(tmp_path_factory.mktemp("da") / "tiny-da-metric")
+
+
+def test_tiny_depth_anything_loads_locally_and_predicts_metres(tiny_depth_anything):
+    model = MetricDepthModel(tiny_depth_anything, "cpu", sky_fraction=0.9)
+    rgb, *_ = synthetic_clip(0)
+    depth = model.predict(rgb, (42, 56), autocast_dtype=None)
+    assert depth.shape == (4, 42, 56) and depth.dtype == torch.float32
+    assert float(depth.min()) >= 0.0 and float(depth.max()) <= model.max_depth
+    assert float(depth.std()) > 0  # the tiny head is not a constant map
+    sky = model.sky_mask(depth)
+    assert torch.equal(sky, depth >= 0.9 * 20.0)
+
+
+def test_depth_anything_relative_checkpoint_is_refused(tiny_depth_anything, tmp_path):
+    config = json.loads((tiny_depth_anything / "config.json").read_text())
+    config["depth_estimation_type"] = "relative"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"depth_estimation_type='metric'"):
+        MetricDepthModel(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no config\.json"):
+        MetricDepthModel(tmp_path / "missing")
+
+
+def test_labeler_metric_path_with_tiny_depth_anything(tiny_depth_anything):
+    cfg = TeacherConfig(
+        checkpoint=TINY_VGGT,
+        image_long_side=112,
+        feature_layers=(3,),
+        dtype="float32",
+        metric_checkpoint=tiny_depth_anything,
+        metric_min_pixels=100,
+    )
+    labeler = TeacherLabeler(cfg, "cpu")
+    clips = [synthetic_clip(i)[0] for i in range(2)]
+    labels = labeler.label(clips)
+
+    # The same fit, recomputed from the labels and an independent run of the metric model.
+    metric = MetricDepthModel(tiny_depth_anything, "cpu")
+    for clip, label in zip(clips, labels, strict=True):
+        assert label.scale_valid
+        predicted = metric.predict(clip, label.depth.shape[-2:], autocast_dtype=None)
+        expected, valid = clip_metric_scale(
+            torch.from_numpy(label.depth),
+            torch.from_numpy(label.depth_conf),
+            predicted,
+            metric.sky_mask(predicted),
+            100,
+        )
+        assert valid and label.scale == pytest.approx(expected, rel=1e-5)
+
+    parts = labeler.fingerprint_parts()
+    name, _, digest = parts["metric_teacher"].partition("@sha256:")
+    assert name == "tiny-da-metric" and len(digest) == 64
+    assert parts["preprocess"]["metric_scale"]["min_pixels"] == 100

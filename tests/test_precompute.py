@@ -1,0 +1,335 @@
+"""Precompute on a real Ray cluster (`ray start --head` on 127.0.0.1), tiny VGGT teacher on CPU.
+
+One cluster for the module (its startup is the cost). Runs go through the CLI in a subprocess where
+the driver process matters (the whole path, the SIGKILL test) and in-process otherwise (the
+driver connects to the same cluster).
+
+The teacher is tiny-a with its field-of-view output fixed (`fov_fixed_teacher`): the random
+camera head of tiny-a (and of tiny-b, for some clips) outputs a zero field of view through VGGT's
+ReLU, i.e. an infinite focal length, which the store rightly refuses; every other weight is tiny-a's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from geovr.pipeline.cli import _register_commands, app
+from geovr.pipeline.index import build_manifest, read_manifest
+from geovr.pipeline.synth import SynthConfig, write_corpus
+from geovr.pipeline.teachers.labeler import TeacherConfig
+from geovr.pipeline.video import SamplingConfig, read_timestamps, sample_indices
+from geovr.teacher_cache.config import load_section, to_dict
+from geovr.teacher_cache.frames import decode_jpeg, student_frame_size
+from geovr.teacher_cache.schema import ClipLabels
+from geovr.teacher_cache.store import open_store
+from geovr.teacher_cache.verify import verify_store
+from tests.conftest import REFERENCE
+from tests.test_precompute_video import write_bad_inputs
+
+CLI = str(Path(sys.executable).with_name("geovr-pipeline"))
+RAY = str(Path(sys.executable).with_name("ray"))
+TINY = SamplingConfig(fps=2.0, min_frames=4, max_frames=8)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env(token: bool) -> dict[str, str]:
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    if token:
+        env["RAY_AUTH_MODE"] = "token"
+    return env
+
+
+def fov_fixed_teacher(out: Path, source: str = "tiny-a", fov: float = 1.2) -> Path:
+    """A copy of a reference tiny VGGT whose camera head outputs a constant field of view `fov` (rad).
+
+    The camera head refines the pose 4 times, adding the pose branch's output each time; with the
+    FoV rows of its last layer zeroed and their bias fov/4 the FoV is exactly `fov`.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REFERENCE / "vggt" / source / "config.json", out / "config.json")
+    weights = load_file(str(REFERENCE / "vggt" / source / "model.safetensors"))
+    weights["camera_head.pose_branch.fc2.weight"][7:9] = 0.0
+    weights["camera_head.pose_branch.fc2.bias"][7:9] = fov / 4
+    save_file(weights, str(out / "model.safetensors"))
+    return out
+
+
+def teacher_dict(checkpoint: Path, **values) -> dict:
+    return to_dict(load_section(TeacherConfig, "teacher", "tiny", None, checkpoint=checkpoint, **values))
+
+
+def assert_stores_equal(a: Path, b: Path) -> None:
+    """Every clip of store `a` equals the same clip of store `b`, field by field, bit for bit."""
+    ra, rb = open_store(a), open_store(b)
+    assert ra.fingerprint == rb.fingerprint
+    assert sorted(ra.clip_ids()) == sorted(rb.clip_ids()) and ra.clip_ids()
+    assert sorted(ra.shards()) == sorted(rb.shards())
+    for clip_id in ra.clip_ids():
+        x, y = ra.read_clip(clip_id), rb.read_clip(clip_id)
+        for f in dataclasses.fields(ClipLabels):
+            va, vb = getattr(x, f.name), getattr(y, f.name)
+            if isinstance(va, np.ndarray):
+                assert va.dtype == vb.dtype and np.array_equal(va, vb, equal_nan=True), (clip_id, f.name)
+            elif isinstance(va, float) and math.isnan(va):
+                assert math.isnan(vb), (clip_id, f.name)
+            else:
+                assert va == vb, (clip_id, f.name)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A Ray head on 127.0.0.1 (`ray start --head --block`); drivers are CLI subprocesses.
+
+    (The driver must see RAY_AUTH_MODE=token when Ray reads its config, before `import ray`: a
+    subprocess is the reliable way inside a pytest process that may have imported Ray already.)"""
+    temp_dir = Path(f"/tmp/ray_pc_{os.getpid()}")  # short: Ray's socket paths must fit 107 bytes
+    port = free_port()
+    command = [
+        RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+        "--num-cpus=3", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+        f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--node-manager-port={free_port()}",
+        f"--object-manager-port={free_port()}", "--object-store-memory=300000000",
+    ]  # fmt: skip
+    log = tmp_path_factory.mktemp("ray") / "head.log"
+    with open(log, "w") as log_file:
+        head = subprocess.Popen(command, env=ray_env(False), stdout=log_file, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "Ray runtime started" not in log.read_text():
+            if head.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"ray head did not start: {log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.send_signal(signal.SIGTERM)  # --block: stops the processes of this head only
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Six synthetic clips (10 frames, 160x120, 4 fps -> 5 kept), one per shard, and the teachers."""
+    root = tmp_path_factory.mktemp("precompute")
+    write_corpus(root / "corpus", SynthConfig(scenes=6, frames=10, width=160, height=120, fps=4.0, seed=0))
+    build_manifest([root / "corpus" / "videos"], root / "m.parquet", TINY, clips_per_shard=1, workers=1)
+    fov_fixed_teacher(root / "teacher")
+    return root
+
+
+def precompute(
+    address: str, manifest: Path, store: Path, teacher: Path, *extra: str, timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """`geovr-pipeline precompute` in a subprocess (a driver of the cluster at `address`)."""
+    return subprocess.run(
+        precompute_command(address, manifest, store, teacher, *extra),
+        env=ray_env(True),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def precompute_command(address: str, manifest: Path, store: Path, teacher: Path, *extra: str) -> list[str]:
+    return [
+        CLI, "precompute", "--manifest", str(manifest), "--out", str(store), "--teacher", str(teacher),
+        "--preset", "tiny", "--ray-address", address, "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    return result.stdout[-4000:] + result.stderr[-4000:]
+
+
+# The main store: the same options for the uninterrupted and the killed run.
+MAIN = ("--clips-per-batch", "2", "--decode-workers", "1", "--set", "precompute.max_inflight_shards=1")
+
+
+def test_whole_path_through_the_cli(cluster: str, work: Path) -> None:
+    store = work / "store_a"
+    result = precompute(cluster, work / "m.parquet", store, work / "teacher", *MAIN)
+    assert result.returncode == 0, output(result)
+    assert "precompute summary" in result.stdout
+
+    _register_commands()
+    verify = CliRunner().invoke(app, ["cache", "verify", str(store)])
+    assert verify.exit_code == 0 and "OK: 6 shards, 6 clips, 30 frames" in verify.output, verify.output
+
+    manifest = read_manifest(work / "m.parquet")
+    reader = open_store(store)
+    assert sorted(reader.clip_ids()) == sorted(r["clip_id"] for r in manifest.rows)
+    assert reader.fingerprint.sampling == TINY.policy() and reader.fingerprint.feature_layers == (0, 1, 2, 3)
+    for row in manifest.rows:
+        clip = reader.read_clip(row["clip_id"])
+        _, seconds = read_timestamps(manifest.corpus_root / row["video"])
+        expected = sample_indices(seconds, TINY)
+        assert clip.video == row["video"]
+        assert clip.frame_indices.tolist() == expected.tolist()
+        assert clip.timestamps.tolist() == pytest.approx(seconds[expected].tolist())
+        assert [decode_jpeg(j).shape for j in clip.frames_jpeg] == [(*student_frame_size(120, 160), 3)] * 5
+        assert clip.depth.shape == (5, 42, 56) and clip.features.shape == (5, 4, 3, 4, 64)
+        assert np.allclose(clip.extrinsic[0], np.eye(3, 4), atol=1e-5)
+        assert clip.meta["teacher_size"] == [112, 84] and clip.meta["source_size"] == [160, 120]
+
+    run = json.loads((store / "run.json").read_text())
+    assert run["counts"]["clips_ok"] == 6 and run["counts"]["frames"] == 30 and run["exit_code"] == 0
+    assert run["config"]["precompute"]["clips_per_batch"] == 2 and run["timings"]["wall_s"] > 0
+    assert (store / "failures.jsonl").read_text() == ""
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(cluster: str, work: Path) -> None:
+    store = work / "store_killed"
+    command = precompute_command(cluster, work / "m.parquet", store, work / "teacher", *MAIN)
+    driver = subprocess.Popen(command, env=ray_env(True), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = store / "_done"
+    deadline = time.monotonic() + 240
+    while not (done.is_dir() and any(done.glob("*.json"))):
+        assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
+        assert time.monotonic() < deadline, "no shard committed in time"
+        time.sleep(0.02)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    committed_at_kill = len(list(done.glob("*.json")))
+    assert 1 <= committed_at_kill < 6, "the driver must die in the middle of the run"
+
+    result = precompute(cluster, work / "m.parquet", store, work / "teacher", *MAIN)
+    assert result.returncode == 0, output(result)
+    run = json.loads((store / "run.json").read_text())
+    assert run["counts"]["shards_skipped"] >= committed_at_kill
+    assert run["counts"]["shards_written"] == 6 - run["counts"]["shards_skipped"]
+    assert verify_store(store).ok
+    assert_stores_equal(work / "store_a", store)
+
+
+def test_another_teacher_checkpoint_is_refused(cluster: str, work: Path) -> None:
+    store = work / "store_a"
+    markers = sorted(p.read_bytes() for p in (store / "_done").glob("*.json"))
+    other = fov_fixed_teacher(work / "teacher_b", source="tiny-b")
+    result = precompute(
+        cluster, work / "m.parquet", store, other, *MAIN, "--set", "teacher.feature_layers=[0,1,2]"
+    )
+    assert result.returncode == 2, output(result)
+    message = " ".join(result.stderr.split())
+    assert "error:" in message and "refusing" in message, message
+    assert "checkpoint_sha256" in message and "teacher_config" in message and "feature_layers" in message
+    assert sorted(p.read_bytes() for p in (store / "_done").glob("*.json")) == markers
+
+
+def read_failures(store: Path) -> dict[str, dict]:
+    return {f["video"]: f for f in map(json.loads, (store / "failures.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_bad_inputs_are_recorded_and_retry_failed(cluster: str, work: Path, tmp_path: Path) -> None:
+    videos = tmp_path / "videos"
+    write_corpus(tmp_path / "synth", SynthConfig(scenes=3, frames=10, width=160, height=120, fps=4.0, seed=7))
+    shutil.copytree(tmp_path / "synth" / "videos", videos)
+    expected = write_bad_inputs(videos / "odd")
+    qa = tmp_path / "qa.jsonl"
+    names = [*(f"scene_000{i}.mp4" for i in range(3)), *(f"odd/{n}" for n in expected), "gone/missing.mp4"]
+    qa.write_text(
+        "".join(json.dumps({"id": i, "video": n, "conversations": []}) + "\n" for i, n in enumerate(names))
+    )
+    manifest = tmp_path / "m.parquet"
+    build_manifest([qa], manifest, TINY, corpus_root=videos, clips_per_shard=3, workers=1)
+    # Broken after indexing: one video vanishes, one is overwritten with garbage.
+    (videos / "scene_0000.mp4").unlink()
+    good_bytes = (videos / "scene_0001.mp4").read_bytes()
+    (videos / "scene_0001.mp4").write_bytes(os.urandom(4096))
+
+    store = tmp_path / "store"
+    result = precompute(cluster, manifest, store, work / "teacher", "--max-failure-ratio", "0.7")
+    assert result.returncode == 0, output(result)
+    failures = read_failures(store)
+    assert set(failures) == {
+        "odd/too_short.mp4", "odd/corrupt.mp4", "odd/empty.mp4", "gone/missing.mp4",
+        "scene_0000.mp4", "scene_0001.mp4",
+    }  # fmt: skip
+    for name, code in [
+        *((f"odd/{n}", c) for n, c in expected.items() if c != "ok"),
+        ("gone/missing.mp4", "missing"),
+    ]:
+        assert failures[name]["stage"] == "index" and code in failures[name]["reason"], failures[name]
+    assert (
+        failures["scene_0000.mp4"]["stage"] == "probe" and "missing" in failures["scene_0000.mp4"]["reason"]
+    )
+    assert (
+        failures["scene_0001.mp4"]["stage"] == "probe" and "corrupt" in failures["scene_0001.mp4"]["reason"]
+    )
+    reader = open_store(store)
+    stored = {reader.read_clip(c).video for c in reader.clip_ids()}
+    assert stored == {"scene_0002.mp4", "odd/gray.mkv", "odd/odd_size.mp4", "odd/vfr.mp4"}
+    assert verify_store(store).ok
+
+    # --retry-failed relabels only the failed clips; shards without failures are not rewritten;
+    # 5 failures of 10 clips remain, above --max-failure-ratio 0.1: exit status 1.
+    (videos / "scene_0001.mp4").write_bytes(good_bytes)
+    clean = [s for s in reader.shards() if not any(f["shard_id"] == s for f in reader.failures())]
+    before = {s: (store / "_done" / f"{s}.json").read_bytes() for s in clean}
+    result = precompute(
+        cluster, manifest, store, work / "teacher", "--retry-failed", "--max-failure-ratio", "0.1"
+    )
+    assert result.returncode == 1 and "failure ratio 0.500" in " ".join(result.stderr.split()), output(result)
+    run = json.loads((store / "run.json").read_text())
+    assert (
+        run["counts"]["clips_todo"] == 6 and run["counts"]["clips_ok"] == 1 and run["config"]["retry_failed"]
+    )
+    reader = open_store(store)
+    assert "scene_0001.mp4" in {reader.read_clip(c).video for c in reader.clip_ids()}
+    assert len(reader.clip_ids()) == 5 and set(read_failures(store)) == set(failures) - {"scene_0001.mp4"}
+    assert {s: (store / "_done" / f"{s}.json").read_bytes() for s in clean} == before
+    assert verify_store(store).ok
+
+
+@pytest.mark.slow
+def test_space_aware_sampling_and_split_clips(cluster: str, work: Path, tmp_path: Path) -> None:
+    policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=4, method="space_aware", candidate_frames=8)
+    manifest = tmp_path / "m.parquet"
+    build_manifest([work / "corpus" / "videos"], manifest, policy, clips_per_shard=3, workers=1)
+    store = tmp_path / "store"
+    # Clips longer than 3 frames are labelled as overlapping halves (the out-of-memory path).
+    result = precompute(
+        cluster, manifest, store, work / "teacher", "--max-teacher-frames", "3", "--format", "wds"
+    )
+    assert result.returncode == 0, output(result)
+    run = json.loads((store / "run.json").read_text())
+    assert run["counts"]["clips_ok"] == 6 and run["counts"]["clips_split"] == 6
+    reader = open_store(store)
+    assert reader.format == "wds" and reader.fingerprint.sampling == policy.policy()
+    for clip_id in reader.clip_ids():
+        clip = reader.read_clip(clip_id)
+        chosen = clip.meta["space_aware"]
+        assert len(chosen["candidate_frame_indices"]) == 8 and len(chosen["selected"]) == 4
+        assert clip.frame_indices.tolist() == [
+            chosen["candidate_frame_indices"][i] for i in chosen["selected"]
+        ]
+        assert clip.num_frames == 4 and len(clip.frames_jpeg) == 4 and clip.depth.shape[0] == 4
+        assert (
+            clip.meta["split"][0]["overlap_frame"] == 1 and clip.meta["split"][0]["scale_second_to_first"] > 0
+        )
+        assert np.allclose(clip.extrinsic[0], np.eye(3, 4), atol=1e-5)
+    assert verify_store(store).ok

@@ -1,0 +1,263 @@
+"""Decoding and frame sampling (pipeline/video.py) and split-clip merging (pipeline/clip_split.py).
+
+Real mp4/mkv files written with PyAV; geometry from the synthetic corpus's exact ground truth.
+Also provides `write_video` and `write_bad_inputs` to the other precompute tests.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from geovr.pipeline.clip_split import SplitError, merge_halves, split_point
+from geovr.pipeline.synth import SynthConfig, load_scene_gt, write_corpus
+from geovr.pipeline.video import (
+    SamplingConfig,
+    VideoError,
+    decode_frames,
+    probe_video,
+    read_timestamps,
+    sample_indices,
+    select_space_aware,
+    uniform_in_time,
+)
+from geovr.teacher_cache.geometry import normalize_clip, relative_to_first
+
+
+def write_video(
+    path: Path,
+    frames: np.ndarray,
+    fps: int = 10,
+    pix_fmt: str = "yuv420p",
+    codec: str = "libx264",
+    pts_ms: list[int] | None = None,
+) -> Path:
+    """Encode (S, H, W, 3) uint8 RGB frames; `pts_ms` gives explicit (variable) timestamps in ms."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
+        if pts_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, image in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if pts_ms is not None:
+                frame.pts, frame.time_base = pts_ms[i], Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def smooth_frames(num: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Compressible test frames: moving colour gradients (exact enough after H.264 to compare)."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = np.random.default_rng(seed).uniform(0, 6.28, 3)
+    frames = [
+        np.stack([127 + 100 * np.sin(xs / 17 + ys / 23 + t / 3 + p) for p in phase], axis=-1)
+        for t in range(num)
+    ]
+    return np.clip(frames, 0, 255).astype(np.uint8)
+
+
+def write_bad_inputs(folder: Path) -> dict[str, str]:
+    """Oddly-encoded videos that must be stored and bad ones that must fail: {relative path: expected}.
+
+    expected: "ok" or the failure reason code.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    gray = smooth_frames(10, 120, 160, seed=1)
+    gray[...] = gray[..., :1]
+    write_video(folder / "gray.mkv", gray, fps=4, pix_fmt="gray", codec="ffv1")
+    write_video(folder / "odd_size.mp4", smooth_frames(10, 121, 165, seed=2), fps=4, pix_fmt="yuv444p")
+    pts = [0, 100, 200, 900, 1000, 1100, 1800, 2000, 2050, 2500]
+    write_video(folder / "vfr.mp4", smooth_frames(10, 120, 160, seed=3), pts_ms=pts)
+    write_video(folder / "too_short.mp4", smooth_frames(2, 120, 160, seed=4), fps=4)
+    good = write_video(folder / "to_truncate.mp4", smooth_frames(10, 120, 160, seed=5), fps=4).read_bytes()
+    (folder / "corrupt.mp4").write_bytes(good[: len(good) // 3])  # the moov atom is at the end: gone
+    (folder / "to_truncate.mp4").unlink()
+    (folder / "empty.mp4").write_bytes(b"")
+    return {
+        "gray.mkv": "ok",
+        "odd_size.mp4": "ok",
+        "vfr.mp4": "ok",
+        "too_short.mp4": "too-short",
+        "corrupt.mp4": "corrupt",
+        "empty.mp4": "empty",
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("videos")
+    write_bad_inputs(folder)
+    return folder
+
+
+GEOVR = SamplingConfig(fps=2.0, min_frames=4, max_frames=32)
+
+
+def test_uniform_in_time_matches_linspace_for_constant_rate() -> None:
+    seconds = np.arange(100) / 10.0
+    for count in (1, 4, 20, 99, 100):
+        expected = np.round(np.linspace(0, 99, count)).astype(np.int64) if count > 1 else np.array([0])
+        got = uniform_in_time(seconds, count)
+        assert np.all(np.abs(got - expected) <= 1), count
+        assert np.all(np.diff(got) > 0) and got[0] == 0 and (count == 1 or got[-1] == 99)
+
+
+def test_uniform_in_time_follows_timestamps_of_a_variable_rate() -> None:
+    # A burst of 8 frames in the first 0.1 s, then one frame per second: uniform in *time* must not
+    # spend the samples on the burst.
+    seconds = np.concatenate([np.linspace(0, 0.1, 8), np.arange(1, 9, dtype=np.float64)])
+    got = uniform_in_time(seconds, 5)
+    assert seconds[got].tolist() == [0.0, 2.0, 4.0, 6.0, 8.0]
+    # Sparse frames around the targets: indices stay distinct and increasing.
+    dense = uniform_in_time(np.array([0.0, 0.01, 0.02, 5.0]), 4)
+    assert dense.tolist() == [0, 1, 2, 3]
+
+
+def test_geovr_frame_counts() -> None:
+    def count(num_frames: int, fps: float) -> int:
+        return len(sample_indices(np.arange(num_frames) / fps, GEOVR))
+
+    assert count(10, 4.0) == 5  # 2.5 s at 2 fps
+    assert count(100, 10.0) == 20  # 10 s
+    assert count(1000, 30.0) == 32  # 33 s: capped at 32
+    assert count(6, 30.0) == 4  # 0.2 s: at least 4
+    with pytest.raises(VideoError) as err:
+        sample_indices(np.arange(3) / 30.0, GEOVR, "short.mp4")
+    assert err.value.reason == "too-short" and "short.mp4" in str(err.value)
+
+
+def test_space_aware_policy_samples_candidates_and_changes_clip_identity() -> None:
+    cfg = SamplingConfig(fps=2.0, min_frames=4, max_frames=8, method="space_aware", candidate_frames=16)
+    assert len(sample_indices(np.arange(300) / 30.0, cfg)) == 16
+    assert len(sample_indices(np.arange(12) / 30.0, cfg)) == 12  # fewer frames than candidates: all
+    assert cfg.policy()["method"] == "space_aware" and "candidate_frames" in cfg.policy()
+    assert "candidate_frames" not in GEOVR.policy()
+
+
+def test_decode_matches_encoded_frames(tmp_path: Path) -> None:
+    frames = smooth_frames(12, 120, 160)
+    path = write_video(tmp_path / "a.mp4", frames, fps=10)
+    info = probe_video(path)
+    assert (info.width, info.height, info.num_frames, info.codec) == (160, 120, 12, "h264")
+    assert info.fps == pytest.approx(10.0) and not info.variable_frame_rate
+    decoded, seconds = decode_frames(path, np.array([0, 5, 11]))
+    assert decoded.shape == (3, 120, 160, 3) and decoded.dtype == np.uint8
+    assert seconds.tolist() == pytest.approx([0.0, 0.5, 1.1])
+    error = np.abs(decoded.astype(np.float64) - frames[[0, 5, 11]]).mean()
+    assert error < 3.0, error  # H.264 at default quality on smooth content
+
+
+def test_odd_inputs_decode_to_rgb(bad_dir: Path) -> None:
+    gray_info = probe_video(bad_dir / "gray.mkv")
+    assert gray_info.pix_fmt == "gray"
+    gray, _ = decode_frames(bad_dir / "gray.mkv", np.arange(4))
+    assert gray.shape == (4, 120, 160, 3)
+    assert np.array_equal(gray[..., 0], gray[..., 1]) and np.array_equal(gray[..., 1], gray[..., 2])
+    odd, _ = decode_frames(bad_dir / "odd_size.mp4", np.arange(3))
+    assert odd.shape == (3, 121, 165, 3)
+    vfr = probe_video(bad_dir / "vfr.mp4")
+    assert vfr.variable_frame_rate and vfr.num_frames == 10
+    _, seconds = read_timestamps(bad_dir / "vfr.mp4")
+    indices = sample_indices(seconds, GEOVR)
+    frames, times = decode_frames(bad_dir / "vfr.mp4", indices)
+    # 2.5 s + one mean interval = 2.78 s at 2 fps: 6 frames nearest to 0, 0.5, ..., 2.5 s.
+    assert len(frames) == len(indices) == 6
+    assert times.tolist() == pytest.approx([0.0, 0.2, 1.0, 1.8, 2.0, 2.5])
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"), [("corrupt.mp4", "corrupt"), ("empty.mp4", "empty"), ("nope.mp4", "missing")]
+)
+def test_bad_files_fail_with_a_reason(bad_dir: Path, name: str, reason: str) -> None:
+    with pytest.raises(VideoError) as err:
+        probe_video(bad_dir / name)
+    assert err.value.reason == reason and name in str(err.value)
+    with pytest.raises(VideoError):
+        decode_frames(bad_dir / name, np.arange(2))
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("synth")
+    (scene_id,) = write_corpus(out, SynthConfig(scenes=1, frames=9, width=64, height=48, fps=4.0, seed=3))
+    return load_scene_gt(out, scene_id)
+
+
+def test_space_aware_selection_prefers_new_views(scene) -> None:
+    depth = np.asarray(scene.depth, dtype=np.float32)
+    extrinsic = np.asarray(scene.extrinsic, dtype=np.float32)
+    intrinsic = np.asarray(scene.intrinsic, dtype=np.float32)
+    conf = 1.0 + np.random.default_rng(0).random(depth.shape).astype(np.float32)
+    hw = depth.shape[1:]
+    # Candidates: frame 0 three times, then frames 4 and 8: the duplicates add nothing.
+    pick = [0, 0, 0, 4, 8]
+    chosen = select_space_aware(depth[pick], conf[pick], extrinsic[pick], intrinsic[pick], hw, 3, 0.1)
+    assert chosen.tolist() == [0, 3, 4]
+    # On the real sequence the greedy set covers at least as many voxels as the uniform one.
+    every = np.arange(len(depth))
+    greedy = select_space_aware(depth, conf, extrinsic, intrinsic, hw, 3, 0.1)
+    assert len(greedy) == 3 and np.all(np.diff(greedy) > 0)
+
+    def coverage(subset: np.ndarray) -> int:
+        # the coverage of a subset = the union of its voxels; selecting all of it from itself counts them
+        return len(
+            select_space_aware(depth[subset], conf[subset], extrinsic[subset], intrinsic[subset], hw, 99, 0.1)
+        )
+
+    assert coverage(greedy) == 3 and coverage(every) == len(every)
+
+
+def _labels(extrinsic: torch.Tensor, depth: torch.Tensor, intrinsic: torch.Tensor, conf: np.ndarray) -> dict:
+    """Teacher-like labels of a clip: the clip in VGGT's normalised frame (camera 0, unit scale)."""
+    ext, dep, _ = normalize_clip(extrinsic, depth, intrinsic)
+    s = ext.shape[0]
+    return {
+        "pose_enc": np.zeros((s, 9), np.float32),
+        "extrinsic": ext.numpy().astype(np.float32),
+        "intrinsic": intrinsic.numpy().astype(np.float32),
+        "depth": dep.numpy().astype(np.float32),
+        "depth_conf": conf.astype(np.float32),
+        "features": np.arange(s, dtype=np.float32).reshape(s, 1, 1, 1, 1),
+        "scale": float("nan"),
+        "scale_valid": False,
+        "teacher_hw": tuple(depth.shape[1:]),
+    }
+
+
+def test_merged_halves_equal_the_whole_clip_geometry(scene) -> None:
+    extrinsic = torch.from_numpy(np.asarray(scene.extrinsic))
+    intrinsic = torch.from_numpy(np.asarray(scene.intrinsic))
+    depth = torch.from_numpy(np.asarray(scene.depth)).double()
+    conf = 1.0 + np.random.default_rng(1).random(tuple(depth.shape))
+    s = extrinsic.shape[0]
+    m = split_point(s)
+    first = _labels(extrinsic[: m + 1], depth[: m + 1], intrinsic[: m + 1], conf[: m + 1])
+    second = _labels(extrinsic[m:], depth[m:], intrinsic[m:], conf[m:])
+    merged = merge_halves(first, second)
+
+    # Truth: the whole clip relative to camera 0, in the first half's units.
+    _, _, factor_first = normalize_clip(extrinsic[: m + 1], depth[: m + 1], intrinsic[: m + 1])
+    truth = relative_to_first(extrinsic).clone()
+    truth[..., :3, 3] /= factor_first
+    assert np.allclose(merged["extrinsic"], truth.numpy(), atol=1e-4)
+    assert np.allclose(merged["depth"], (depth / factor_first).numpy(), rtol=1e-4)
+    assert merged["features"][:, 0, 0, 0, 0].tolist() == [*range(m + 1), *range(1, s - m)]
+    assert merged["pose_enc"].shape == (s, 9) and np.isfinite(merged["pose_enc"][m + 1 :]).all()
+    (record,) = merged["split"]
+    assert record["overlap_frame"] == m and record["scale_second_to_first"] > 0
+
+    # Nothing confident on the shared frame: the halves cannot be joined faithfully.
+    second["depth"][0] = 0.0
+    with pytest.raises(SplitError, match="overlap frame"):
+        merge_halves(first, second)
+    with pytest.raises(SplitError):
+        split_point(2)

@@ -1,0 +1,322 @@
+"""GeoVRStudent on a tiny Qwen3-VL and a real Zarr cache: losses, gradients, token layout, masking."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from geovr.student.batch import StudentBatch, collate_samples, make_sample
+from geovr.student.heads import DenseHead, dense_target_grid
+from geovr.student.model import GeoVRStudent, StudentConfig, map_teacher_layers
+from geovr.student.tiny import tiny_clip_labels, write_tiny_qwen3vl
+from geovr.student.vision_inputs import VideoPreprocess, video_inputs
+from geovr.teacher_cache.config import load_section
+from geovr.teacher_cache.schema import StoreFingerprint
+from geovr.teacher_cache.store import open_store, open_writer
+
+FINGERPRINT = StoreFingerprint(
+    teacher="vggt-tiny",
+    checkpoint_sha256="cd" * 32,
+    teacher_config={"depth": 4, "embed_dim": 32},
+    metric_teacher="tiny-metric",
+    preprocess={"teacher_long_side": 84},
+    sampling={"fps": 2.0, "min_frames": 3, "max_frames": 4},
+    feature_layers=(0, 1, 2, 3),
+)
+CONVERSATION = [
+    {"from": "human", "value": "<image>\nThese are frames of a video.\nHow many chairs are in this room?"},
+    {"from": "gpt", "value": "Two."},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return write_tiny_qwen3vl(tmp_path_factory.mktemp("tiny_student"))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cache") / "store"
+    writer = open_writer(root, FINGERPRINT, format="zarr")
+    writer.write_shard(
+        "000000", [tiny_clip_labels(1, 4), tiny_clip_labels(2, 3, frame_hw=(64, 64), teacher_hw=(56, 56), scale_valid=False)], []
+    )
+    return open_store(root)
+
+
+@pytest.fixture(scope="module")
+def student(tiny_dir):
+    torch.manual_seed(0)
+    config = load_section(StudentConfig, "student", "tiny").matched_to(FINGERPRINT)
+    return GeoVRStudent.from_base(tiny_dir, config).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_dir, store) -> StudentBatch:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    preprocess = VideoPreprocess.from_model_dir(tiny_dir)
+    samples = [make_sample(store.read_clip(c), CONVERSATION, tokenizer, preprocess) for c in store.clip_ids()]
+    return collate_samples(samples, tokenizer.pad_token_id)
+
+
+def test_layer_mapping():
+    assert map_teacher_layers((4, 11, 17, 23), 24, 28) == [6, 14, 21, 28]
+    assert map_teacher_layers((4, 11, 17, 23), 24, 4) == [1, 2, 3, 4]
+    assert map_teacher_layers((0, 1, 2, 3), 4, 4) == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="repeated"):
+        map_teacher_layers((4, 11, 17, 23), 24, 2)
+
+
+def test_config_matches_the_store(student):
+    assert student.config.teacher_feature_dim == 32 and student.layer_indices == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="embed_dim"):
+        StudentConfig().matched_to(dataclasses.replace(FINGERPRINT, teacher_config={"depth": 4}))
+
+
+def test_dense_head_lands_on_the_cached_depth_grid():
+    """480x640 student frames -> 15x20 merged tokens; VGGT at 392x504 -> a 28x36 patch grid and
+    196x252 cached depth; the dense head resizes to 28x36 and pixel-shuffles by 7 onto 196x252."""
+    grid = video_inputs(np.zeros((1, 480, 640, 3), np.uint8), [0.0])["video_grid_thw"][0].tolist()
+    assert [grid[1] // 2, grid[2] // 2] == [15, 20]
+    assert dense_target_grid((196, 252)) == (28, 36)
+    with pytest.raises(ValueError, match="multiple"):
+        dense_target_grid((196, 250))
+    head = DenseHead(16, features=8, channels=(4, 8, 8, 8))
+    levels = [torch.randn(2, 15, 20, 16) for _ in range(4)]
+    depth = head(levels, (196, 252), 640 / 480)
+    assert depth.shape == (2, 196, 252) and (depth > 0).all()
+    assert head(levels, (56, 84), 640 / 480).shape == (2, 56, 84)  # any cached size divisible by 7
+
+
+def test_batch_from_the_cache(batch, tiny_dir):
+    assert batch.clip_ids == ["clip001", "clip002"]
+    assert batch.video_grid_thw.tolist() == [[4, 4, 6], [3, 4, 4]]
+    assert batch.frame_mask.tolist() == [[True] * 4, [True, True, True, False]]
+    assert batch.pose_enc.shape == (2, 4, 9) and batch.depth.shape == (2, 4, 28, 42)
+    assert batch.features.shape == (2, 4, 4, 2, 3, 32) and batch.feature_hw.tolist() == [[2, 3], [2, 3]]
+    # camera targets are relative to frame 0: identity rotation, zero translation there
+    torch.testing.assert_close(
+        batch.pose_enc[:, 0, :7], torch.tensor([[0.0, 0, 0, 0, 0, 0, 1]] * 2), atol=1e-5, rtol=0
+    )
+    assert batch.scale_valid.tolist() == [True, False] and torch.isnan(batch.scale[1])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    text = tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
+    assert "These are frames" not in text and "<image>" not in text and "<0.5 seconds>" in text
+    answer = tokenizer.decode(batch.labels[0][batch.labels[0] >= 0])
+    assert answer == "Two.<|im_end|>\n"
+    assert int((batch.mm_token_type_ids[0] == 2).sum()) == 4 * 6
+
+
+def test_forward_backward_gives_five_finite_losses_and_freezes_vision(student, batch):
+    student.zero_grad(set_to_none=True)
+    losses = student(batch)
+    assert set(losses) == {"lm", "camera", "depth", "scale", "distill", "total"}
+    for name, value in losses.items():
+        assert torch.isfinite(value) and value.item() > 0, name
+    cfg = student.config
+    expected = losses["lm"] + 2.5 * losses["camera"] + losses["depth"] + losses["distill"] + losses["scale"]
+    assert cfg.camera_weight == 2.5 and losses["total"].item() == pytest.approx(expected.item(), rel=1e-6)
+    losses["total"].backward()
+    visual = student.base.model.visual
+    frozen = [
+        p for n, p in visual.named_parameters() if not n.startswith(("merger.", "deepstack_merger_list."))
+    ]
+    assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
+    assert visual.merger.linear_fc2.weight.grad.abs().sum() > 0
+    assert visual.deepstack_merger_list[0].linear_fc2.weight.grad.abs().sum() > 0
+    student.zero_grad(set_to_none=True)
+
+
+def test_each_geometric_loss_reaches_its_head_and_the_llm(student, batch):
+    losses = student(batch)
+    heads = {
+        "camera": [student.camera_head, student.camera_token],
+        "depth": [student.dense_head],
+        "scale": [student.scale_head, student.scale_token],
+        "distill": [student.distill_heads],
+    }
+    llm = student.base.model.language_model.layers[0].mlp.down_proj.weight
+    merger = student.base.model.visual.merger.linear_fc2.weight
+    vision = student.base.model.visual.blocks[0].attn.qkv.weight
+    assert not vision.requires_grad
+    for name, own in heads.items():
+        own_params = [p for m in own for p in m.parameters()]
+        # other heads get nothing; the new tokens are in the sequence, so every loss may reach them
+        other = [p for other_name, ms in heads.items() if other_name != name for p in ms[0].parameters()]
+        grads = torch.autograd.grad(
+            losses[name], own_params + other + [llm, merger], retain_graph=True, allow_unused=True
+        )
+        own_grads, rest = grads[: len(own_params)], grads[len(own_params) :]
+        other_grads, (llm_grad, merger_grad) = rest[: len(other)], rest[len(other) :]
+        assert all(g is not None for g in own_grads), name
+        assert sum(g.abs().sum() for g in own_grads) > 0, name
+        assert all(g is None or g.abs().sum() == 0 for g in other_grads), name
+        assert llm_grad is not None and llm_grad.abs().sum() > 0, name
+        assert merger_grad is not None and merger_grad.abs().sum() > 0, name
+
+
+def test_camera_token_follows_each_frame(student, batch, tiny_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
+    vision_end = tokenizer.convert_tokens_to_ids("<|vision_end|>")
+    video = student.base.config.video_token_id
+    layout = student._layout(batch)
+    embeds, _ = student._input_embeddings(batch, layout)
+    vision = student.base.model.get_video_features(
+        batch.pixel_values_videos, batch.video_grid_thw
+    ).pooler_output
+    for b in range(2):
+        frames = int(batch.video_grid_thw[b, 0])
+        patches, cameras = layout.patch_positions[b], layout.camera_positions[b]
+        scale = int(layout.scale_positions[b])
+        assert patches.shape == (frames, int(batch.video_grid_thw[b, 1] * batch.video_grid_thw[b, 2]) // 4)
+        for i in range(frames):
+            # camera token i sits right after frame i's visual tokens, before its <|vision_end|>
+            assert int(cameras[i]) == int(patches[i, -1]) + 1
+            assert torch.equal(
+                patches[i], torch.arange(int(patches[i, 0]), int(patches[i, 0]) + patches.shape[1])
+            )
+            after = scale + 1 if i == frames - 1 else int(cameras[i]) + 1
+            assert int(layout.input_ids[b, after]) == vision_end
+            torch.testing.assert_close(embeds[b, cameras[i]], student.camera_token.weight[0 if i == 0 else 1])
+            # the inserted token takes the 3D position of its frame's last patch
+            assert torch.equal(
+                layout.position_ids[:, b, cameras[i]], layout.position_ids[:, b, patches[i, -1]]
+            )
+        assert scale == int(cameras[-1]) + 1
+        torch.testing.assert_close(embeds[b, scale], student.scale_token.weight[0])
+        torch.testing.assert_close(embeds[b, patches.reshape(-1)], vision[b])
+        slots = torch.cat((cameras, torch.tensor([scale])))
+        assert (layout.input_ids[b, slots] == video).all() and (layout.mm_token_type_ids[b, slots] == 2).all()
+        assert (layout.labels[b, slots] == -100).all() and not layout.visual_mask[b, slots].any()
+        assert int(layout.attention_mask[b].sum()) == int(batch.attention_mask[b].sum()) + frames + 1
+    # text after the video keeps its positions: the last token's position is unchanged
+    plain, _ = student.base.model.get_rope_index(
+        batch.input_ids,
+        batch.mm_token_type_ids,
+        video_grid_thw=batch.video_grid_thw,
+        attention_mask=batch.attention_mask,
+    )
+    for b in range(2):
+        n_old, n_new = int(batch.attention_mask[b].sum()), int(layout.attention_mask[b].sum())
+        assert torch.equal(plain[:, b, n_old - 1], layout.position_ids[:, b, n_new - 1])
+
+
+def test_permuting_teacher_labels_across_frames_changes_pose_and_depth_losses(student, batch):
+    """With the student's own predictions as labels the pose and depth losses vanish; the same labels
+    permuted across frames do not: frame i's prediction meets frame i's label."""
+    pred = student.predict(batch)
+    valid = GeoVRStudent.depth_valid(batch)
+    aligned = dataclasses.replace(
+        batch, pose_enc=pred.pose_enc.nan_to_num(0.0), depth=torch.where(valid, pred.depth, batch.depth)
+    )
+    order = [2, 0, 3, 1]
+    permuted = dataclasses.replace(aligned, pose_enc=aligned.pose_enc.clone(), depth=aligned.depth.clone())
+    permuted.pose_enc[0], permuted.depth[0] = aligned.pose_enc[0, order], aligned.depth[0, order]
+    with torch.no_grad():
+        same, moved = student(aligned), student(permuted)
+    assert same["camera"].item() < 1e-6 and same["depth"].item() < 1e-6
+    assert moved["camera"].item() > 1e-4 and moved["depth"].item() > 1e-4
+    assert moved["lm"].item() == pytest.approx(same["lm"].item(), rel=1e-6)
+
+
+def test_invalid_labels_contribute_nothing(student, batch):
+    """Changing what is flagged invalid or padded leaves every loss unchanged."""
+    changed = dataclasses.replace(
+        batch,
+        scale=torch.tensor([batch.scale[0].item(), 1e6]),  # clip 1: no metric scale
+        pose_enc=batch.pose_enc.clone(),
+        depth=batch.depth.clone(),
+        features=batch.features.clone(),
+    )
+    changed.pose_enc[1, 3] = 1e4  # clip 1 has 3 frames: frame 3 is padding
+    changed.depth[1, 3] = 1e4
+    changed.features[1, 3] = -1.0
+    changed.depth[0, 0, :5, :5] = float("nan")  # a label hole: masked, not zero-filled
+    with torch.no_grad():
+        base, other = student(batch), student(changed)
+    for name in ("lm", "camera", "scale", "distill"):
+        assert other[name].item() == pytest.approx(base[name].item(), rel=1e-6), name
+    assert torch.isfinite(other["depth"]) and other["depth"].item() != base["depth"].item()
+    no_scale = dataclasses.replace(batch, scale_valid=torch.tensor([False, False]))
+    with torch.no_grad():
+        assert student(no_scale)["scale"].item() == 0.0
+
+
+def test_predictions_are_padded_with_nan(student, batch):
+    pred = student.predict(batch)
+    assert pred.pose_enc.shape == (2, 4, 9) and torch.isnan(pred.pose_enc[1, 3]).all()
+    assert (
+        torch.isfinite(pred.pose_enc[batch.frame_mask]).all()
+        and (pred.pose_enc[..., 7:][batch.frame_mask] >= 0).all()
+    )
+    assert (
+        pred.depth.shape == batch.depth.shape
+        and (pred.depth[0] > 0).all()
+        and torch.isnan(pred.depth[1, 3]).all()
+    )
+    assert pred.scale.shape == (2,) and (pred.scale > 0).all()
+
+
+def test_language_loss_equals_plain_qwen3vl_with_geometry_off(tiny_dir, batch):
+    off = load_section(
+        StudentConfig, "student", "tiny", camera=False, depth=False, scale=False, distill=False
+    )
+    plain_student = GeoVRStudent.from_base(tiny_dir, off).eval()
+    assert not plain_student.geometry_modules()
+    with torch.no_grad():
+        ours = plain_student(batch)
+        reference = plain_student.base(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            labels=batch.labels,
+            pixel_values_videos=batch.pixel_values_videos,
+            video_grid_thw=batch.video_grid_thw,
+            mm_token_type_ids=batch.mm_token_type_ids,
+        ).loss
+    assert ours["lm"].item() == pytest.approx(reference.item(), rel=1e-5)
+    assert ours["total"].item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_hidden_states_include_deepstack_and_precede_the_final_norm(tiny_dir, batch):
+    """transformers 5.x records decoder-layer outputs before the DeepStack addition and the last one
+    after the final norm; the student's hidden states follow GeoVR (after DeepStack, before the norm)."""
+    off = load_section(StudentConfig, "student", "tiny", camera=False, depth=False, scale=False, distill=False)
+    student = GeoVRStudent.from_base(tiny_dir, off).eval()
+    with torch.no_grad():
+        layout = student._layout(batch)
+        embeds, deepstack = student._input_embeddings(batch, layout)
+        last, ours = student._decoder(embeds, layout, deepstack, {0, 1, 4})
+        hf = student.base(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values_videos=batch.pixel_values_videos,
+            video_grid_thw=batch.video_grid_thw,
+            mm_token_type_ids=batch.mm_token_type_ids,
+            output_hidden_states=True,
+        ).hidden_states
+    real = batch.attention_mask.bool()
+    torch.testing.assert_close(ours[0][real], hf[0][real])
+    with_deepstack = hf[1].clone()
+    with_deepstack[layout.visual_mask] += deepstack[0]  # the tiny model adds DeepStack after layer 0
+    torch.testing.assert_close(ours[1][real], with_deepstack[real])
+    assert not torch.allclose(ours[1][real], hf[1][real])
+    torch.testing.assert_close(student.base.model.language_model.norm(ours[4])[real], hf[4][real])
+    torch.testing.assert_close(last[real], hf[4][real])
+
+
+def test_param_groups(student):
+    groups = student.param_groups()
+    assert [(g["name"], g["lr"]) for g in groups] == [("llm", 2e-5), ("heads", 1e-4)]
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert not ids[0] & ids[1]
+    trainable = {id(p) for p in student.parameters() if p.requires_grad}
+    assert ids[0] | ids[1] == trainable
+    assert (
+        id(student.camera_token.weight) in ids[1]
+        and id(student.base.model.visual.merger.linear_fc1.weight) in ids[0]
+    )
+    assert id(student.base.model.visual.blocks[0].attn.qkv.weight) not in trainable
