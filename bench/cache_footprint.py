@@ -39,7 +39,13 @@ import numpy as np
 import zarr
 from PIL import Image
 
-from geovr.teacher_cache.codecs import CodecConfig, decode_depth, decode_features, encode_depth, encode_features
+from geovr.teacher_cache.codecs import (
+    CodecConfig,
+    decode_depth,
+    decode_features,
+    encode_depth,
+    encode_features,
+)
 from geovr.teacher_cache.frames import encode_jpeg
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
 from geovr.teacher_cache.store import open_store, open_writer
@@ -72,7 +78,9 @@ def _upsample_matrix(out_size: int, in_size: int) -> np.ndarray:
     return m
 
 
-def smooth_fields(rng: np.random.Generator, count: int, out_hw: tuple[int, int], low_hw: tuple[int, int]) -> np.ndarray:
+def smooth_fields(
+    rng: np.random.Generator, count: int, out_hw: tuple[int, int], low_hw: tuple[int, int]
+) -> np.ndarray:
     """(count, H, W) float32 spatially correlated unit-variance-ish fields."""
     uh, uw = _upsample_matrix(out_hw[0], low_hw[0]), _upsample_matrix(out_hw[1], low_hw[1])
     low = rng.standard_normal((count, *low_hw))
@@ -92,7 +100,9 @@ def synthetic_features(rng: np.random.Generator, frames: int) -> tuple[np.ndarra
         base = smooth_fields(rng, CHANNELS, (GRID_H, GRID_W), (4, 5)).transpose(1, 2, 0)
         drift = np.zeros_like(base)
         for s in range(frames):
-            drift = 0.9 * drift + 0.3 * smooth_fields(rng, CHANNELS, (GRID_H, GRID_W), (4, 5)).transpose(1, 2, 0)
+            drift = 0.9 * drift + 0.3 * smooth_fields(rng, CHANNELS, (GRID_H, GRID_W), (4, 5)).transpose(
+                1, 2, 0
+            )
             noise = rng.laplace(0, noise_weight / math.sqrt(2), (GRID_H, GRID_W, CHANNELS)).astype(np.float32)
             out[s, layer] = (0.8 * base + drift + noise + offset) * scale
     return out, outliers
@@ -110,7 +120,9 @@ def synthetic_depth(rng: np.random.Generator, frames: int) -> np.ndarray:
     for s in range(frames):
         yaw = start_yaw + 0.05 * s
         # camera axes (OpenCV: x right, y down, z forward) in a z-up world
-        forward = np.array([math.cos(yaw) * math.cos(pitch), math.sin(yaw) * math.cos(pitch), math.sin(pitch)])
+        forward = np.array(
+            [math.cos(yaw) * math.cos(pitch), math.sin(yaw) * math.cos(pitch), math.sin(pitch)]
+        )
         right = np.array([math.sin(yaw), -math.cos(yaw), 0.0])
         down = np.cross(forward, right)
         rays = rays_cam @ np.stack([right, down, forward])  # world directions, z component = 1 along forward
@@ -167,7 +179,9 @@ def synthetic_clip(seed: int, index: int) -> tuple[ClipLabels, np.ndarray]:
         frames_jpeg=synthetic_frames(rng, FRAMES),
         pose_enc=pose,
         extrinsic=rng.standard_normal((FRAMES, 3, 4)).astype(np.float32),
-        intrinsic=np.tile(np.array([[420.0, 0, 252], [0, 420.0, 196], [0, 0, 1]], np.float32), (FRAMES, 1, 1)),
+        intrinsic=np.tile(
+            np.array([[420.0, 0, 252], [0, 420.0, 196], [0, 0, 1]], np.float32), (FRAMES, 1, 1)
+        ),
         depth=synthetic_depth(rng, FRAMES),
         depth_conf=synthetic_confidence(rng, FRAMES),
         scale=float(rng.uniform(1, 4)),
@@ -191,7 +205,11 @@ def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def summary(values: np.ndarray, low: bool) -> dict[str, float]:
     """mean, 1st (low=True) or median/99th percentile, and the worst value."""
     if low:
-        return {"mean": float(values.mean()), "p1": float(np.percentile(values, 1)), "min": float(values.min())}
+        return {
+            "mean": float(values.mean()),
+            "p1": float(np.percentile(values, 1)),
+            "min": float(values.min()),
+        }
     return {
         "median": float(np.median(values)),
         "p99": float(np.percentile(values, 99)),
@@ -240,7 +258,13 @@ def timed(fn) -> tuple[Any, float, float]:
 
 
 def rate(clips: int, wall: float, cpu: float) -> dict[str, float]:
-    return {"clips": clips, "wall_s": wall, "cpu_s": cpu, "clips_per_s": clips / wall, "clips_per_cpu_s": clips / cpu}
+    return {
+        "clips": clips,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "clips_per_s": clips / wall,
+        "clips_per_cpu_s": clips / cpu,
+    }
 
 
 def bench_backend(store_format: str, root: Path, seed: int, shards: int, per_shard: int) -> dict[str, Any]:
@@ -296,7 +320,9 @@ def codec_choices(seed: int, frames: int = 8) -> dict[str, Any]:
 
     def scored(name: str, y: np.ndarray, payload_bytes: int) -> dict[str, Any]:
         cos = np.concatenate([token_cosine(x[:, i], y[:, i]) for i in range(LAYERS)])
-        inl = np.concatenate([token_cosine(x[:, i][..., keep[i]], y[:, i][..., keep[i]]) for i in range(LAYERS)])
+        inl = np.concatenate(
+            [token_cosine(x[:, i][..., keep[i]], y[:, i][..., keep[i]]) for i in range(LAYERS)]
+        )
         return {
             "codec": name,
             "bits_per_value": 8 * payload_bytes / x.size,
@@ -308,32 +334,47 @@ def codec_choices(seed: int, frames: int = 8) -> dict[str, Any]:
     # int8 with one absmax scale per token (no channel handling): outliers squash everything else
     step = np.abs(x).max(-1, keepdims=True) / 127
     q = np.rint(x / step).astype(np.int8)
-    features.append(scored("int8 per-token absmax + zstd", q * step, len(zstd.encode(q.tobytes())) + step.size * 4))
+    features.append(
+        scored("int8 per-token absmax + zstd", q * step, len(zstd.encode(q.tobytes())) + step.size * 4)
+    )
     # int8 with one absmax scale per channel and layer over the clip
     step = np.abs(x).max(axis=(0, 2, 3), keepdims=True) / 127
     q = np.rint(x / step).astype(np.int8)
-    features.append(scored("int8 per-channel absmax + zstd", q * step, len(zstd.encode(q.tobytes())) + step.size * 4))
+    features.append(
+        scored("int8 per-channel absmax + zstd", q * step, len(zstd.encode(q.tobytes())) + step.size * 4)
+    )
     for outlier_channels, token_steps in ((0, 5.0), (8, 4.0), (8, 5.0), (8, 6.0)):
         enc = encode_features(x, token_steps, outlier_channels)
         size = sum(len(zstd.encode(np.ascontiguousarray(a).tobytes())) for a in enc.values())
         features.append(
-            scored(f"ours: rms-normalised channels, int8 per-token step rms/{token_steps:g}, "
-                   f"{outlier_channels} float16 outlier channels + zstd", decode_features(**enc), size)
+            scored(
+                f"ours: rms-normalised channels, int8 per-token step rms/{token_steps:g}, "
+                f"{outlier_channels} float16 outlier channels + zstd",
+                decode_features(**enc),
+                size,
+            )
         )
 
     depth = clip.depth[:frames]
-    depth_rows = [{"codec": "float16", "bytes_per_frame": 2 * depth[0].size,
-                   "rel_err_median": float(np.median(np.abs(depth.astype(np.float16) / depth - 1)))}]
+    depth_rows = [
+        {
+            "codec": "float16",
+            "bytes_per_frame": 2 * depth[0].size,
+            "rel_err_median": float(np.median(np.abs(depth.astype(np.float16) / depth - 1))),
+        }
+    ]
     for exponent in (8, 10, 12, 14):
         enc = encode_depth(depth, 2.0**-exponent)
         rel = np.abs(decode_depth(**enc) / depth - 1)
         size = sum(len(zstd.encode(np.ascontiguousarray(a).tobytes())) for a in enc.values())
-        depth_rows.append({
-            "codec": f"uint16 log step 2^-{exponent}, zigzag deltas + zstd",
-            "bytes_per_frame": size / frames,
-            "rel_err_median": float(np.median(rel)),
-            "rel_err_p99": float(np.percentile(rel, 99)),
-        })
+        depth_rows.append(
+            {
+                "codec": f"uint16 log step 2^-{exponent}, zigzag deltas + zstd",
+                "bytes_per_frame": size / frames,
+                "rel_err_median": float(np.median(rel)),
+                "rel_err_p99": float(np.percentile(rel, 99)),
+            }
+        )
     return {"frames": frames, "features": features, "depth": depth_rows}
 
 
@@ -343,7 +384,9 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--clips-per-shard", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--keep-stores", action="store_true", help="keep the stores (about 0.2 GB per 8 clips)")
+    parser.add_argument(
+        "--keep-stores", action="store_true", help="keep the stores (about 0.2 GB per 8 clips)"
+    )
     args = parser.parse_args()
 
     # One process on one core: no codec thread pools.
@@ -366,10 +409,14 @@ def main() -> None:
     for store_format in ("zarr", "wds"):
         root = args.out / f"store_{store_format}"
         shutil.rmtree(root, ignore_errors=True)
-        result["backends"][store_format] = bench_backend(store_format, root, args.seed, args.shards, args.clips_per_shard)
+        result["backends"][store_format] = bench_backend(
+            store_format, root, args.seed, args.shards, args.clips_per_shard
+        )
         if not args.keep_stores:
             shutil.rmtree(root)
-        print(f"{store_format}: {json.dumps(result['backends'][store_format]['bytes_per_frame'])}", flush=True)
+        print(
+            f"{store_format}: {json.dumps(result['backends'][store_format]['bytes_per_frame'])}", flush=True
+        )
 
     per_frame_jpeg = result["backends"]["zarr"]["bytes_per_frame"]["frames_jpeg"]
     result["float16_reference_bytes_per_frame"] = {
@@ -388,8 +435,9 @@ def main() -> None:
                 for layer in backend["feature_cosine"].values()
             ),
             "depth_median_rel_err": backend["depth_rel_err"]["median"] <= TARGETS["depth_median_rel_err_max"],
-            "read_clips_per_s": min(backend["read_by_id_decoded"]["clips_per_s"],
-                                    backend["read_streaming_decoded"]["clips_per_s"])
+            "read_clips_per_s": min(
+                backend["read_by_id_decoded"]["clips_per_s"], backend["read_streaming_decoded"]["clips_per_s"]
+            )
             >= TARGETS["read_clips_per_s_min"],
         }
     result["targets"] = TARGETS

@@ -15,8 +15,10 @@ teacher's labels of the same clip, so they measure how well the heads learnt the
 - features: per distilled layer, the mean cosine between the projected student features and the
   teacher features over all tokens of the clip.
 
-Clip means are averaged over clips. Output: `geometry.json` ({"model", "store", "num_clips",
-"metrics": {name: mean}, "clips": [per-clip metrics]}) and `geometry.md`.
+Metric names: depth_abs_rel, depth_delta1, rotation_error_deg, translation_error_deg (pair means),
+pose_auc30, scale_log_error, feature_cosine_layer<l> (l = the teacher layer). Clip values are
+averaged over the clips that have them. Output: `geometry.json` ({"model", "store", "num_clips",
+"metrics": {name: mean}, "clips": [per-clip metrics, non-finite values as null]}) and `geometry.md`.
 """
 
 from __future__ import annotations
@@ -150,7 +152,13 @@ def clip_metrics(
     if scale is not None and labels.scale_valid and np.isfinite(labels.scale) and labels.scale > 0:
         out["scale_log_error"] = abs(math.log(max(scale, 1e-12)) - math.log(labels.scale))
     for index, (layer, pred) in enumerate(zip(feature_layers, features, strict=True)):
-        out[f"feature_cosine_layer{layer}"] = feature_cosine(pred, labels.features[:, index])
+        target = labels.features[:, index]
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"clip {labels.clip_id}: student features of layer {layer} have shape {pred.shape}, "
+                f"the store's {target.shape}; was the student trained on this store's teacher?"
+            )
+        out[f"feature_cosine_layer{layer}"] = feature_cosine(pred, target)
     return out
 
 
@@ -241,6 +249,9 @@ def evaluate_geometry(
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "geometry.json").write_text(json.dumps(report, indent=1) + "\n")
+    clean = [
+        {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in c.items()} for c in clips
+    ]
+    (out / "geometry.json").write_text(json.dumps({**report, "clips": clean}, indent=1) + "\n")
     (out / "geometry.md").write_text(geometry_table(report))
     return report

@@ -7,7 +7,7 @@ Input: a `SceneAnnotation` per scene, the only thing a new data source has to pr
   axis, counter-clockwise seen from above, radians). World: z up, metres, floor at z = 0.
 - `room_area`: floor area of the room in m^2 (for ScanNet-like data: the area of the floor outline).
 - `visible_pixels` (F, N): pixels of each object visible in each video frame (column n = objects[n])
-  and `timestamps` (F,) seconds; `frame_pixels` = W * H. Only appearance order uses these.
+  and `frame_pixels` = W * H. Only appearance order uses these.
 `load_synthetic_scene` builds it from the synthetic corpus (`gt/<scene>/scene.json` and
 `frames.safetensors`, see `geovr.pipeline.synth`); a ScanNet-like loader builds it from an
 object list (category, oriented box) plus per-frame instance masks.
@@ -88,7 +88,6 @@ class SceneAnnotation:
     objects: list[ObjectBox]
     room_area: float
     visible_pixels: np.ndarray | None = None
-    timestamps: np.ndarray | None = None
     frame_pixels: int = 0
 
 
@@ -525,13 +524,13 @@ def load_synthetic_scene(corpus_dir: Path, scene_id: str, dataset: str = "synthe
         room = np.asarray(data["room"]["size"], dtype=np.float64)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{scene_path}: malformed scene ground truth ({err})") from None
-    with safe_open(gt_dir / "frames.safetensors", framework="np") as f:
+    frames_path = gt_dir / "frames.safetensors"
+    if not frames_path.is_file():
+        raise FileNotFoundError(f"{frames_path}: per-frame ground truth not found")
+    with safe_open(frames_path, framework="np") as f:
         visible = f.get_tensor("visible_pixels")
-        timestamps = f.get_tensor("timestamps")
         height, width = f.get_slice("depth").get_shape()[1:]
-    if visible.shape != (timestamps.shape[0], len(objects)) or sorted(o.id for o in objects) != list(
-        range(len(objects))
-    ):
+    if visible.shape[1] != len(objects) or sorted(o.id for o in objects) != list(range(len(objects))):
         raise ValueError(
             f"{gt_dir}: visible_pixels {visible.shape} does not match the ids of {len(objects)} objects"
         )
@@ -542,7 +541,6 @@ def load_synthetic_scene(corpus_dir: Path, scene_id: str, dataset: str = "synthe
         objects=objects,
         room_area=float(room[0] * room[1]),
         visible_pixels=visible,
-        timestamps=timestamps,
         frame_pixels=int(height * width),
     )
 

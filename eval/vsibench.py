@@ -36,6 +36,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress
 
 from geovr.eval.report import vsibench_summary, write_vsibench_report
 from geovr.eval.scoring import MCA_QUESTION_TYPES, NA_QUESTION_TYPES, PARSERS, QUESTION_TYPES, score_rows
@@ -101,9 +102,11 @@ def _row_problem(row: Any) -> str | None:
         return f"missing field(s) {', '.join(missing)}"
     if row["question_type"] not in QUESTION_TYPES:
         return f"unknown question type {row['question_type']!r}"
-    for key in ("dataset", "scene_name", "question"):
+    for key in ("dataset", "question"):
         if not isinstance(row[key], str) or not row[key]:
             return f"{key} must be a non-empty string"
+    if not isinstance(row["scene_name"], (str, int)) or row["scene_name"] == "":
+        return "scene_name must be a non-empty string or an integer"
     if row["question_type"] in MCA_QUESTION_TYPES:
         options = row["options"]
         if not isinstance(options, list) or not options or not all(isinstance(o, str) for o in options):
@@ -357,7 +360,11 @@ def run_vsibench(
 
     cache = _FrameCache(cfg)
     batch: list[tuple[dict[str, Any], VideoQuestion]] = []
-    with predictions_path.open("a") as out:
+    progress = Progress(
+        *Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=True
+    )
+    task = progress.add_task("answering", total=len(pending))
+    with predictions_path.open("a") as out, progress:
 
         def flush() -> None:
             nonlocal generator
@@ -375,6 +382,7 @@ def run_vsibench(
                 answered[row["id"]] = record
             out.flush()
             os.fsync(out.fileno())
+            progress.advance(task, len(batch))
             batch.clear()
 
         for row in pending:
@@ -384,6 +392,7 @@ def run_vsibench(
                 request = VideoQuestion(frames, times, build_prompt(row))
             except (OSError, ValueError, av.error.FFmpegError) as err:
                 errors.append({"id": row["id"], "reason": str(err)})
+                progress.advance(task)
                 continue
             batch.append((row, request))
             if len(batch) == cfg.batch_size:

@@ -236,7 +236,8 @@ def _camera_path(
     """A smooth path around the room's middle: positions (F, 3) and yaw/pitch/roll (F,) in radians.
 
     The path is parameterised by the clip's progress s in [0, 1], so a clip of any length covers
-    the same sweep: a slow Lissajous drift of the position and a yaw sweep of 0.6 to 1 turn.
+    the same sweep: a slow Lissajous drift of the position and a yaw sweep of 1 to 1.2 turns, so
+    that every wall (and every object that nothing hides) is seen.
     """
     sx, sy, _ = room.size
     s = np.arange(frames, dtype=np.float64) / max(frames - 1, 1)
@@ -246,7 +247,7 @@ def _camera_path(
     x = center[0] + amplitude[0] * np.sin(2 * math.pi * 0.7 * s + phase[0])
     y = center[1] + amplitude[1] * np.sin(2 * math.pi * 0.5 * s + phase[1])
     z = rng.uniform(1.35, 1.65) + 0.03 * np.sin(2 * math.pi * 1.5 * s + phase[2])
-    sweep = rng.choice([-1.0, 1.0]) * rng.uniform(0.6, 1.0) * 2 * math.pi
+    sweep = rng.choice([-1.0, 1.0]) * rng.uniform(1.0, 1.2) * 2 * math.pi
     yaw = rng.uniform(0, 2 * math.pi) + sweep * s + 0.2 * np.sin(2 * math.pi * s + phase[3])
     pitch = rng.uniform(-0.3, -0.12) + 0.06 * np.sin(2 * math.pi * s + phase[4])
     roll = 0.02 * np.sin(2 * math.pi * 1.3 * s + phase[5])
@@ -724,11 +725,14 @@ class VideoWriter:
     def __init__(self, path: Path, width: int, height: int, fps: float, crf: int = 18) -> None:
         self.rate = Fraction(fps).limit_denominator(100000)
         self.container = av.open(str(path), mode="w", format="mp4")
-        self.stream = self.container.add_stream("libx264", rate=self.rate)
+        # Options must be given here: assigned to `stream.options` later, PyAV 18 ignores them for the
+        # first stream of a process. x264's macroblock tree makes the output vary from run to run
+        # (measured with one thread too); without it the same frames always give the same file.
+        options = {"crf": str(crf), "preset": "veryfast", "x264-params": "mbtree=0"}
+        self.stream = self.container.add_stream("libx264", rate=self.rate, options=options)
         self.stream.width = width
         self.stream.height = height
         self.stream.pix_fmt = "yuv420p"
-        self.stream.options = {"crf": str(crf), "preset": "veryfast"}
         self.count = 0
 
     def write(self, rgb: np.ndarray) -> None:

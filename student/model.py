@@ -560,8 +560,14 @@ class GeoVRStudent(nn.Module):
     def feature_valid(batch: StudentBatch) -> Tensor:
         """(B, S, h, w) bool: feature tokens of real frames inside the clip's own feature grid."""
         _, _, _, height, width, _ = batch.features.shape
-        rows = torch.arange(height, device=batch.features.device)[None, :, None] < batch.feature_hw[:, 0, None, None]
-        cols = torch.arange(width, device=batch.features.device)[None, None, :] < batch.feature_hw[:, 1, None, None]
+        rows = (
+            torch.arange(height, device=batch.features.device)[None, :, None]
+            < batch.feature_hw[:, 0, None, None]
+        )
+        cols = (
+            torch.arange(width, device=batch.features.device)[None, None, :]
+            < batch.feature_hw[:, 1, None, None]
+        )
         return batch.frame_mask[:, :, None, None] & (rows & cols)[:, None]
 
     @classmethod
@@ -676,7 +682,9 @@ def resolve_checkpoint(path: Path, allow_plain: bool = False) -> Path:
     `allow_plain`, also a plain model dir (config.json only)."""
     if (path / CONFIG_FILE).is_file():
         return path
-    complete = (p.parent for p in (path / "checkpoints").glob(f"*/{CONFIG_FILE}") if ".tmp" not in p.parent.name)
+    complete = (
+        p.parent for p in (path / "checkpoints").glob(f"*/{CONFIG_FILE}") if ".tmp" not in p.parent.name
+    )
     candidates = sorted(complete, key=lambda p: _natural_key(p.name))
     if candidates:
         return candidates[-1]

@@ -20,9 +20,11 @@ CPU, NCCL on GPU; without `torchrun` it runs as one process without a process gr
 Checkpoints `RUN/checkpoints/step_NNNNNNNN/`, written under a `.tmp` name then renamed, last
 `keep_last` kept:
 
-    model.safetensors          full model state (trainable and frozen), keys as `GeoVRStudent.state_dict()`
-    optimizer.safetensors      AdamW state, flattened (`state.<param>.<exp_avg|exp_avg_sq|step>`)
-    optimizer.json             the optimizer's non-tensor entries (param group hyper-parameters)
+    config.json, model*.safetensors, student_config.json, geovr_heads.safetensors, processor files
+                               the student checkpoint format (`GeoVRStudent.save_pretrained`), so
+                               `GeoVRStudent.from_pretrained(RUN)` and `geovr-pipeline export RUN` read it
+    optimizer.safetensors      AdamW state, "<param name>::<exp_avg|exp_avg_sq|step>"
+    optimizer.json             the param groups (hyper-parameters, parameter names) and non-tensor state
     trainer.json               step, scheduler state, world size, counters, configs, store digest
     rank_R.json / rank_R.safetensors   per rank: data-loader position and RNG states (python, numpy, torch, cuda)
 
@@ -274,12 +276,30 @@ def checkpoint_dirs(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def _split_flat_state(flat: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}
-    others = {
-        k: list(v) if isinstance(v, tuple) else v for k, v in flat.items() if not isinstance(v, torch.Tensor)
-    }
-    return tensors, others
+def _optimizer_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """A full optimizer state dict {"state": {fqn: {name: value}}, "param_groups": [...]} as
+    safetensors tensors keyed "fqn::name" and a JSON part (non-tensor entries, param groups)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for fqn, entries in state["state"].items():
+        for name, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{fqn}::{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{fqn}::{name}"] = value
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()} for g in state["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *info["scalars"].items()]:
+        fqn, name = key.rsplit("::", 1)
+        state.setdefault(fqn, {})[name] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in info["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -344,7 +364,7 @@ def save_checkpoint(
     name = f"step_{step:08d}"
     final = run_dir / "checkpoints" / name
     tmp = run_dir / "checkpoints.tmp" / name
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, flatten_optimizer_state_dict=True)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     # Collective under FSDP2: every rank takes part, rank 0 receives the full tensors.
     model_state = get_model_state_dict(student, options=options)
     optim_state = get_optimizer_state_dict(student, optimizer, options=options)
@@ -353,9 +373,9 @@ def save_checkpoint(
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         _write_checkpoint_model(student, model_state, tmp)
-        tensors, others = _split_flat_state(optim_state)
+        tensors, info = _optimizer_to_files(optim_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(others))
+        (tmp / "optimizer.json").write_text(json.dumps(info))
     del model_state, optim_state
     barrier(env)
     rng_tensors, rng_info = rng_state()
@@ -385,10 +405,10 @@ def load_training_state(
             f"checkpoint {path} was written by {trainer_state['world_size']} processes, this job has "
             f"{env.world_size}; resume with the same number of processes (the data position is per rank)"
         )
-    optim_state: dict[str, Any] = load_file(str(path / "optimizer.safetensors"))
-    optim_state.update(json.loads((path / "optimizer.json").read_text()))
-    options = StateDictOptions(full_state_dict=True, flatten_optimizer_state_dict=True)
-    set_optimizer_state_dict(student, optimizer, optim_state, options=options)
+    optim_state = _optimizer_from_files(
+        load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+    )
+    set_optimizer_state_dict(student, optimizer, optim_state, options=StateDictOptions(full_state_dict=True))
     rank_state = json.loads((path / f"rank_{env.rank}.json").read_text())
     set_rng_state(load_file(str(path / f"rank_{env.rank}.safetensors")), rank_state.pop("rng"))
     return trainer_state, rank_state
@@ -566,6 +586,7 @@ class StepStats:
     tokens: int = 0
     flops: float = 0.0
     data_wait: float = 0.0
+    skipped_samples: int = 0
 
     def add_losses(self, losses: dict[str, torch.Tensor], weight: int) -> None:
         for name, value in losses.items():
@@ -612,6 +633,54 @@ def _write_checkpoint_model(student: nn.Module, state: dict[str, torch.Tensor], 
     (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
     if student.source_dir is not None:
         copy_processor_files(student.source_dir, out)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    model_config: Any,
+    loader: Any,
+    env: DistEnv,
+    accumulation: int,
+    samples_per_rank_step: int,
+    autocast_dtype: torch.dtype | None,
+    before_forward: Callable[[Any], None] | None = None,
+) -> StepStats:
+    """Forward and backward over one step's `accumulation` micro-batches of this rank.
+
+    Each chunk's total loss is weighted by its share of the rank's samples in the step, so the
+    accumulated gradient is the mean over the step's samples (DDP / FSDP then average over ranks).
+    Gradients are reduced across ranks on the last backward only. `before_forward(chunk)` runs
+    before each chunk's forward (the benchmark's online teacher). Returns this rank's sums.
+    """
+    stats = StepStats()
+    for micro in range(accumulation):
+        wait_start = time.perf_counter()
+        _, micro_batch = loader.next()
+        stats.data_wait += time.perf_counter() - wait_start
+        stats.skipped_samples += len(micro_batch.skipped)
+        if not micro_batch.chunks:
+            raise ValueError(
+                f"rank {env.rank}: every sample of a micro-batch was skipped "
+                f"({micro_batch.skipped[0].reason}); raise data.max_seq_len"
+            )
+        for index, chunk in enumerate(micro_batch.chunks):
+            last = micro == accumulation - 1 and index == len(micro_batch.chunks) - 1
+            chunk = chunk.to(env.device)
+            if before_forward is not None:
+                before_forward(chunk)
+            size = int(chunk.input_ids.shape[0])
+            with _sync_gradients(model, env, sync=last):
+                with torch.autocast(
+                    env.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                ):
+                    losses = model(chunk)
+                (losses["total"] * (size / samples_per_rank_step)).backward()
+            stats.add_losses(losses, size)
+            stats.samples += size
+            seq_lens = chunk.attention_mask.sum(1).tolist()
+            stats.tokens += int(sum(seq_lens))
+            stats.flops += qwen3vl_step_flops(model_config, seq_lens, chunk.video_grid_thw.tolist())
+    return stats
 
 
 def train(
@@ -756,37 +825,10 @@ def _train(
     run_start = time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
         step_start = time.perf_counter()
-        stats = StepStats()
-        skipped_samples = 0
-        for micro in range(accumulation):
-            wait_start = time.perf_counter()
-            _, micro_batch = loader.next()
-            stats.data_wait += time.perf_counter() - wait_start
-            skipped_samples += len(micro_batch.skipped)
-            if not micro_batch.chunks:
-                raise ValueError(
-                    f"rank {env.rank}, step {step}: every sample of a micro-batch was skipped "
-                    f"({micro_batch.skipped[0].reason}); raise data.max_seq_len"
-                )
-            for index, chunk in enumerate(micro_batch.chunks):
-                last = micro == accumulation - 1 and index == len(micro_batch.chunks) - 1
-                chunk = chunk.to(env.device)
-                size = int(chunk.input_ids.shape[0])
-                with _sync_gradients(model, env, sync=last):
-                    with torch.autocast(
-                        env.device.type,
-                        dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None,
-                    ):
-                        losses = model(chunk)
-                    (losses["total"] * (size / per_rank_step)).backward()
-                stats.add_losses(losses, size)
-                stats.samples += size
-                seq_lens = chunk.attention_mask.sum(1).tolist()
-                stats.tokens += int(sum(seq_lens))
-                stats.flops += qwen3vl_step_flops(
-                    student.base.config, seq_lens, chunk.video_grid_thw.tolist()
-                )
+        stats = accumulate_gradients(
+            model, student.base.config, loader, env, accumulation, per_rank_step, autocast_dtype
+        )
+        skipped_samples = stats.skipped_samples
         means, totals = _reduce_stats(stats, loss_names, env)
         grad_norm, finite = clip_and_check(param_list, cfg.grad_clip, means["total"], env)
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}

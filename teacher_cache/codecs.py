@@ -165,7 +165,9 @@ class EncodedClip:
             )
         for name, array in self.arrays.items():
             if array.dtype != ARRAY_DTYPES[name]:
-                raise SchemaError(f"clip {self.clip_id}: {name} is {array.dtype}, expected {ARRAY_DTYPES[name]}")
+                raise SchemaError(
+                    f"clip {self.clip_id}: {name} is {array.dtype}, expected {ARRAY_DTYPES[name]}"
+                )
         for arrays in FRAME_ARRAYS.values():
             for name in arrays:
                 if self.arrays[name].shape[0] != self.num_frames:
@@ -337,7 +339,11 @@ def decode_clip(encoded: EncodedClip) -> ClipLabels:
         scale=float(a["scale"]),
         scale_valid=bool(a["scale_valid"]),
         features=decode_features(
-            a["feat_q"], a["feat_token_step"], a["feat_outliers"], a["feat_channel_rms"], a["feat_outlier_channels"]
+            a["feat_q"],
+            a["feat_token_step"],
+            a["feat_outliers"],
+            a["feat_channel_rms"],
+            a["feat_outlier_channels"],
         ),
         meta=dict(encoded.meta),
     )

@@ -32,7 +32,9 @@ def convert_store(src: str | Path, dst: str | Path, format: str) -> dict[str, An
             continue
         clips = list(reader.iter_shard_encoded(shard_id))
         failures = [
-            {k: row[k] for k in FAILURE_KEYS} for row in reader.markers[shard_id]["clips"] if row["status"] == "failed"
+            {k: row[k] for k in FAILURE_KEYS}
+            for row in reader.markers[shard_id]["clips"]
+            if row["status"] == "failed"
         ]
         writer.write_encoded_shard(shard_id, clips, failures)
         summary["shards_written"] += 1

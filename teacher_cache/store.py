@@ -145,7 +145,9 @@ class StoreWriter:
             try:
                 encoded.append(encode_clip(clip, self.codecs))
             except SchemaError as err:
-                failures.append({"clip_id": clip.clip_id, "video": clip.video, "stage": "encode", "reason": str(err)})
+                failures.append(
+                    {"clip_id": clip.clip_id, "video": clip.video, "stage": "encode", "reason": str(err)}
+                )
         return self.write_encoded_shard(shard_id, encoded, failures)
 
     def write_encoded_shard(
@@ -169,20 +171,26 @@ class StoreWriter:
         final = shard_path(self.root, self.format, shard_id)
         tmp = self.root / TMP_DIR / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         backend = zarr_backend if self.format == "zarr" else wds_backend
-        written = backend.write_shard(tmp, clips, self.codecs.zstd_level)
-
         files: dict[str, dict[str, Any]] = {}
-        for file in shard_files(tmp):
-            _fsync(file)
-            relative = (Path(final.name) / file.relative_to(tmp)) if tmp.is_dir() else Path(final.name)
-            files[relative.as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        try:
+            written = backend.write_shard(tmp, clips, self.codecs.zstd_level)
+            for file in shard_files(tmp):
+                _fsync(file)
+                relative = (Path(final.name) / file.relative_to(tmp)) if tmp.is_dir() else Path(final.name)
+                files[relative.as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+        except BaseException:
+            # An exception (not a kill) cleans up; a killed writer's temporary is only a warning in verify.
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            raise
         # A final path without a marker is the leftover of a writer killed after its rename.
         if final.is_dir():
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(self.root)
 
-        rows: list[dict[str, Any]] = [{"video": c.video, "status": "ok", **row} for c, row in zip(clips, written["clips"])]
+        rows: list[dict[str, Any]] = [
+            {"video": c.video, "status": "ok", **row} for c, row in zip(clips, written["clips"], strict=True)
+        ]
         rows += [{"status": "failed", **{k: str(row[k]) for k in FAILURE_KEYS}} for row in failures]
         marker = {
             "shard_id": shard_id,
@@ -213,12 +221,16 @@ def open_writer(
     if format not in FORMATS:
         raise ValueError(f"store format {format!r}: expected one of {FORMATS}")
     if codecs is None:
-        codecs = CodecConfig.from_dict(fingerprint.preprocess.get("codecs", {}), where="fingerprint.preprocess")
+        codecs = CodecConfig.from_dict(
+            fingerprint.preprocess.get("codecs", {}), where="fingerprint.preprocess"
+        )
     codecs.validate()
     root = Path(path)
     if not (root / STORE_JSON).exists():
         if root.exists() and any(p.name not in (TMP_DIR, DONE_DIR) for p in root.iterdir()):
-            raise ValueError(f"{root}: exists, is not empty and has no {STORE_JSON}; refusing to write a store there")
+            raise ValueError(
+                f"{root}: exists, is not empty and has no {STORE_JSON}; refusing to write a store there"
+            )
         _create_store(root, fingerprint, format, codecs)
 
     meta = read_store_json(root)
@@ -228,7 +240,10 @@ def open_writer(
     if meta["codecs"] != codecs:
         problems.append(f"codecs: {meta['codecs'].to_dict()} != {codecs.to_dict()}")
     if problems:
-        raise SchemaError(f"{root}: the store was written with other settings; refusing to add shards:\n  " + "\n  ".join(problems))
+        raise SchemaError(
+            f"{root}: the store was written with other settings; refusing to add shards:\n  "
+            + "\n  ".join(problems)
+        )
     return StoreWriter(root, fingerprint, format, codecs)
 
 
@@ -258,6 +273,19 @@ def _create_store(root: Path, fingerprint: StoreFingerprint, store_format: str, 
         tmp.unlink()
 
 
+ShardReader = zarr_backend.ZarrShardReader | wds_backend.WdsShardReader
+
+
+def open_shard_reader(root: Path, store_format: str, shard_id: str, marker: dict[str, Any]) -> ShardReader:
+    """Reader of one committed shard (`.read(clip_id)`, iteration streams its clips in order)."""
+    path = shard_path(root, store_format, shard_id)
+    if not path.exists():
+        raise FileNotFoundError(f"{root}: committed shard {shard_id} is missing ({path})")
+    if store_format == "zarr":
+        return zarr_backend.ZarrShardReader(path)
+    return wds_backend.WdsShardReader(path, [r for r in marker["clips"] if r["status"] == "ok"])
+
+
 class StoreReader:
     """Reads committed shards of one store (see `open_store`)."""
 
@@ -282,7 +310,7 @@ class StoreReader:
             for row in marker["clips"]:
                 if row["status"] == "ok":
                     self._clip_shard.setdefault(row["clip_id"], shard_id)
-        self._readers: dict[str, zarr_backend.ZarrShardReader | wds_backend.WdsShardReader] = {}
+        self._readers: dict[str, ShardReader] = {}
 
     def shards(self) -> list[str]:
         return list(self.markers)
@@ -299,18 +327,13 @@ class StoreReader:
             if row["status"] == "failed"
         ]
 
-    def shard_reader(self, shard_id: str) -> zarr_backend.ZarrShardReader | wds_backend.WdsShardReader:
+    def shard_reader(self, shard_id: str) -> ShardReader:
         if shard_id not in self.markers:
             raise KeyError(f"{self.root}: no committed shard {shard_id!r}")
         if shard_id not in self._readers:
-            path = shard_path(self.root, self.format, shard_id)
-            if not path.exists():
-                raise FileNotFoundError(f"{self.root}: committed shard {shard_id} is missing ({path})")
-            if self.format == "zarr":
-                self._readers[shard_id] = zarr_backend.ZarrShardReader(path)
-            else:
-                ok_rows = [r for r in self.markers[shard_id]["clips"] if r["status"] == "ok"]
-                self._readers[shard_id] = wds_backend.WdsShardReader(path, ok_rows)
+            self._readers[shard_id] = open_shard_reader(
+                self.root, self.format, shard_id, self.markers[shard_id]
+            )
         return self._readers[shard_id]
 
     def read_encoded(self, clip_id: str) -> EncodedClip:

@@ -16,6 +16,7 @@ from geovr.teacher_cache.store import (
     TMP_DIR,
     StoreReader,
     committed_shard_ids,
+    open_shard_reader,
     read_marker,
     read_store_json,
     sha256_file,
@@ -69,7 +70,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         if not problems:
             good.append(shard_id)
 
-    _check_decodes(root, good, report)
+    _check_decodes(root, store_format, good, report)
     _find_leftovers(root, store_format, set(shard_ids), report)
     return report
 
@@ -86,7 +87,9 @@ def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str
         "fingerprint_digest": digest,
         "codec_version": CODEC_VERSION,
     }
-    problems = [f"marker {k} is {marker.get(k)!r}, expected {v!r}" for k, v in expected.items() if marker.get(k) != v]
+    problems = [
+        f"marker {k} is {marker.get(k)!r}, expected {v!r}" for k, v in expected.items() if marker.get(k) != v
+    ]
     path = shard_path(root, store_format, shard_id)
     if not path.exists():
         return [*problems, f"shard data {path.name} is missing"]
@@ -104,20 +107,17 @@ def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str
     return problems
 
 
-def _check_decodes(root: Path, shard_ids: list[str], report: VerifyReport) -> None:
+def _check_decodes(root: Path, store_format: str, shard_ids: list[str], report: VerifyReport) -> None:
     """Open every checksum-clean shard, stream and decode every clip, compare with its marker."""
-    try:
-        reader = StoreReader(root)
-    except (OSError, ValueError) as err:
-        report.problems.append(("store", f"does not open: {err}"))
-        return
     seen: dict[str, str] = {}
     for shard_id in shard_ids:
-        marker = reader.markers[shard_id]
+        marker = read_marker(root, shard_id)
         expected = [(r["clip_id"], r["num_frames"]) for r in marker["clips"] if r["status"] == "ok"]
+        if not expected:
+            continue
         try:
             decoded = []
-            for encoded in reader.iter_shard_encoded(shard_id):
+            for encoded in open_shard_reader(root, store_format, shard_id, marker):
                 clip = decode_clip(encoded)
                 clip.validate()
                 decoded.append((clip.clip_id, clip.num_frames))

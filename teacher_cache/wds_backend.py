@@ -47,7 +47,9 @@ def _members(clip: EncodedClip, zstd: numcodecs.Zstd) -> list[tuple[str, str, by
     cameras = {n: clip.arrays[n] for n in _field_arrays("cameras")}
     members.append(("cameras.safetensors", "cameras", safetensors.numpy.save(cameras)))
     for name in COMPRESSED_FIELDS:
-        payload = safetensors.numpy.save({n: np.ascontiguousarray(clip.arrays[n]) for n in _field_arrays(name)})
+        payload = safetensors.numpy.save(
+            {n: np.ascontiguousarray(clip.arrays[n]) for n in _field_arrays(name)}
+        )
         members.append((f"{name}.safetensors.zst", name, bytes(zstd.encode(payload))))
     members.extend((f"{i:04d}.jpg", "frames_jpeg", frame) for i, frame in enumerate(clip.frames_jpeg))
     return members
@@ -96,7 +98,11 @@ def decode_sample(sample: dict[str, bytes], where: str) -> EncodedClip:
     except KeyError as err:
         raise SchemaError(f"{where}: sample lacks member {err}") from None
     return EncodedClip(
-        clip_id=header["clip_id"], video=header["video"], meta=header["meta"], frames_jpeg=frames, arrays=arrays
+        clip_id=header["clip_id"],
+        video=header["video"],
+        meta=header["meta"],
+        frames_jpeg=frames,
+        arrays=arrays,
     )
 
 

@@ -24,6 +24,7 @@ Reading one clip reads the shard index and the clip's inner chunks only.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -164,7 +165,9 @@ class ZarrShardReader:
         try:
             rows = self.root.attrs[CLIP_INDEX_ATTR]
         except KeyError:
-            raise SchemaError(f"{path}: Zarr shard without the clip index attribute {CLIP_INDEX_ATTR!r}") from None
+            raise SchemaError(
+                f"{path}: Zarr shard without the clip index attribute {CLIP_INDEX_ATTR!r}"
+            ) from None
         self.rows: dict[str, dict[str, Any]] = {row["clip_id"]: row for row in rows}
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
 
@@ -188,8 +191,10 @@ class ZarrShardReader:
         offsets = group["jpeg_offsets"][start : stop + 1]
         data = group["jpeg_bytes"][int(offsets[0]) : int(offsets[-1])].tobytes()
         base = int(offsets[0])
-        frames = [data[int(a) - base : int(b) - base] for a, b in zip(offsets[:-1], offsets[1:])]
-        return EncodedClip(clip_id=clip_id, video=row["video"], meta=row["meta"], frames_jpeg=frames, arrays=arrays)
+        frames = [data[int(a) - base : int(b) - base] for a, b in itertools.pairwise(offsets)]
+        return EncodedClip(
+            clip_id=clip_id, video=row["video"], meta=row["meta"], frames_jpeg=frames, arrays=arrays
+        )
 
     def __iter__(self) -> Iterator[EncodedClip]:
         for clip_id in self.rows:

@@ -20,3 +20,17 @@ def reference_dir() -> Path:
     if not REFERENCE.is_dir():
         pytest.fail(f"shared reference vectors not found at {REFERENCE} (set GEOVR_SHARED)")
     return REFERENCE
+
+
+# The synthetic corpus shared by the foundation tests: 2 scenes x 12 frames at 160x120.
+SYNTH_TEST_CONFIG = {"scenes": 2, "frames": 12, "width": 160, "height": 120, "fps": 4.0, "seed": 7}
+
+
+@pytest.fixture(scope="session")
+def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A corpus written by `geovr.pipeline.synth.write_corpus` with `SYNTH_TEST_CONFIG`."""
+    from geovr.pipeline.synth import SynthConfig, write_corpus
+
+    out = tmp_path_factory.mktemp("synth_corpus")
+    write_corpus(out, SynthConfig(**SYNTH_TEST_CONFIG))
+    return out

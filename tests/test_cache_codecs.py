@@ -26,7 +26,9 @@ def token_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def features_with_outliers(rng: np.random.Generator, shape=(4, 2, 5, 6, 64), outliers=(3, 40)) -> np.ndarray:
-    x = rng.standard_normal(shape).astype(np.float32) * np.exp(rng.normal(0, 0.5, shape[-1])).astype(np.float32)
+    x = rng.standard_normal(shape).astype(np.float32) * np.exp(rng.normal(0, 0.5, shape[-1])).astype(
+        np.float32
+    )
     x[..., list(outliers)] *= 100.0
     return x
 

@@ -60,7 +60,12 @@ def make_clip(index: int, frames: int = 4, depth_hw: tuple[int, int] = (12, 16),
     )
 
 
-FAILURE = {"clip_id": "00000000deadbeef", "video": "broken.mp4", "stage": "decode", "reason": "moov atom not found"}
+FAILURE = {
+    "clip_id": "00000000deadbeef",
+    "video": "broken.mp4",
+    "stage": "decode",
+    "reason": "moov atom not found",
+}
 
 
 def write_two_shards(root: Path, store_format: str) -> list[ClipLabels]:
@@ -95,7 +100,16 @@ def assert_same_clip(a: ClipLabels, b: ClipLabels) -> None:
     """Bit-for-bit equal decoded labels (NaN scale equal to NaN)."""
     for name in ("clip_id", "video", "frames_jpeg", "scale_valid", "meta"):
         assert getattr(a, name) == getattr(b, name), name
-    for name in ("frame_indices", "timestamps", "pose_enc", "extrinsic", "intrinsic", "depth", "depth_conf", "features"):
+    for name in (
+        "frame_indices",
+        "timestamps",
+        "pose_enc",
+        "extrinsic",
+        "intrinsic",
+        "depth",
+        "depth_conf",
+        "features",
+    ):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
     assert (math.isnan(a.scale) and math.isnan(b.scale)) or a.scale == b.scale
 
@@ -113,7 +127,7 @@ def test_round_trip_every_field(tmp_path, store_format):
         assert_within_codec_tolerance(reader.read_clip(clip.clip_id), clip)
     streamed = list(reader.iter_clips())  # streaming (webdataset for tar shards)
     assert [c.clip_id for c in streamed] == [c.clip_id for c in clips]
-    for got, by_id in zip(streamed, clips):
+    for got, by_id in zip(streamed, clips, strict=True):
         assert_same_clip(got, reader.read_clip(by_id.clip_id))
     with pytest.raises(KeyError, match="no clip"):
         reader.read_clip("ffffffffffffffff")
@@ -136,7 +150,9 @@ def test_clips_of_different_sizes_and_bad_clips_in_one_shard(tmp_path, store_for
     marker = writer.write_shard("000007", [small, bad, large], [])
     assert marker["num_clips"] == 2 and marker["num_failures"] == 1
     failure = open_store(root).failures()[0]
-    assert failure["clip_id"] == bad.clip_id and failure["stage"] == "encode" and "pose_enc" in failure["reason"]
+    assert (
+        failure["clip_id"] == bad.clip_id and failure["stage"] == "encode" and "pose_enc" in failure["reason"]
+    )
     reader = open_store(root)
     assert_within_codec_tolerance(reader.read_clip(small.clip_id), small)
     assert_within_codec_tolerance(reader.read_clip(large.clip_id), large)
@@ -215,7 +231,10 @@ def test_verify_names_a_shard_with_a_flipped_byte_and_a_deleted_shard(tmp_path, 
     assert report.ok and (report.shards_checked, report.clips_checked, report.frames_checked) == (2, 5, 20)
 
     shard = root / ("000000" if store_format == "zarr" else "000000.tar")
-    victim = max((p for p in ([shard] if shard.is_file() else shard.rglob("*")) if p.is_file()), key=lambda p: p.stat().st_size)
+    victim = max(
+        (p for p in ([shard] if shard.is_file() else shard.rglob("*")) if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
@@ -265,7 +284,9 @@ def test_writer_killed_mid_shard_leaves_no_committed_shard(tmp_path, store_forma
         assert child.stdout.readline().strip() == "committed"
         deadline = time.monotonic() + 60
         while not any(p.name.startswith("000001") for p in (root / TMP_DIR).iterdir()):
-            assert time.monotonic() < deadline and child.poll() is None, "the writer never started shard 000001"
+            assert time.monotonic() < deadline and child.poll() is None, (
+                "the writer never started shard 000001"
+            )
             time.sleep(0.001)
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)

@@ -33,7 +33,7 @@ from geovr.student.model import GeoVRStudent, StudentConfig
 from geovr.student.tiny import write_tiny_qwen3vl
 from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame_size
 from geovr.teacher_cache.geometry import encode_pose, invert_extrinsic, relative_to_first, to_homogeneous
-from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
+from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint, clip_id_for
 from geovr.teacher_cache.store import open_store, open_writer
 
 SIZE = 56  # video = teacher image 56x56: depth at half resolution is 28x28 (a multiple of the shuffle 7)
@@ -133,7 +133,7 @@ def ground_truth_clip(corpus: Path, scene: str) -> ClipLabels:
     intrinsic = torch.from_numpy(gt["intrinsic"])
     rng = np.random.default_rng(0)
     return ClipLabels(
-        clip_id=f"{abs(hash(scene)) % 16**16:016x}",
+        clip_id=clip_id_for(f"videos/{scene}.mp4", FINGERPRINT.sampling),
         video=f"videos/{scene}.mp4",
         frame_indices=np.arange(FRAMES, dtype=np.int64),
         timestamps=times,

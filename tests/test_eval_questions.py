@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+from typer.testing import CliRunner
 
 from geovr.eval.questions import (
     ObjectBox,
@@ -24,6 +25,8 @@ from geovr.eval.questions import (
 )
 from geovr.eval.report import vsibench_summary
 from geovr.eval.scoring import NA_QUESTION_TYPES, PARSERS, QUESTION_TYPES, TASKS, score_rows
+from geovr.pipeline import commands  # noqa: F401  (registers the CLI commands)
+from geovr.pipeline.cli import app
 from geovr.pipeline.synth import SynthConfig, write_corpus
 
 
@@ -287,3 +290,14 @@ def test_dataset_has_videos(dataset):
     out, rows = dataset
     for scene in {r["scene_name"] for r in rows}:
         assert (out / "synthetic" / f"{scene}.mp4").stat().st_size > 0
+
+
+def test_cli_questions(corpus, tmp_path):
+    out = tmp_path / "vsi"
+    result = CliRunner().invoke(
+        app, ["eval", "questions", "--corpus", str(corpus), "--out", str(out), "--per-type", "1"]
+    )
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (out / "test.jsonl").read_text().splitlines()]
+    assert f"{len(rows)} questions" in result.output
+    assert max(Counter((r["scene_name"], r["question_type"]) for r in rows).values()) == 1

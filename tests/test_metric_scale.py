@@ -41,16 +41,16 @@ def test_fitted_scale_equals_the_normalisation_factor(index):
     sky[:, :10] = True
     metric = depth_m.clone()
     metric[sky] = 80.0
-    # Low-confidence pixels (below the median) whose metric depth is wrong: the fit must ignore them.
+    # Low-confidence pixels (below the median) see another scale: with the sky they are the majority,
+    # so even a robust fit over all pixels follows them; the confidence and sky masks must drop them.
     unreliable = conf < conf[~sky].median()
-    metric[unreliable & (torch.rand(depth_m.shape, generator=generator) < 0.6)] *= 3.0
-
+    metric[unreliable] *= 1.3
     scale, valid = clip_metric_scale(depth_normalised, conf, metric, sky, min_pixels=100)
     assert valid
     assert scale == pytest.approx(float(factor), rel=1e-6)
     # The masks matter: the same fit over every pixel is pulled off the true factor.
     naive, _ = fit_scale(depth_normalised, metric)
-    assert abs(float(naive) / float(factor) - 1.0) > 1e-3
+    assert abs(float(naive) / float(factor) - 1.0) > 0.1
 
 
 def test_fitted_scale_after_downsampling_to_the_label_resolution():

@@ -76,7 +76,14 @@ def test_checkpoint_round_trip(trained_run):
         assert loaded(batch)["total"].item() == pytest.approx(student(batch)["total"].item(), rel=1e-6)
     with safe_open(checkpoint / HEADS_FILE, "pt") as heads:
         prefixes = {key.split(".")[0] for key in heads.keys()}  # noqa: SIM118 (no __iter__)
-    assert prefixes == {"camera_token", "camera_head", "scale_token", "scale_head", "dense_head", "distill_heads"}
+    assert prefixes == {
+        "camera_token",
+        "camera_head",
+        "scale_token",
+        "scale_head",
+        "dense_head",
+        "distill_heads",
+    }
 
 
 def test_export_loads_as_plain_qwen3vl_and_generates_like_the_student(trained_run, tmp_path, capfd):

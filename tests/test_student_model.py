@@ -43,7 +43,12 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("cache") / "store"
     writer = open_writer(root, FINGERPRINT, format="zarr")
     writer.write_shard(
-        "000000", [tiny_clip_labels(1, 4), tiny_clip_labels(2, 3, frame_hw=(64, 64), teacher_hw=(56, 56), scale_valid=False)], []
+        "000000",
+        [
+            tiny_clip_labels(1, 4),
+            tiny_clip_labels(2, 3, frame_hw=(64, 64), teacher_hw=(56, 56), scale_valid=False),
+        ],
+        [],
     )
     return open_store(root)
 
@@ -97,7 +102,8 @@ def test_batch_from_the_cache(batch, tiny_dir):
     assert batch.video_grid_thw.tolist() == [[4, 4, 6], [3, 4, 4]]
     assert batch.frame_mask.tolist() == [[True] * 4, [True, True, True, False]]
     assert batch.pose_enc.shape == (2, 4, 9) and batch.depth.shape == (2, 4, 28, 42)
-    assert batch.features.shape == (2, 4, 4, 2, 3, 32) and batch.feature_hw.tolist() == [[2, 3], [2, 3]]
+    assert batch.features.shape == (2, 4, 4, 2, 3, 32) and batch.feature_hw.tolist() == [[2, 3], [2, 2]]
+    assert batch.depth_hw.tolist() == [[28, 42], [28, 28]] and torch.isnan(batch.depth[1, :, :, 28:]).all()
     # camera targets are relative to frame 0: identity rotation, zero translation there
     torch.testing.assert_close(
         batch.pose_enc[:, 0, :7], torch.tensor([[0.0, 0, 0, 0, 0, 0, 1]] * 2), atol=1e-5, rtol=0
@@ -234,13 +240,16 @@ def test_invalid_labels_contribute_nothing(student, batch):
     )
     changed.pose_enc[1, 3] = 1e4  # clip 1 has 3 frames: frame 3 is padding
     changed.depth[1, 3] = 1e4
+    changed.depth[1, :, :, 28:] = 1e4  # outside clip 1's 28x28 depth map
     changed.features[1, 3] = -1.0
-    changed.depth[0, 0, :5, :5] = float("nan")  # a label hole: masked, not zero-filled
+    changed.features[1, :, :, :, 2] = 5.0  # outside clip 1's 2x2 feature grid
+    holed = dataclasses.replace(batch, depth=batch.depth.clone())
+    holed.depth[0, 0, :5, :5] = float("nan")  # a label hole: masked, not zero-filled
     with torch.no_grad():
-        base, other = student(batch), student(changed)
-    for name in ("lm", "camera", "scale", "distill"):
+        base, other, with_hole = student(batch), student(changed), student(holed)
+    for name in ("lm", "camera", "depth", "scale", "distill", "total"):
         assert other[name].item() == pytest.approx(base[name].item(), rel=1e-6), name
-    assert torch.isfinite(other["depth"]) and other["depth"].item() != base["depth"].item()
+    assert torch.isfinite(with_hole["depth"]) and with_hole["depth"].item() != base["depth"].item()
     no_scale = dataclasses.replace(batch, scale_valid=torch.tensor([False, False]))
     with torch.no_grad():
         assert student(no_scale)["scale"].item() == 0.0
@@ -284,7 +293,9 @@ def test_language_loss_equals_plain_qwen3vl_with_geometry_off(tiny_dir, batch):
 def test_hidden_states_include_deepstack_and_precede_the_final_norm(tiny_dir, batch):
     """transformers 5.x records decoder-layer outputs before the DeepStack addition and the last one
     after the final norm; the student's hidden states follow GeoVR (after DeepStack, before the norm)."""
-    off = load_section(StudentConfig, "student", "tiny", camera=False, depth=False, scale=False, distill=False)
+    off = load_section(
+        StudentConfig, "student", "tiny", camera=False, depth=False, scale=False, distill=False
+    )
     student = GeoVRStudent.from_base(tiny_dir, off).eval()
     with torch.no_grad():
         layout = student._layout(batch)

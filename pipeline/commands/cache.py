@@ -26,7 +26,9 @@ def verify(store: Path = typer.Argument(..., help="Store directory.")) -> None:
     for where, problem in report.problems:
         label = "store" if where == "store" else f"shard {where}"
         typer.echo(f"BAD {label}: {problem}", err=True)
-    status = "OK" if report.ok else f"FAILED ({len(report.bad_shards)} bad shards: {', '.join(report.bad_shards)})"
+    status = (
+        "OK" if report.ok else f"FAILED ({len(report.bad_shards)} bad shards: {', '.join(report.bad_shards)})"
+    )
     typer.echo(
         f"{status}: {report.shards_checked} shards, {report.clips_checked} clips, "
         f"{report.frames_checked} frames checked in {store}"

@@ -25,7 +25,10 @@ Labels per clip (S frames, teacher image Ht x Wt, patch grid gh x gw = Ht/14 x W
   (first C = embed_dim channels) of the patch tokens, 2x2 average-pooled on the patch grid
   (36x28 -> 18x14), float32.
 - `scale`, `scale_valid`: metres per VGGT depth unit (`metric ≈ scale * depth`) from
-  `clip_metric_scale`; NaN and False without a metric model or with too few usable pixels.
+  `clip_metric_scale` at the label resolution, over pixels that are not sky (Depth Anything V2 has
+  no sky output: sky is where its metric prediction saturates at the far clip, see `metric_depth`)
+  and whose VGGT confidence is at or above the clip's median; NaN and False without a metric model
+  or with fewer than `metric_min_pixels` such pixels.
 
 Precision: bf16 autocast (`dtype: bfloat16`, the GPU default) for VGGT and the metric model;
 VGGT keeps its residual stream and heads in fp32 under autocast, so labels come out fp32.

@@ -55,7 +55,12 @@ class MetricDepthModel:
             raise FileNotFoundError(
                 f"metric depth checkpoint {self.path}: no config.json (expected a local model directory)"
             )
-        config = json.loads((self.path / "config.json").read_text())
+        try:
+            config = json.loads((self.path / "config.json").read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"metric depth checkpoint {self.path}: config.json is not valid JSON: {err}"
+            ) from None
         if config.get("model_type") != "depth_anything" or config.get("depth_estimation_type") != "metric":
             raise ValueError(
                 f"metric depth checkpoint {self.path}: model_type={config.get('model_type')!r}, "
