@@ -14,7 +14,8 @@ Why Ray core (tasks + actors) and not Ray Data with a custom datasink:
 Data flow (all large data stays in the object store; the driver only sees small status dicts):
 
     driver ──decode_clip(row)──▶ CPU task: probe timestamps, sample, decode (PyAV), resize + JPEG the
-       │                          student frames  ──▶ (status, frames (S,H,W,3) uint8, info)
+       │                          student frames, resize the teacher frames
+       │                          ──▶ (status, frames (S,Ht,Wt,3) uint8, info)
        │◀─ status ───────────────────────────┘
        ├─ TeacherActor.label(jobs, *frames) ──▶ GPU actor (num_gpus=1; CPU actor with --device cpu):
        │                                         [statuses, labels clip 0, labels clip 1, ...]
@@ -27,9 +28,11 @@ at a time, so a batch's composition does not depend on task timing.
 
 Backpressure (memory stays bounded whatever the corpus size): at most `max_inflight_shards` shards
 are open at once (their labels wait in the object store until the shard's writer runs), at most
-`decode_workers` decode tasks run at once, and decoding pauses while more than
-`2 * clips_per_batch * actors` decoded clips wait for a teacher. The driver holds references and
-status dicts only, never frames or labels.
+`decode_workers` decode tasks run at once, decoding pauses while `2 * clips_per_batch * actors`
+decoded clips wait for a teacher, and each actor has at most `ACTOR_QUEUE` (2) batches queued (the
+next batch's frames arrive while the current one runs, so the GPU does not wait on the driver).
+The driver holds references and status dicts only, never frames or labels: at 100,000 videos it
+holds the manifest rows (~1 KB each) and a few shards' worth of small records.
 
 Resume and drift: the store's fingerprint (teacher name, checkpoint hash, teacher config, metric
 teacher, preprocessing, sampling policy, feature layers) is built from the first actor's labeler and
@@ -79,7 +82,8 @@ from geovr.teacher_cache.config import from_dict, require, to_dict
 from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame_size
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
 
-STAGES = ("index", "probe", "sample", "decode", "teacher", "write")
+# Batches queued per teacher actor: the next batch's frames are fetched while the current one runs.
+ACTOR_QUEUE = 2
 
 
 @dataclass
@@ -150,14 +154,27 @@ def _failure(stage: str, reason: str) -> dict[str, Any]:
 
 
 def decode_clip(
-    video: str, corpus_root: str, policy: dict[str, Any], student_max_tokens: int, jpeg_quality: int
+    video: str,
+    corpus_root: str,
+    policy: dict[str, Any],
+    student_max_tokens: int,
+    jpeg_quality: int,
+    teacher_resize: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any] | None]:
     """Sample and decode one clip; the body of the `decode_clip` Ray task.
+
+    `teacher_resize` = (long side, multiple): also resize the teacher's frames to the teacher size
+    here, on a CPU worker, with the labeler's own rule and resampling (`teacher_size`, PIL bicubic
+    from uint8). The labeler then finds them at its size and PIL leaves same-size images untouched,
+    so the labels are bit-identical, the GPU actor skips the resize, and the object store carries
+    teacher-size frames instead of source-size ones (10x less for 1080p). Not used with a metric
+    teacher, which reads the source frames.
 
     Returns (status, frames, info):
         status: {"ok": True, "frames": S decoded, "keep": frames to keep, "decode_s"} or a failure
             {"ok": False, "stage", "reason"}.
-        frames: (S, H, W, 3) uint8 RGB for the teacher (the candidates for space-aware sampling).
+        frames: (S, H, W, 3) uint8 RGB for the teacher (the candidates for space-aware sampling),
+            at the source size or at the teacher size (`teacher_resize`).
         info: frame_indices (S,) int64, timestamps (S,) float64, frames_jpeg (S student JPEGs), meta.
     """
     started = time.perf_counter()
@@ -178,6 +195,10 @@ def decode_clip(
         keep = num_sampled_frames(duration, len(seconds), cfg)
     student_hw = student_frame_size(height, width, student_max_tokens)
     jpegs = [encode_jpeg(f, jpeg_quality) for f in resize_frames(frames, student_hw)]
+    if teacher_resize is not None:
+        from geovr.pipeline.teachers.labeler import teacher_size
+
+        frames = resize_frames(frames, teacher_size(height, width, *teacher_resize))
     info = {
         "frame_indices": indices.astype(np.int64),
         "timestamps": times.astype(np.float64),
@@ -588,11 +609,16 @@ class Precompute:
         queue = deque(shards)
         active: list[_Shard] = []
         batches: deque[_Batch] = deque()
-        idle = list(range(num_actors))
+        load = [0] * num_actors  # batches queued on each actor (at most ACTOR_QUEUE)
         pending: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, payload)
         decoding = 0
         waiting = 0  # decoded clips whose frames wait for a teacher
         space_aware = self.sampling.method == "space_aware"
+        teacher_resize = (
+            None
+            if self.teacher.get("metric_checkpoint")
+            else (int(self.teacher["image_long_side"]), int(self.teacher["size_multiple"]))
+        )
 
         def fail(shard: _Shard, clip: _Clip, stage: str, reason: str) -> None:
             clip.state = "failed"
@@ -640,6 +666,7 @@ class Precompute:
                         self.manifest.sampling,
                         cfg.student_max_tokens,
                         cfg.jpeg_quality,
+                        teacher_resize,
                     )
                     clip.state, clip.frames_ref, clip.info_ref = "decoding", frames, info
                     pending[status] = ("decode", (shard, clip))
@@ -647,9 +674,10 @@ class Precompute:
 
         def dispatch_batches() -> None:
             nonlocal waiting
-            while batches and idle:
+            while batches and min(load) < ACTOR_QUEUE:
                 batch = batches.popleft()
-                actor = idle.pop(0)
+                actor = load.index(min(load))
+                load[actor] += 1
                 jobs = [
                     {
                         "clip_id": c.row["clip_id"],
@@ -704,13 +732,13 @@ class Precompute:
                     elif kind == "label":
                         batch, actor, label_refs = payload
                         waiting -= self._on_labelled(ref, batch, label_refs, fail, batches)
-                        idle.append(actor)
+                        load[actor] -= 1
                     else:
                         self._on_written(ref, payload)
                         active.remove(payload)
                 submit_decodes()
                 submit_writes()
-                progress.update(num_actors - len(idle))
+                progress.update(sum(1 for n in load if n))
 
         self.timings["wall_s"] = time.perf_counter() - started
         return self._finish(decode_workers, max_shards, num_actors)

@@ -24,13 +24,15 @@ Two access paths give the trainer the same stream of micro-batches per rank:
   the shard counts (ranks that run out at different steps hang DDP).
 
 Both streams are deterministic functions of (seed, epoch, rank, worker), so the loader state is
-two integers per rank (`LoaderState`: epoch and micro-batches consumed in it), and `restore`
-continues at exactly the next micro-batch (the stream path re-reads and discards the consumed
-part of the epoch without building it).
+two integers per rank (`LoaderState`: epoch and micro-batches consumed in it), and a `TrainLoader`
+built with that state continues at exactly the next micro-batch (the stream path re-reads and
+discards the consumed part of the epoch without building it).
 
-A micro-batch is `collate(list of built samples)`; `TokenBudgetCollator` sorts it by length and
-splits it into chunks whose padded size stays within `max_batch_tokens`, so one micro-batch is a
-list of one or more chunks the trainer runs forward/backward one after another.
+Samples are built in the DataLoader workers (`StudentSampleBuilder`: cached JPEG frames and the
+conversation through the model directory's tokenizer and video settings, `student.batch.make_sample`).
+A micro-batch becomes a `MicroBatch` (`TokenBudgetCollator`): sorted by length and split into padded
+chunks of at most `max_batch_tokens` (batch x longest), which the trainer runs forward/backward one
+after another; samples above `max_seq_len` are an error or are dropped and counted (`on_bad_row`).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class DataConfig:
         access: "random" (map-style, `read_clip`), "stream" (WebDataset pipeline over shards), or
             "auto": stream for WebDataset stores, random access for Zarr stores.
         micro_batch: samples per rank per forward/backward (GeoVR: 2 per GPU).
-        max_seq_len: longest sample in tokens; a longer one raises `DataError` (the video alone must fit).
+        max_seq_len: longest sample in tokens (GeoVR: 16k); a longer one is a bad row (`on_bad_row`).
         max_batch_tokens: padded tokens (batch x longest) per forward chunk; a micro-batch above it
             is split into chunks run one after another.
         shuffle_buffer: samples held by the streaming shuffle buffer (per worker).

@@ -94,7 +94,7 @@ class TrainConfig:
         log_every: steps between console lines (metrics.jsonl gets every step).
         tensorboard: also write TensorBoard event files.
         peak_tflops: per-device peak dense TFLOP/s for the MFU estimate; 0 = known GPU's bf16 peak
-            (H100/H200 989, A100 312), none on CPU.
+            (H100 SXM/H200 989, H100 PCIe 756, A100 312), none on CPU.
         find_unused_parameters: DDP option, for models with parameters a step may not reach.
     """
 
@@ -161,13 +161,15 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     """Join the `torchrun` job described by RANK / WORLD_SIZE / LOCAL_RANK (env:// rendezvous).
 
     Without those variables (or with WORLD_SIZE=1) this is a single process without a group.
-    NCCL on CUDA, gloo on CPU.
+    NCCL on CUDA, gloo on CPU. A group that already exists (made by Ray Train) is used as it is.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device=cuda but CUDA is not available")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    if dist.is_available() and dist.is_initialized():  # a launcher made the group (Ray Train)
+        world_size, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        world_size, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local_rank)
@@ -425,7 +427,15 @@ def peak_flops_per_device(cfg: TrainConfig, device: torch.device) -> float | Non
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in (("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0), ("A800", 312.0)):
+    known = (
+        ("H100 PCIe", 756.0),
+        ("H100 NVL", 835.0),
+        ("H100", 989.0),
+        ("H200", 989.0),
+        ("H800", 989.0),
+        ("A100", 312.0),
+    )
+    for key, tflops in known:
         if key in name:
             return tflops * 1e12
     return None
@@ -692,14 +702,16 @@ def train(
 ) -> dict[str, Any]:
     """Train the student; returns the run summary (also in RUN/summary.json).
 
-    Joins the process group when launched by `torchrun`. Every rank calls this with the same
-    arguments. `on_step` (optional) receives each step's metrics record on every rank.
+    Joins the process group when launched by `torchrun` (or uses the one Ray Train made). Every
+    rank calls this with the same arguments. `on_step` (optional) receives each step's metrics
+    record on every rank (Ray Train reports them).
     """
+    group_given = dist.is_available() and dist.is_initialized()
     env = init_distributed(cfg.device)
     try:
         return _train(env, inputs, cfg, data_cfg, student_cfg, on_step)
     finally:
-        if env.distributed and dist.is_initialized():
+        if env.distributed and not group_given and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -9,8 +9,8 @@ commit logic is in `store`):
     <shard>/<geometry>/               one subgroup per label geometry (`EncodedClip.geometry`, e.g.
                                       "d196x252_f4x14x18x1024k8"; a corpus of one video size has one)
         <frame array>                 (F, ...) every per-frame array of `codecs.FRAME_ARRAYS`, the F
-                                      frames of the subgroup's clips stacked in order; inner chunk =
-                                      one frame, zstd
+                                      frames of the subgroup's clips stacked in order; inner chunks
+                                      of `ROWS_PER_CHUNK` frames, zstd
         <clip array>                  (N, ...) every per-clip array of `codecs.CLIP_ARRAYS`
         frame_offsets                 (N + 1,) int64: clip n holds frames [offsets[n], offsets[n+1])
         jpeg_bytes, jpeg_offsets      (B,) uint8 concatenated JPEG frames (no compression), and
@@ -19,7 +19,7 @@ commit logic is in `store`):
 Every array uses the sharding codec with a shard covering the whole array, so each array is one
 file (plus its zarr.json) written in a single call: Zarr loses data silently when two writers share
 a shard, and a shard interrupted mid-write has no index; whole-shard writes by one writer avoid both.
-Reading one clip reads the shard index and the clip's inner chunks only.
+Reading one clip reads the shard index and the inner chunks that overlap the clip only.
 """
 
 from __future__ import annotations

@@ -190,6 +190,22 @@ def test_convert_both_ways_copies_encoded_payloads(tmp_path):
         assert verify_store(path).ok
 
 
+def test_cli_convert_and_stats(tmp_path):
+    source, target = tmp_path / "zarr", tmp_path / "wds"
+    write_two_shards(source, "zarr")
+    result = run_cli("cache", "convert", str(source), str(target), "--format", "wds")
+    assert result.returncode == 0, result.stderr
+    assert "2 shards written" in result.stdout
+    result = run_cli("cache", "stats", str(target), "--json")
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(result.stdout)
+    assert stats["format"] == "wds" and (stats["clips"], stats["frames"], stats["failures"]) == (5, 20, 1)
+    assert stats["bytes_per_frame"]["features"] == stats["bytes"]["features"] / 20
+    expected = open_store(source)
+    for clip_id in expected.clip_ids():
+        assert_same_clip(open_store(target).read_clip(clip_id), expected.read_clip(clip_id))
+
+
 def test_schema_version_mismatch_is_a_clear_error(tmp_path):
     root = tmp_path / "store"
     write_two_shards(root, "wds")

@@ -261,3 +261,29 @@ def test_merged_halves_equal_the_whole_clip_geometry(scene) -> None:
         merge_halves(first, second)
     with pytest.raises(SplitError):
         split_point(2)
+
+
+def test_teacher_resize_in_decode_gives_identical_labels(tmp_path: Path, reference_dir: Path) -> None:
+    """Decode tasks resize the teacher's frames; the labels must equal those of source-size frames."""
+    from geovr.pipeline.precompute import decode_clip
+    from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler
+
+    write_video(tmp_path / "a.mp4", smooth_frames(10, 120, 160), fps=4)
+    policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=8).policy()
+    status, source, info = decode_clip("a.mp4", str(tmp_path), policy, 300, 90)
+    status_r, resized, info_r = decode_clip("a.mp4", str(tmp_path), policy, 300, 90, teacher_resize=(112, 28))
+    assert (
+        status["ok"]
+        and status_r["ok"]
+        and source.shape == (5, 120, 160, 3)
+        and resized.shape == (5, 84, 112, 3)
+    )
+    assert info["frames_jpeg"] == info_r["frames_jpeg"] and info["frame_indices"].tolist() == [0, 2, 4, 7, 9]
+    cfg = TeacherConfig(
+        checkpoint=reference_dir / "vggt" / "tiny-a", name="vggt-tiny", image_long_side=112,
+        feature_layers=(0, 1, 2, 3), dtype="float32",
+    )  # fmt: skip
+    labeler = TeacherLabeler(cfg, "cpu")
+    a, b = labeler.label([source, resized])
+    for name in ("pose_enc", "depth", "depth_conf", "features"):
+        assert np.array_equal(getattr(a, name), getattr(b, name)), name

@@ -23,8 +23,12 @@ from geovr.teacher_cache.config import load_section
 def train_command(
     config: str = typer.Option(..., "--config", help="Preset name (tiny, qwen3vl-2b-geovr) or YAML file."),
     store: Path = typer.Option(..., "--store", help="Teacher-label store (Zarr or WebDataset)."),
-    qa: Path = typer.Option(..., "--qa", help="QA file, VSI-590K / LLaVA conversation style (.jsonl or .json)."),
-    model: Path = typer.Option(..., "--model", help="Local Qwen3-VL model directory (or a student checkpoint)."),
+    qa: Path = typer.Option(
+        ..., "--qa", help="QA file, VSI-590K / LLaVA conversation style (.jsonl or .json)."
+    ),
+    model: Path = typer.Option(
+        ..., "--model", help="Local Qwen3-VL model directory (or a student checkpoint)."
+    ),
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl, TensorBoard."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last complete checkpoint."),
     overrides: list[str] = typer.Option(
@@ -41,5 +45,12 @@ def train_command(
     last = summary["last"]
     if last and os.environ.get("RANK", "0") == "0":
         typer.echo(
-            json.dumps({"run": str(out), "steps": summary["steps"], "loss": last["loss"], "data": summary["data"]["joined"]})
+            json.dumps(
+                {
+                    "run": str(out),
+                    "steps": summary["steps"],
+                    "loss": last["loss"],
+                    "data": summary["data"]["joined"],
+                }
+            )
         )

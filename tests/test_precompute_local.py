@@ -1,0 +1,31 @@
+"""Precompute with `--ray-address local`: the driver starts (and stops) its own in-process cluster on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from geovr.pipeline.index import build_manifest
+from geovr.pipeline.synth import SynthConfig, write_corpus
+from geovr.teacher_cache.store import open_store
+from geovr.teacher_cache.verify import verify_store
+from tests.test_precompute import TINY, fov_fixed_teacher, output, precompute_command, ray_env
+
+
+def test_local_cluster_whole_path(tmp_path: Path) -> None:
+    write_corpus(
+        tmp_path / "corpus", SynthConfig(scenes=2, frames=10, width=160, height=120, fps=4.0, seed=11)
+    )
+    manifest = tmp_path / "m.parquet"
+    build_manifest([tmp_path / "corpus" / "videos"], manifest, TINY, clips_per_shard=1, workers=1)
+    teacher = fov_fixed_teacher(tmp_path / "teacher")
+    store = tmp_path / "store"
+    command = precompute_command("local", manifest, store, teacher, "--clips-per-batch", "2")
+    result = subprocess.run(command, env=ray_env(False), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, output(result)
+    report = verify_store(store)
+    assert report.ok and (report.shards_checked, report.clips_checked, report.frames_checked) == (2, 2, 10)
+    assert len(open_store(store).clip_ids()) == 2
+    run = json.loads((store / "run.json").read_text())
+    assert run["counts"]["clips_ok"] == 2 and run["config"]["resolved"]["num_actors"] == 1
