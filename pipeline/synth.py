@@ -47,6 +47,7 @@ from pathlib import Path
 
 import av
 import numpy as np
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.numpy import load_file, save_file
 
@@ -210,8 +211,8 @@ def generate_scene(config: SynthConfig, index: int) -> Scene:
             round(float(rng.uniform(2.5, 3.2)), 3),
         )
     )
-    camera_centers, path = _camera_path(rng, room, config.frames, config.fps)
-    objects = _place_objects(rng, room, camera_centers, config.min_objects, config.max_objects)
+    path = _camera_path(rng, room, config.frames)
+    objects = _place_objects(rng, room, path["position"], config.min_objects, config.max_objects)
     hue0 = rng.uniform()
     surface_materials = [_room_material(rng, surface, (hue0 + 0.17 * surface) % 1.0) for surface in range(6)]
     object_materials = [_object_material(rng) for _ in objects]
@@ -230,9 +231,7 @@ def generate_scene(config: SynthConfig, index: int) -> Scene:
     )
 
 
-def _camera_path(
-    rng: np.random.Generator, room: Room, frames: int, fps: float
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _camera_path(rng: np.random.Generator, room: Room, frames: int) -> dict[str, np.ndarray]:
     """A smooth path around the room's middle: positions (F, 3) and yaw/pitch/roll (F,) in radians.
 
     The path is parameterised by the clip's progress s in [0, 1], so a clip of any length covers
@@ -251,8 +250,8 @@ def _camera_path(
     yaw = rng.uniform(0, 2 * math.pi) + sweep * s + 0.2 * np.sin(2 * math.pi * s + phase[3])
     pitch = rng.uniform(-0.3, -0.12) + 0.06 * np.sin(2 * math.pi * s + phase[4])
     roll = 0.02 * np.sin(2 * math.pi * 1.3 * s + phase[5])
-    positions = np.stack((x, y, np.broadcast_to(z, s.shape)), -1)
-    return positions, {"position": positions, "yaw": yaw, "pitch": pitch, "roll": roll}
+    position = np.stack((x, y, np.broadcast_to(z, s.shape)), -1)
+    return {"position": position, "yaw": yaw, "pitch": pitch, "roll": roll}
 
 
 def _cameras(
@@ -287,7 +286,7 @@ def _place_objects(
     names = list(CATEGORIES)
     target = int(rng.integers(min_objects, max_objects + 1))
     placed: list[SceneObject] = []
-    footprints: list[tuple[np.ndarray, np.ndarray]] = []  # (centre (2,), axes-scaled corners (4, 2))
+    footprints: list[np.ndarray] = []  # corners (4, 2) of each placed object
     for _ in range(400):
         if len(placed) == target:
             break
@@ -320,9 +319,9 @@ def _place_objects(
             < CAMERA_CLEARANCE
         ):
             continue
-        if any(_footprints_overlap(corners, other, OBJECT_GAP) for _, other in footprints):
+        if any(_footprints_overlap(corners, other, OBJECT_GAP) for other in footprints):
             continue
-        footprints.append((center, corners))
+        footprints.append(corners)
         placed.append(
             SceneObject(
                 id=len(placed),
@@ -334,7 +333,10 @@ def _place_objects(
             )
         )
     if len(placed) < min_objects:
-        raise RuntimeError(f"could only place {len(placed)} of {min_objects} objects in a {sx}x{sy} m room")
+        raise ValueError(
+            f"could only place {len(placed)} of synth.min_objects={min_objects} objects in a {sx}x{sy} m room; "
+            "lower synth.min_objects"
+        )
     return placed
 
 
@@ -556,16 +558,14 @@ def _hit_box(
     distance = np.where(hit, t_near, np.inf)
 
     axis = _argmin3(-near[0], -near[1], -near[2])  # the face the ray enters through
-    local = [o[i] + half[i] + t_near * d[i] for i in range(3)]  # from the box corner
-    sign = np.where(
-        np.where(axis == 0, local[0], np.where(axis == 1, local[1], local[2]))
-        > np.where(axis == 0, half[0], np.where(axis == 1, half[1], half[2])),
-        1.0,
-        -1.0,
-    )
+    entry = [o[i] + t_near * d[i] for i in range(3)]  # in object axes, from the box centre
+    on_axis = np.where(axis == 0, entry[0], np.where(axis == 1, entry[1], entry[2]))
+    sign = np.where(on_axis > 0, 1.0, -1.0)
     n_local = [np.where(axis == i, sign, 0.0) for i in range(3)]
     normal = np.stack((c * n_local[0] - s * n_local[1], s * n_local[0] + c * n_local[1], n_local[2]))
-    uv = np.stack((np.where(axis == 0, local[1], local[0]), np.where(axis == 2, local[1], local[2])))
+    # Texture coordinates: the two in-face axes, measured from the box corner.
+    corner = [entry[i] + half[i] for i in range(3)]
+    uv = np.stack((np.where(axis == 0, corner[1], corner[0]), np.where(axis == 2, corner[1], corner[2])))
     return distance, normal, uv
 
 
@@ -782,7 +782,7 @@ def write_corpus(out: str | Path, config: SynthConfig, progress: bool = False) -
         TextColumn("frames"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
+    with Progress(*columns, console=Console(stderr=True), disable=not progress) as bar:
         task = bar.add_task("", total=config.scenes * config.frames)
         for index in range(config.scenes):
             scene = generate_scene(config, index)

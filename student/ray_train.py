@@ -26,9 +26,13 @@ from geovr.teacher_cache.config import from_dict, to_dict
 def _worker_loop(config: dict[str, Any]) -> None:
     """One Ray Train worker: the trainer on this worker's rank of the group Ray Train made."""
     import ray.train
+    import ray.train.torch
+    import torch
 
-    context = ray.train.get_context()
-    os.environ["LOCAL_RANK"] = str(context.get_local_rank())
+    # The trainer picks cuda:LOCAL_RANK; Ray Train knows which of the visible GPUs is this worker's.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else None
+    local_rank = device.index if device is not None else ray.train.get_context().get_local_rank()
+    os.environ["LOCAL_RANK"] = str(local_rank)
     inputs = TrainInputs(**{k: Path(v) if k != "resume" else v for k, v in config["inputs"].items()})
     train(
         inputs,
@@ -45,17 +49,20 @@ def train_with_ray(
     data_cfg: DataConfig,
     student_cfg: StudentConfig,
     num_workers: int,
-    use_gpu: bool,
+    use_gpu: bool | None = None,
     cpus_per_worker: float = 1.0,
 ) -> dict[str, Any]:
-    """Run the trainer on `num_workers` Ray Train workers of the connected (or a local) Ray
-    cluster; returns the run summary (RUN/summary.json)."""
+    """Run the trainer on `num_workers` Ray Train workers of the connected Ray cluster (RAY_ADDRESS,
+    or a local one); returns the run summary (RUN/summary.json). `use_gpu` None: GPUs when
+    `train.device` is "cuda", or is "auto" and the cluster has GPUs."""
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"))
+    if use_gpu is None:
+        use_gpu = cfg.device == "cuda" or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     run_dir = inputs.run_dir.resolve()
     payload = {
         "inputs": {

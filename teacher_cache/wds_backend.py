@@ -28,7 +28,6 @@ from typing import Any
 import numcodecs
 import numpy as np
 import safetensors.numpy
-import webdataset
 
 from geovr.teacher_cache.codecs import CLIP_ARRAYS, FRAME_ARRAYS, EncodedClip
 from geovr.teacher_cache.schema import SchemaError
@@ -126,6 +125,8 @@ class WdsShardReader:
         return decode_sample(sample, f"{self.path} clip {clip_id}")
 
     def __iter__(self) -> Iterator[EncodedClip]:
+        import webdataset  # imports torch (~2 s); only streaming needs it
+
         dataset = webdataset.WebDataset(
             [str(self.path)], shardshuffle=False, nodesplitter=None, workersplitter=None, empty_check=False
         )

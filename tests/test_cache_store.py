@@ -190,14 +190,14 @@ def test_convert_both_ways_copies_encoded_payloads(tmp_path):
         assert verify_store(path).ok
 
 
-def test_cli_convert_and_stats(tmp_path):
+def test_cli_convert_and_stats(tmp_path, cli):
     source, target = tmp_path / "zarr", tmp_path / "wds"
     write_two_shards(source, "zarr")
-    result = run_cli("cache", "convert", str(source), str(target), "--format", "wds")
-    assert result.returncode == 0, result.stderr
+    result = cli("cache", "convert", str(source), str(target), "--format", "wds")
+    assert result.exit_code == 0, result.output
     assert "2 shards written" in result.stdout
-    result = run_cli("cache", "stats", str(target), "--json")
-    assert result.returncode == 0, result.stderr
+    result = cli("cache", "stats", str(target), "--json")
+    assert result.exit_code == 0, result.output
     stats = json.loads(result.stdout)
     assert stats["format"] == "wds" and (stats["clips"], stats["frames"], stats["failures"]) == (5, 20, 1)
     assert stats["bytes_per_frame"]["features"] == stats["bytes"]["features"] / 20
@@ -206,7 +206,7 @@ def test_cli_convert_and_stats(tmp_path):
         assert_same_clip(open_store(target).read_clip(clip_id), expected.read_clip(clip_id))
 
 
-def test_schema_version_mismatch_is_a_clear_error(tmp_path):
+def test_schema_version_mismatch_is_a_clear_error(tmp_path, cli):
     root = tmp_path / "store"
     write_two_shards(root, "wds")
     meta = json.loads((root / "store.json").read_text())
@@ -216,8 +216,8 @@ def test_schema_version_mismatch_is_a_clear_error(tmp_path):
         open_store(root)
     with pytest.raises(SchemaError, match="schema version 99"):
         open_writer(root, FINGERPRINT, "wds")
-    result = run_cli("cache", "verify", str(root))
-    assert result.returncode == 1 and "schema version 99" in result.stderr
+    result = cli("cache", "verify", str(root))
+    assert result.exit_code == 1 and "schema version 99" in result.stderr
 
 
 def test_writer_refuses_another_fingerprint_listing_the_differences(tmp_path):
@@ -236,15 +236,27 @@ def test_writer_refuses_another_fingerprint_listing_the_differences(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """The installed `geovr-pipeline` in a subprocess (imports every area: several seconds a call)."""
     return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
 
 
+@pytest.fixture(scope="module")
+def cli():
+    """The same typer app, in process (for the cheaper checks)."""
+    from typer.testing import CliRunner
+
+    from geovr.pipeline.commands.cache import app
+
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, list(args))
+
+
 @pytest.mark.parametrize("store_format", FORMATS)
-def test_verify_names_a_shard_with_a_flipped_byte_and_a_deleted_shard(tmp_path, store_format):
+def test_verify_names_a_shard_with_a_flipped_byte_and_a_deleted_shard(tmp_path, store_format, cli):
     root = tmp_path / "store"
     write_two_shards(root, store_format)
-    report = verify_store(root)
-    assert report.ok and (report.shards_checked, report.clips_checked, report.frames_checked) == (2, 5, 20)
+    result = cli("cache", "verify", str(root))
+    assert result.exit_code == 0 and "OK: 2 shards, 5 clips, 20 frames" in result.stdout
 
     shard = root / ("000000" if store_format == "zarr" else "000000.tar")
     victim = max(
@@ -254,15 +266,16 @@ def test_verify_names_a_shard_with_a_flipped_byte_and_a_deleted_shard(tmp_path, 
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
-    result = run_cli("cache", "verify", str(root))
-    assert result.returncode == 1
+    result = cli("cache", "verify", str(root))
+    assert result.exit_code == 1
     assert "BAD shard 000000" in result.stderr and "sha256" in result.stderr
     assert "000001" not in result.stderr
 
     other = root / ("000001" if store_format == "zarr" else "000001.tar")
     shutil.rmtree(other) if other.is_dir() else other.unlink()
-    result = run_cli("cache", "verify", str(root))
+    result = run_cli("cache", "verify", str(root))  # the installed command, in a subprocess
     assert result.returncode == 1
+    assert "BAD shard 000000" in result.stderr and "sha256" in result.stderr
     assert "BAD shard 000001: shard data" in result.stderr and "missing" in result.stderr
     assert "2 bad shards: 000000, 000001" in result.stdout
 
@@ -315,9 +328,9 @@ def test_writer_killed_mid_shard_leaves_no_committed_shard(tmp_path, store_forma
     reader = open_store(root)
     assert reader.shards() == ["000000"]
     assert reader.clip_ids() == [make_clip(0).clip_id, make_clip(1).clip_id]
-    result = run_cli("cache", "verify", str(root))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "warning: uncommitted temporary 000001" in result.stdout
+    report = verify_store(root)
+    assert report.ok and report.clips_checked == 2
+    assert any(w.startswith("uncommitted temporary 000001") for w in report.warnings)
 
     # Resume: the killed shard is simply written again.
     writer = open_writer(root, FINGERPRINT, store_format)

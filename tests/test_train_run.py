@@ -87,6 +87,7 @@ def uninterrupted(workspace) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_train_from_the_store(uninterrupted):
     records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))
@@ -109,6 +110,7 @@ def test_two_processes_train_from_the_store(uninterrupted):
     assert {p.name for p in last.glob("rank_*.json")} == {"rank_0.json", "rank_1.json"}
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_repeats_the_uninterrupted_losses(workspace, uninterrupted):
     out = workspace["root"] / "run_killed"
     first = out / "checkpoints" / f"step_{CHECKPOINT_EVERY:08d}" / "trainer.json"
@@ -212,3 +214,40 @@ def test_cosine_schedule_with_warmup():
     assert [round(factor(s), 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert factor(3 + 97 // 2) == pytest.approx(0.55, abs=0.02)
     assert factor(100) == pytest.approx(0.1)
+
+
+@pytest.mark.slow
+def test_ray_train_launch_matches_torchrun(workspace, uninterrupted):
+    """Two Ray Train workers (gloo) on a local loopback Ray cluster run the same trainer: the same
+    losses as the torchrun run for the same steps."""
+    import ray
+
+    from geovr.student.data import DataConfig
+    from geovr.student.model import StudentConfig
+    from geovr.student.ray_train import train_with_ray
+    from geovr.student.train import TrainConfig, TrainInputs
+    from geovr.teacher_cache.config import load_section
+
+    settings = [*TRAIN_SETTINGS, "train.steps=2"]
+    out = workspace["root"] / "run_ray"
+    ray.init(
+        address="local",
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        num_cpus=2,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+    )
+    try:
+        summary = train_with_ray(
+            TrainInputs(workspace["store"], workspace["qa"], workspace["model"], out),
+            load_section(TrainConfig, "train", "tiny", settings),
+            load_section(DataConfig, "data", "tiny", settings),
+            load_section(StudentConfig, "student", "tiny", settings, base_model=str(workspace["model"])),
+            num_workers=2,
+        )
+    finally:
+        ray.shutdown()
+    assert summary["steps"] == 2
+    expected, got = losses(uninterrupted), losses(out)
+    assert sorted(got) == [1, 2]
+    assert all(abs(got[s] - expected[s]) <= 1e-6 for s in got), (got, expected)

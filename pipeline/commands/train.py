@@ -34,6 +34,11 @@ def train_command(
     overrides: list[str] = typer.Option(
         [], "--set", help="Override a preset value: train.steps=100, data.num_workers=2, student.depth=false."
     ),
+    ray_workers: int = typer.Option(
+        0,
+        "--ray-workers",
+        help="Launch with Ray Train on this many workers of the Ray cluster (RAY_ADDRESS).",
+    ),
 ) -> None:
     """Train the student on cached teacher labels (DDP / FSDP2 under torchrun), with exact resume."""
     train_cfg = load_section(TrainConfig, "train", config, overrides)
@@ -41,7 +46,13 @@ def train_command(
     student_cfg = load_section(StudentConfig, "student", config, overrides, base_model=str(model))
     if not model.is_dir():
         raise FileNotFoundError(f"model directory {model} does not exist")
-    summary = train(TrainInputs(store, qa, model, out, resume), train_cfg, data_cfg, student_cfg)
+    inputs = TrainInputs(store, qa, model, out, resume)
+    if ray_workers > 0:
+        from geovr.student.ray_train import train_with_ray
+
+        summary = train_with_ray(inputs, train_cfg, data_cfg, student_cfg, num_workers=ray_workers)
+    else:
+        summary = train(inputs, train_cfg, data_cfg, student_cfg)
     last = summary["last"]
     if last and os.environ.get("RANK", "0") == "0":
         typer.echo(

@@ -1,0 +1,47 @@
+"""`geovr-pipeline demo`: the whole pipeline on CPU with tiny random models (a thin wrapper over pipeline.demo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from geovr.pipeline.cli import app
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(
+        Path("demo-out"), "--out", help="output directory (a previous demo's is replaced)"
+    ),
+    steps: int | None = typer.Option(None, help="student optimizer steps [preset: 300]"),
+    train_scenes: int | None = typer.Option(None, help="synthetic training scenes [preset: 8]"),
+    heldout_scenes: int | None = typer.Option(None, help="synthetic held-out scenes [preset: 2]"),
+    frames: int | None = typer.Option(None, help="frames per scene video [preset: 32]"),
+    metric_depth: bool | None = typer.Option(
+        None,
+        "--metric-depth/--no-metric-depth",
+        help="label a metric scale with a tiny Depth Anything [preset: on]",
+    ),
+    preset: str = typer.Option("tiny", help="preset whose sections configure every stage (and `demo`)"),
+    overrides: list[str] | None = typer.Option(
+        None, "--set", help="override a preset value: demo.lr_heads=3e-3, train.warmup_ratio=0.1 (repeatable)"
+    ),
+) -> None:
+    """Synthetic corpus -> tiny teacher -> index -> precompute on a local Ray cluster -> train -> export
+    -> eval vsibench / geometry -> inspect, all on CPU; writes OUT/report.md and OUT/summary.json."""
+    from geovr.pipeline.demo import DemoConfig, run_demo
+    from geovr.teacher_cache.config import load_section
+
+    cfg = load_section(
+        DemoConfig,
+        "demo",
+        preset,
+        overrides,
+        steps=steps,
+        train_scenes=train_scenes,
+        heldout_scenes=heldout_scenes,
+        frames=frames,
+        metric_depth=metric_depth,
+    )
+    run_demo(out, cfg, preset, overrides)
