@@ -27,10 +27,14 @@ of the student against the teacher labels is set beside predictors that see no i
 constant and the training clips' mean depth map, both with the per-frame median alignment that
 `eval geometry` applies to the student, and without alignment (the training-set mean depth).
 
-The tiny teacher's field of view: a random camera head can output a zero field of view through
-VGGT's ReLU (an infinite focal length, which the store refuses), so `write_tiny_vggt` shrinks the
-field-of-view rows of the pose branch's last layer and sets their bias so that the fields of view
-stay near `TINY_FOV` radians while still varying with the image. Every other weight is random.
+The tiny teacher (`write_tiny_vggt`) is random but for two output rows. Field of view: a random
+camera head can output a zero field of view through VGGT's ReLU (an infinite focal length, which
+the store refuses), so the field-of-view rows of the pose branch's last layer are shrunk and their
+bias set so that the fields of view stay near `TINY_FOV` radians while still varying with the image.
+Depth: a random DPT head outputs an almost constant depth (log-depth varies by 0.3% over an image,
+nothing for a student to learn or for a constant predictor to lose to), so its log-depth row is
+scaled by `DEPTH_GAIN` (as a trained model's, depth then varies by tens of percent over an image)
+and its bias set so that a grey probe image has mean depth 1 (VGGT's normalised scene scale).
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ SUMMARY_FORMAT_VERSION = 1
 GEOMETRIC_LOSSES = ("camera", "depth", "scale", "distill")
 TARGET_REDUCTION = 0.30  # issue 9: each held-out geometric loss at least 30% lower after training
 TINY_FOV = 1.2  # radians, the tiny teacher's fields of view (about 69 degrees)
+DEPTH_GAIN = 100.0  # the tiny teacher's log-depth row: a per-image std of about 0.35 (random init: 0.003)
 # The sizes of shared/reference/vggt/tiny-a (written here, not read from there: users may not have it).
 TINY_VGGT_SIZES: dict[str, Any] = {
     "embed_dim": 64,
@@ -129,8 +134,9 @@ class DemoConfig:
 def write_tiny_vggt(out: str | Path, seed: int = 0, fov: float = TINY_FOV) -> Path:
     """A random VGGT with the tiny-a sizes (camera and depth heads) as a checkpoint directory.
 
-    config.json + model.safetensors, loadable with `VGGT.from_pretrained(out)`. The fields of view
-    stay near `fov` radians (see the module docstring); the same seed writes the same weights.
+    config.json + model.safetensors, loadable with `VGGT.from_pretrained(out)`; the same seed
+    writes the same weights. Two output rows are rescaled (module docstring): the fields of view
+    stay near `fov` radians, and the depth varies over the image around a mean of about 1.
     """
     from safetensors.torch import save_file
 
@@ -138,16 +144,23 @@ def write_tiny_vggt(out: str | Path, seed: int = 0, fov: float = TINY_FOV) -> Pa
 
     cfg = VGGTConfig(**TINY_VGGT_SIZES)
     torch.manual_seed(seed)
-    model = VGGT(cfg, heads=cfg.heads)
-    state = {name: tensor.detach().clone().contiguous() for name, tensor in model.state_dict().items()}
-    # pose_enc = [translation (3), quaternion (4), fields of view (2)]: rows 7 and 8. The head adds
-    # the branch's output once per refinement iteration, so a bias of fov / iterations sums to fov.
-    state["camera_head.pose_branch.fc2.weight"][7:9] *= 0.1
-    state["camera_head.pose_branch.fc2.bias"][7:9] = fov / model.camera_head.num_iterations
+    model = VGGT(cfg, heads=cfg.heads).eval()
+    with torch.no_grad():
+        # pose_enc = [translation (3), quaternion (4), fields of view (2)]: rows 7 and 8. The head
+        # adds the branch's output once per refinement iteration, so a bias of fov / iterations sums to fov.
+        pose_out = model.camera_head.pose_branch.fc2
+        pose_out.weight[7:9] *= 0.1
+        pose_out.bias[7:9] = fov / model.camera_head.num_iterations
+        # Output channel 0 of the DPT head is log-depth; channel 1 the confidence.
+        depth_out = model.depth_head.scratch.output_conv2[-1]
+        depth_out.weight[0] *= DEPTH_GAIN
+        depth_out.bias[0] = 0.0
+        probe = torch.full((1, 2, 3, 4 * cfg.patch_size, 4 * cfg.patch_size), 0.5)
+        depth_out.bias[0] = -model(probe)["depth"].log().mean()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    save_file(state, str(out / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     return out
 
 

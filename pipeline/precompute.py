@@ -20,14 +20,17 @@ Data flow (all large data stays in the object store; the driver only sees small 
        ├─ TeacherActor.label(jobs, *frames) ──▶ GPU actor (num_gpus=1; CPU actor with --device cpu):
        │                                         [statuses, labels clip 0, labels clip 1, ...]
        │◀─ statuses ─────────────────────────────┘
-       └─ write_shard_task(shard, info refs, label refs, failures) ──▶ one task per shard:
-                                         ClipLabels -> store.open_writer(...).write_shard(...)
+       ├─ encode_labels(row, info, labels) ──▶ CPU task: ClipLabels -> the store's EncodedClip
+       │◀─ status ───────────────────────────┘
+       └─ write_shard(shard, encoded refs, failures) ──▶ one task per shard, when its last clip is
+                                         done: store.open_writer(...).write_encoded_shard(...)
 
 Batches are consecutive successfully-decoded clips of one shard in manifest order, `clips_per_batch`
 at a time, so a batch's composition does not depend on task timing.
 
 Backpressure (memory stays bounded whatever the corpus size): at most `max_inflight_shards` shards
-are open at once (their labels wait in the object store until the shard's writer runs), at most
+are open at once (their encoded clips wait in the object store until the shard's writer runs; the
+float32 labels live only between the teacher and the clip's encode task), at most
 `decode_workers` decode tasks run at once, decoding pauses while `2 * clips_per_batch * actors`
 decoded clips wait for a teacher, and each actor has at most `ACTOR_QUEUE` (2) batches queued (the
 next batch's frames arrive while the current one runs, so the GPU does not wait on the driver).
@@ -41,7 +44,7 @@ differs. Committed shards are skipped. `--retry-failed` re-runs only the clips a
 recorded as failed and rewrites that shard with the stored clips unchanged plus those now labelled.
 
 Failures: a clip that cannot be used is recorded with its stage (`index`, `probe`, `sample`,
-`decode`, `teacher`) and reason; the run goes on. `STORE/failures.jsonl` is rebuilt at the end of
+`decode`, `teacher`, `encode`) and reason; the run goes on. `STORE/failures.jsonl` is rebuilt at the end of
 every run from the committed shards; the command exits non-zero only when failed / all clips of
 the store exceeds `max_failure_ratio`.
 
@@ -72,6 +75,7 @@ from geovr.pipeline.video import (
     SamplingConfig,
     VideoError,
     decode_frames,
+    duration_of,
     num_sampled_frames,
     read_timestamps,
     sample_indices,
@@ -98,7 +102,8 @@ class PrecomputeConfig:
         decode_workers: decode tasks in flight at most; 0 = the cluster's CPUs not held by actors.
         decode_cpus: CPUs reserved per decode task.
         actor_cpus: CPUs reserved per teacher actor (its torch threads on --device cpu).
-        max_inflight_shards: shards open at once; 0 = enough to keep every actor fed twice over.
+        max_inflight_shards: shards open at once; 0 = enough to queue two batches on every actor,
+            plus two shards being encoded and written.
         max_failure_ratio: exit non-zero when failed / all clips of the store is above this.
         max_teacher_frames: clips with more frames are labelled as overlapping halves (0: never;
             out-of-memory splits happen regardless).
@@ -191,8 +196,7 @@ def decode_clip(
     num, height, width = frames.shape[:3]
     keep = num
     if cfg.method == "space_aware":
-        duration = float(seconds[-1]) * len(seconds) / max(len(seconds) - 1, 1)
-        keep = num_sampled_frames(duration, len(seconds), cfg)
+        keep = num_sampled_frames(duration_of(seconds), len(seconds), cfg)
     student_hw = student_frame_size(height, width, student_max_tokens)
     jpegs = [encode_jpeg(f, jpeg_quality) for f in resize_frames(frames, student_hw)]
     if teacher_resize is not None:
@@ -359,51 +363,62 @@ def assemble_clip(row: dict[str, Any], info: dict[str, Any], labels: dict[str, A
     return clip
 
 
+def encode_labels(
+    row: dict[str, Any], info: dict[str, Any], labels: dict[str, Any], codecs: Any
+) -> tuple[dict[str, Any], Any]:
+    """Body of the `encode_labels` Ray task: one labelled clip -> its stored form (`EncodedClip`).
+
+    Encoding per clip, on CPU workers, as soon as the teacher is done: the float32 labels (about
+    4 MB of features per VGGT-1B frame) leave the object store early and the shard writer only
+    concatenates ~7x smaller encoded clips. Returns (status, encoded clip or None); labels the
+    store's codecs refuse (non-finite values, bad shapes) fail at stage "encode".
+    """
+    from geovr.teacher_cache.codecs import encode_clip
+
+    started = time.perf_counter()
+    try:
+        encoded = encode_clip(assemble_clip(row, info, labels), codecs)
+    except ValueError as err:  # SchemaError names the clip and the field
+        return _failure("encode", str(err)), None
+    status = {
+        "ok": True,
+        "frames": int(encoded.num_frames),
+        "split": bool(labels.get("split")),
+        "encode_s": time.perf_counter() - started,
+    }
+    return status, encoded
+
+
 def write_shard(
     store: str,
     fingerprint: dict[str, Any],
     store_format: str,
     shard: str,
-    rows: list[dict[str, Any]],
-    info_refs: list[Any],
-    label_refs: list[Any],
+    encoded_refs: list[Any],
     failures: list[dict[str, Any]],
     keep_stored: bool,
 ) -> dict[str, Any]:
-    """Body of the `write_shard` Ray task: assemble the shard's clips and commit it whole.
+    """Body of the `write_shard` Ray task: commit one shard whole, clips in clip-id (manifest) order.
 
-    `rows[i]` pairs with `info_refs[i]` / `label_refs[i]` (object refs, fetched here, not by the
-    driver). `keep_stored` (retry-failed): the clips the store already holds for this shard are
-    read back and rewritten unchanged beside the new ones, in manifest order.
+    `encoded_refs`: object refs of the shard's `EncodedClip`s, fetched here, not by the driver.
+    `keep_stored` (retry-failed): the clips the store already holds for this shard are kept as
+    stored bytes (rewritten bit for bit) beside the newly labelled ones.
     """
-    from geovr.teacher_cache.codecs import encode_clip
-    from geovr.teacher_cache.schema import SchemaError
     from geovr.teacher_cache.store import DONE_DIR, open_store, open_writer
 
     started = time.perf_counter()
-    infos = ray.get(list(info_refs))
-    labels = ray.get(list(label_refs))
-    clips = [assemble_clip(row, i, lab) for row, i, lab in zip(rows, infos, labels, strict=True)]
+    encoded = {clip.clip_id: clip for clip in ray.get(list(encoded_refs))}
     writer = open_writer(Path(store), StoreFingerprint.from_json(fingerprint), store_format)
-    if not keep_stored and shard in writer.committed_shards():  # a retried task whose first try committed
-        return {"shard": shard, "clips": len(clips), "write_s": time.perf_counter() - started}
-    if not keep_stored:
-        record = writer.write_shard(shard, sorted(clips, key=lambda c: c.clip_id), failures)
-    else:
-        # The stored clips are kept as encoded bytes, so they are rewritten bit for bit.
-        encoded = {c.clip_id: c for c in open_store(store).iter_shard_encoded(shard)}
-        failures = list(failures)
-        for clip in clips:
-            try:
-                encoded[clip.clip_id] = encode_clip(clip, writer.codecs)
-            except SchemaError as err:
-                failures.append(
-                    {"clip_id": clip.clip_id, "video": clip.video, "stage": "encode", "reason": str(err)}
-                )
+    committed = shard in writer.committed_shards()
+    if committed and not keep_stored:  # a retried task whose first try committed
+        return {"shard": shard, "clips": len(encoded), "write_s": time.perf_counter() - started}
+    if keep_stored:
+        for clip in open_store(store).iter_shard_encoded(shard):
+            encoded.setdefault(clip.clip_id, clip)
         # Un-commit, then commit the new version: a kill in between leaves the shard uncommitted,
         # and the next plain run relabels it whole.
-        (Path(store) / DONE_DIR / f"{shard}.json").unlink()
-        record = writer.write_encoded_shard(shard, [encoded[k] for k in sorted(encoded)], failures)
+        (Path(store) / DONE_DIR / f"{shard}.json").unlink(missing_ok=True)
+    record = writer.write_encoded_shard(shard, [encoded[k] for k in sorted(encoded)], failures)
     return {"shard": shard, "clips": record["num_clips"], "write_s": time.perf_counter() - started}
 
 
@@ -414,12 +429,11 @@ def write_shard(
 @dataclass
 class _Clip:
     row: dict[str, Any]
-    state: str = "pending"  # pending -> decoding -> decoded -> labelling -> labelled | failed
+    state: str = "pending"  # pending -> decoding -> decoded -> labelling -> encoding -> done | failed
     frames_ref: Any = None
     info_ref: Any = None
-    label_ref: Any = None
+    encoded_ref: Any = None
     keep: int = 0
-    num_frames: int = 0
 
 
 @dataclass
@@ -433,7 +447,7 @@ class _Shard:
     writing: bool = False
 
     def complete(self) -> bool:
-        return all(c.state in ("labelled", "failed") for c in self.clips)
+        return all(c.state in ("done", "failed") for c in self.clips)
 
 
 @dataclass
@@ -497,7 +511,7 @@ class Precompute:
         self.config_record = config_record or {}
         self.sampling = SamplingConfig.from_policy(manifest.sampling)
         self.counts = RunCounts()
-        self.timings: dict[str, float] = {"decode_s": 0.0, "teacher_s": 0.0, "write_s": 0.0}
+        self.timings: dict[str, float] = {"decode_s": 0.0, "teacher_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -598,11 +612,15 @@ class Precompute:
         decode_workers = cfg.decode_workers or max(
             1, int((cpus - num_actors * cfg.actor_cpus) // cfg.decode_cpus)
         )
-        max_shards = cfg.max_inflight_shards or max(
-            2, math.ceil(2 * num_actors * cfg.clips_per_batch / max(self.manifest.clips_per_shard, 1)) + 1
+        # Enough open shards to queue two batches per actor, plus two being encoded and written.
+        max_shards = cfg.max_inflight_shards or (
+            math.ceil(2 * num_actors * cfg.clips_per_batch / max(self.manifest.clips_per_shard, 1)) + 2
         )
         max_waiting = 2 * cfg.clips_per_batch * num_actors
         decode_task = ray.remote(decode_clip).options(num_returns=3, num_cpus=cfg.decode_cpus, max_retries=1)
+        encode_task = ray.remote(encode_labels).options(
+            num_returns=2, num_cpus=cfg.decode_cpus, max_retries=1
+        )
         write_task = ray.remote(write_shard).options(num_cpus=0, max_retries=2)
         fingerprint_json = fingerprint.to_json()
 
@@ -622,7 +640,7 @@ class Precompute:
 
         def fail(shard: _Shard, clip: _Clip, stage: str, reason: str) -> None:
             clip.state = "failed"
-            clip.frames_ref = clip.info_ref = clip.label_ref = None
+            clip.frames_ref = clip.info_ref = clip.encoded_ref = None
             shard.failures.append(
                 {"clip_id": clip.row["clip_id"], "video": clip.row["video"], "stage": stage, "reason": reason}
             )
@@ -699,15 +717,12 @@ class Precompute:
             for shard in list(active):
                 if shard.writing or not shard.complete():
                     continue
-                done = [c for c in shard.clips if c.state == "labelled"]
                 ref = write_task.remote(
                     str(self.store),
                     fingerprint_json,
                     cfg.format,
                     shard.shard_id,
-                    [{"clip_id": c.row["clip_id"], "video": c.row["video"]} for c in done],
-                    [c.info_ref for c in done],
-                    [c.label_ref for c in done],
+                    [c.encoded_ref for c in shard.clips if c.state == "done"],
                     shard.failures,
                     shard.keep_stored,
                 )
@@ -731,8 +746,17 @@ class Precompute:
                         form_batches(payload[0])
                     elif kind == "label":
                         batch, actor, label_refs = payload
-                        waiting -= self._on_labelled(ref, batch, label_refs, fail, batches)
+                        waiting -= self._on_labelled(ref, batch, fail, batches)
                         load[actor] -= 1
+                        for clip, label_ref in zip(batch.clips, label_refs, strict=True):
+                            if clip.state == "encoding":
+                                status, clip.encoded_ref = encode_task.remote(
+                                    clip.row, clip.info_ref, label_ref, writer.codecs
+                                )
+                                clip.info_ref = None  # the encode task holds it until it has run
+                                pending[status] = ("encode", (batch.shard, clip))
+                    elif kind == "encode":
+                        self._on_encoded(ref, *payload, fail)
                     else:
                         self._on_written(ref, payload)
                         active.remove(payload)
@@ -757,7 +781,7 @@ class Precompute:
         self.timings["decode_s"] += status["decode_s"]
         clip.state, clip.keep = "decoded", status["keep"]
 
-    def _on_labelled(self, ref: Any, batch: _Batch, label_refs: list[Any], fail: Any, batches: deque) -> int:
+    def _on_labelled(self, ref: Any, batch: _Batch, fail: Any, batches: deque) -> int:
         """Handle a finished teacher call; returns how many decoded clips left the waiting set."""
         try:
             statuses = ray.get(ref)
@@ -776,16 +800,28 @@ class Precompute:
                 fail(batch.shard, c, "teacher", f"{type(err).__name__}: {str(err)[:300]}")
             return len(batch.clips)
         self.timings["teacher_s"] += statuses[0].get("teacher_s", 0.0)
-        for clip, status, label_ref in zip(batch.clips, statuses, label_refs, strict=True):
+        for clip, status in zip(batch.clips, statuses, strict=True):
             clip.frames_ref = None  # the frames are no longer needed: let the object store free them
             if status["ok"]:
-                clip.state, clip.label_ref, clip.num_frames = "labelled", label_ref, status["frames"]
-                self.counts.clips_ok += 1
-                self.counts.frames += status["frames"]
-                self.counts.clips_split += int(status["split"])
+                clip.state = "encoding"
             else:
                 fail(batch.shard, clip, status["stage"], status["reason"])
         return len(batch.clips)
+
+    def _on_encoded(self, ref: Any, shard: _Shard, clip: _Clip, fail: Any) -> None:
+        try:
+            status = ray.get(ref)
+        except ray.exceptions.RayError as err:
+            fail(shard, clip, "encode", f"encode task failed: {type(err).__name__}: {str(err)[:300]}")
+            return
+        if not status["ok"]:
+            fail(shard, clip, status["stage"], status["reason"])
+            return
+        clip.state = "done"
+        self.timings["encode_s"] += status["encode_s"]
+        self.counts.clips_ok += 1
+        self.counts.frames += status["frames"]
+        self.counts.clips_split += int(status["split"])
 
     def _on_written(self, ref: Any, shard: _Shard) -> None:
         try:
@@ -795,7 +831,7 @@ class Precompute:
         self.timings["write_s"] += result["write_s"]
         self.counts.shards_written += 1
         for clip in shard.clips:
-            clip.info_ref = clip.label_ref = None
+            clip.encoded_ref = None
 
     # -- end of run ----------------------------------------------------------------------------
 

@@ -107,6 +107,7 @@ def summary_table(counts: RunCounts, timings: dict[str, float], failure_ratio: f
         ("teacher actor startup (s)", f"{timings.get('actor_startup_s', 0.0):.1f}"),
         ("teacher busy (actor-seconds)", f"{timings.get('teacher_s', 0.0):.1f}"),
         ("decode (task-seconds)", f"{timings.get('decode_s', 0.0):.1f}"),
+        ("encode (task-seconds)", f"{timings.get('encode_s', 0.0):.1f}"),
         ("write (task-seconds)", f"{timings.get('write_s', 0.0):.1f}"),
         ("wall time (s)", f"{timings.get('wall_s', 0.0):.1f}"),
     ]

@@ -213,6 +213,12 @@ def probe_video(path: str | Path) -> VideoInfo:
     )
 
 
+def duration_of(seconds: np.ndarray) -> float:
+    """Duration of a clip from its frame times (N,) seconds: last time + one mean frame interval."""
+    n = len(seconds)
+    return float(seconds[-1]) * n / (n - 1) if n > 1 else 0.0
+
+
 def num_sampled_frames(duration_s: float, num_frames: int, cfg: SamplingConfig) -> int:
     """How many frames a clip keeps: round(duration * fps) clamped to [min, max] and to the frames available."""
     wanted = min(max(round(duration_s * cfg.fps), cfg.min_frames), cfg.max_frames)
@@ -254,8 +260,7 @@ def sample_indices(seconds: np.ndarray, cfg: SamplingConfig, path: str | Path = 
         raise VideoError(
             "sample", "too-short", f"{path}: {n_frames} frames, at least {cfg.min_frames} are needed"
         )
-    duration = float(seconds[-1]) + (float(seconds[-1]) / (n_frames - 1) if n_frames > 1 else 0.0)
-    count = num_sampled_frames(duration, n_frames, cfg)
+    count = num_sampled_frames(duration_of(seconds), n_frames, cfg)
     if cfg.method == "space_aware":
         count = min(max(count, cfg.candidate_frames), n_frames)
     return uniform_in_time(seconds, count)

@@ -48,6 +48,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from geovr.teacher_cache.codecs import EncodedClip, decode_clip
 from geovr.teacher_cache.config import require
 from geovr.teacher_cache.schema import ClipLabels, clip_id_for
 
@@ -74,7 +75,8 @@ class DataConfig:
         shuffle_initial: samples buffered before the first one is yielded.
         resampled: streaming draws shards with replacement (`wds.ResampledShards`); False walks a
             deterministic per-epoch shard permutation split by node and worker, repeated as needed.
-        samples_per_epoch: samples per epoch over all ranks; 0 = the number of joined QA samples.
+        samples_per_epoch: streaming: samples per epoch over all ranks; 0 = the number of joined QA
+            samples (random access always covers each joined sample once per epoch).
         num_workers: DataLoader worker processes per rank (0 = load in the training process).
         prefetch_factor: micro-batches prefetched per worker.
         pin_memory: pin batches in page-locked memory (only used with a CUDA device).
@@ -266,7 +268,7 @@ class StoreLike(Protocol):
     def shards(self) -> list[str]: ...
     def clip_ids(self) -> list[str]: ...
     def read_clip(self, clip_id: str) -> ClipLabels: ...
-    def iter_shard(self, shard_id: str) -> Iterator[ClipLabels]: ...
+    def iter_shard_encoded(self, shard_id: str) -> Iterator[EncodedClip]: ...
     def failures(self) -> list[dict]: ...
 
 
@@ -427,10 +429,10 @@ class RandomAccessDataset(Dataset):
 class StreamingDataset(IterableDataset):
     """WebDataset pipeline over the store's shards yielding micro-batches (lists of built samples).
 
-    Per worker and epoch: shard ids (resampled with replacement, or a deterministic permutation)
-    -> node splitter (rank r of world) -> worker splitter -> clips of each shard (`iter_shard`)
-    -> the QA samples of each clip -> shuffle buffer -> skip the micro-batches consumed before a
-    resume -> build -> groups of `micro_batch`; `with_epoch` cuts every worker at the same number
+    Per worker and epoch: shard ids (resampled with replacement, or a deterministic permutation
+    -> node splitter (rank r of world) -> worker splitter) -> encoded clips of each shard -> the QA
+    samples of each clip -> shuffle buffer -> groups of `micro_batch` -> skip the micro-batches
+    consumed before a resume -> decode and build; `with_epoch` cuts every worker at the same number
     of micro-batches and repeats the shard stream when a worker's shards run out.
     """
 
@@ -497,11 +499,13 @@ class StreamingDataset(IterableDataset):
             random.Random(_seed_for(self.seed, self.epoch)).shuffle(order)
             stages = [wds.SimpleShardList(order), node_split, worker_split]
 
-        def clips_to_samples(source: Iterator[dict]) -> Iterator[tuple[QASample, ClipLabels]]:
+        def clips_to_samples(source: Iterator[dict]) -> Iterator[tuple[QASample, EncodedClip]]:
+            # Clips stay encoded (quantised features) in the shuffle buffer: about 4x less memory,
+            # and the micro-batches skipped on resume are never decoded.
             for item in source:
-                for labels in store.iter_shard(item["url"]):
-                    for sample in self.by_clip.get(labels.clip_id, ()):
-                        yield sample, labels
+                for encoded in store.iter_shard_encoded(item["url"]):
+                    for sample in self.by_clip.get(encoded.clip_id, ()):
+                        yield sample, encoded
 
         skipped = [0]  # persists across the repetitions `with_epoch` makes of the pipeline
 
@@ -514,7 +518,8 @@ class StreamingDataset(IterableDataset):
 
         def build_batch(source: Iterator[list]) -> Iterator[list[Any]]:
             for batch in source:
-                yield [self.build(sample, labels) for sample, labels in batch]
+                decoded = {encoded.clip_id: decode_clip(encoded) for _, encoded in batch}
+                yield [self.build(sample, decoded[sample.clip_id]) for sample, _ in batch]
 
         expected = self.batches_per_worker - skip
         pipeline = wds.DataPipeline(
@@ -675,7 +680,7 @@ def _sample_length(sample: Any) -> int:
 class TrainLoader:
     """An endless, checkpointable stream of micro-batches for one rank.
 
-    `next()` returns (epoch, list of collated chunks); epochs roll over by themselves. `state()`
+    `next()` returns (epoch, `MicroBatch`); epochs roll over by themselves. `state()`
     is the position after the last returned micro-batch; a new `TrainLoader` given that state
     continues with the very next micro-batch.
     """
@@ -721,12 +726,12 @@ class TrainLoader:
             )
             self.batches_per_epoch = batches_per_worker * workers
         self.position = state or LoaderState()
-        self._iterator: Iterator[list[Any]] | None = None
+        self._iterator: Iterator[MicroBatch] | None = None
 
     def state(self) -> LoaderState:
         return LoaderState(self.position.epoch, self.position.batches)
 
-    def _open_epoch(self) -> Iterator[list[Any]]:
+    def _open_epoch(self) -> Iterator[MicroBatch]:
         epoch, done = self.position.epoch, self.position.batches
         workers = self.config.num_workers
         loader_args: dict[str, Any] = {
@@ -744,7 +749,7 @@ class TrainLoader:
             loader = DataLoader(self.dataset, batch_size=None, **loader_args)
         return iter(loader)
 
-    def next(self) -> tuple[int, list[Any]]:
+    def next(self) -> tuple[int, MicroBatch]:
         if self.position.batches >= self.batches_per_epoch:
             self.position = LoaderState(self.position.epoch + 1, 0)
             self._iterator = None

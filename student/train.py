@@ -256,7 +256,9 @@ def clip_and_check(
         norm = torch.nn.utils.get_total_norm([p.grad for p in grads])
     if hasattr(norm, "full_tensor"):
         norm = norm.full_tensor()
-    bad = torch.tensor(0.0 if (torch.isfinite(norm).item() and math.isfinite(loss)) else 1.0)
+    bad = torch.tensor(
+        0.0 if (torch.isfinite(norm).item() and math.isfinite(loss)) else 1.0, device=env.device
+    )
     all_reduce(bad, env, dist.ReduceOp.MAX)
     return float(norm), bad.item() == 0.0
 
@@ -371,8 +373,8 @@ def save_checkpoint(
     model_state = get_model_state_dict(student, options=options)
     optim_state = get_optimizer_state_dict(student, optimizer, options=options)
     if env.is_main:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        if tmp.parent.exists():  # leftovers of a run killed while writing a checkpoint
+            shutil.rmtree(tmp.parent)
         tmp.mkdir(parents=True)
         _write_checkpoint_model(student, model_state, tmp)
         tensors, info = _optimizer_to_files(optim_state)
@@ -479,7 +481,8 @@ def qwen3vl_step_flops(
 
 
 class MetricsLogger:
-    """Rank 0: one JSON object per step to RUN/metrics.jsonl, TensorBoard scalars, console lines."""
+    """Rank 0: one JSON object per step to RUN/metrics.jsonl, TensorBoard scalars, console lines
+    (and a progress bar on a terminal)."""
 
     def __init__(self, run_dir: Path, env: DistEnv, total_steps: int, cfg: TrainConfig, resume_step: int):
         self.enabled = env.is_main
@@ -488,11 +491,21 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self.tb = None
         self.console = None
+        self.progress = None
         if not self.enabled:
             return
         from rich.console import Console
 
         self.console = Console(stderr=True)
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"), console=self.console,
+            )  # fmt: skip
+            self.task = self.progress.add_task("train", total=total_steps, completed=resume_step, status="")
+            self.progress.start()
         self._truncate(resume_step)
         self.file = self.path.open("a")
         if cfg.tensorboard:
@@ -519,6 +532,9 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(key.replace(".", "/"), value, step)
+        if self.progress is not None:
+            status = f"loss {record['loss']:.4f}  {record['samples_per_s']:.2f} samples/s"
+            self.progress.update(self.task, completed=step, status=status)
         if step % self.log_every == 0 or step == self.total_steps:
             mfu = record.get("mfu")
             self.console.print(
@@ -540,6 +556,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.enabled:
             self.file.close()
+            if self.progress is not None:
+                self.progress.stop()
             if self.tb is not None:
                 self.tb.close()
 
@@ -605,13 +623,16 @@ class StepStats:
 
 
 def _reduce_stats(stats: StepStats, names: list[str], env: DistEnv) -> tuple[dict[str, float], torch.Tensor]:
-    """Global sample-weighted mean of each loss term, and the summed [samples, tokens, flops, wait]."""
+    """Global sample-weighted mean of each loss term, and the summed [samples, tokens, flops, wait,
+    skipped samples] over ranks."""
     values = torch.tensor(
         [stats.loss_sums.get(n, 0.0) for n in names]
-        + [stats.samples, stats.tokens, stats.flops, stats.data_wait],
+        + [stats.samples, stats.tokens, stats.flops, stats.data_wait, stats.skipped_samples],
         dtype=torch.float64,
+        device=env.device,  # NCCL reduces device tensors only
     )
     all_reduce(values, env)
+    values = values.cpu()
     totals = values[len(names) :]
     means = {n: float(values[i] / max(1.0, float(totals[0]))) for i, n in enumerate(names)}
     return means, totals
@@ -840,7 +861,6 @@ def _train(
         stats = accumulate_gradients(
             model, student.base.config, loader, env, accumulation, per_rank_step, autocast_dtype
         )
-        skipped_samples = stats.skipped_samples
         means, totals = _reduce_stats(stats, loss_names, env)
         grad_norm, finite = clip_and_check(param_list, cfg.grad_clip, means["total"], env)
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
@@ -851,11 +871,11 @@ def _train(
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         step_time = time.perf_counter() - step_start
-        samples, tokens, flops, wait = (float(v) for v in totals)
+        samples, tokens, flops, wait, skipped = (float(v) for v in totals)
         counters["samples"] += int(samples)
         counters["tokens"] += int(tokens)
         counters["skipped_steps"] += 0 if finite else 1
-        counters["skipped_samples"] += skipped_samples
+        counters["skipped_samples"] += int(skipped)
         record = {
             "step": step,
             "epoch": loader.state().epoch,
@@ -870,7 +890,7 @@ def _train(
             "mfu": flops / step_time / (peak * env.world_size) if peak else None,
             "data_wait": wait / env.world_size / step_time,
             "step_time_s": step_time,
-            "skipped_samples": skipped_samples,
+            "skipped_samples": int(skipped),
         }
         if not finite:
             logger.message(f"step {step}: non-finite loss or gradient norm ({grad_norm}); update skipped")

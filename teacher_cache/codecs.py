@@ -16,12 +16,12 @@ C channels, K = min(`feature_outlier_channels`, C), (Hd, Wd) depth size):
   token, `feat_token_step` (S, L, h, w) float32 = max(token rms / `feature_token_steps`,
   token absmax / 127): a fixed relative precision per token, so the cosine fidelity holds for
   weak tokens too, and no value is ever clipped. Typical int8 values are small, so zstd's entropy
-  coder brings them to about 4.6 bits.
+  coder brings them to about 4.4 bits (cosine >= 0.998 per token on the quantised channels).
 - depth: log-depth rounded to steps of `depth_log_step` (relative error at most step / 2) from a
   per-frame minimum, as uint16; `depth_log_range` (S, 2) float32 holds (minimum, step). Stored as
   zigzag-coded differences along the width (`depth_q`), which zstd compresses to about a third.
 - depth_conf: log-confidence over 256 levels per frame (`conf_q` uint8, same zigzag differences),
-  `conf_log_range` (S, 2) float32; relative error at most half a level (about 1% for a 1..1000 range).
+  `conf_log_range` (S, 2) float32; relative error at most half a level (1.4% for a 1..1000 range).
 - cameras (frame indices, timestamps, pose_enc, extrinsic, intrinsic, scale, scale_valid): lossless.
 - frames_jpeg: the JPEG bytes as given.
 """

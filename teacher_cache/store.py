@@ -214,37 +214,37 @@ def open_writer(
 ) -> StoreWriter:
     """Create a store or open an existing one for more shards (resume).
 
-    The codec settings come from `codecs`, else from `fingerprint.preprocess["codecs"]`, else the
-    defaults. Raises `SchemaError` when the existing store has another fingerprint (the message lists
-    the differences), format or codec settings.
+    Codec settings: `codecs`, else `fingerprint.preprocess["codecs"]` when present; a new store
+    without either gets the defaults, an existing one keeps its own (so that a resume under newer
+    code defaults still matches). Raises `SchemaError` when the existing store has another
+    fingerprint (the message lists the differences), format, or codec settings than requested.
     """
     if format not in FORMATS:
         raise ValueError(f"store format {format!r}: expected one of {FORMATS}")
-    if codecs is None:
-        codecs = CodecConfig.from_dict(
-            fingerprint.preprocess.get("codecs", {}), where="fingerprint.preprocess"
-        )
-    codecs.validate()
+    if codecs is None and "codecs" in fingerprint.preprocess:
+        codecs = CodecConfig.from_dict(fingerprint.preprocess["codecs"], where="fingerprint.preprocess")
+    if codecs is not None:
+        codecs.validate()
     root = Path(path)
     if not (root / STORE_JSON).exists():
         if root.exists() and any(p.name not in (TMP_DIR, DONE_DIR) for p in root.iterdir()):
             raise ValueError(
                 f"{root}: exists, is not empty and has no {STORE_JSON}; refusing to write a store there"
             )
-        _create_store(root, fingerprint, format, codecs)
+        _create_store(root, fingerprint, format, codecs or CodecConfig())
 
     meta = read_store_json(root)
     problems = [f"fingerprint {d}" for d in meta["fingerprint"].differences(fingerprint)]
     if meta["format"] != format:
         problems.append(f"format: {meta['format']!r} != {format!r}")
-    if meta["codecs"] != codecs:
+    if codecs is not None and meta["codecs"] != codecs:
         problems.append(f"codecs: {meta['codecs'].to_dict()} != {codecs.to_dict()}")
     if problems:
         raise SchemaError(
             f"{root}: the store was written with other settings; refusing to add shards:\n  "
             + "\n  ".join(problems)
         )
-    return StoreWriter(root, fingerprint, format, codecs)
+    return StoreWriter(root, fingerprint, format, meta["codecs"])
 
 
 def _create_store(root: Path, fingerprint: StoreFingerprint, store_format: str, codecs: CodecConfig) -> None:

@@ -12,8 +12,8 @@ Members of the sample of clip <id> (the WebDataset key is the clip id), in this 
     <id>.0000.jpg ... <id>.NNNN.jpg  the JPEG frames as given
 
 The tar is written with `tarfile` to a temporary name chosen by `store` (WebDataset's ShardWriter
-writes to the final name). Streaming uses `webdataset.WebDataset`; reading one clip by id seeks to the
-member offsets recorded in the shard's done marker.
+writes to the final name). Streaming uses `webdataset.WebDataset`; reading one clip by id reads
+the sample's byte span, recorded in the shard's done marker, and parses its tar headers in memory.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def _members(clip: EncodedClip, zstd: numcodecs.Zstd) -> list[tuple[str, str, by
 def write_shard(path: Path, clips: list[EncodedClip], zstd_level: int) -> dict[str, Any]:
     """Write `clips` as a tar at `path` (a temporary name of the caller).
 
-    Returns {"clips": [{"clip_id", "num_frames", "location": {"members": {suffix: [offset, size]}}}],
+    Returns {"clips": [{"clip_id", "num_frames", "location": {"span": [start, end]}}] (the sample's
+    byte range in the tar),
     "bytes": {field: bytes}}; tar headers and padding count as metadata.
     """
     zstd = numcodecs.Zstd(level=zstd_level)
@@ -70,15 +71,18 @@ def write_shard(path: Path, clips: list[EncodedClip], zstd_level: int) -> dict[s
                 tar.addfile(info, io.BytesIO(payload))
                 totals[field] = totals.get(field, 0) + len(payload)
 
-    locations: dict[str, dict[str, list[int]]] = {c.clip_id: {} for c in clips}
+    # Each sample's members are contiguous: its byte span [first header, end of last member's
+    # padded data) is all a read by id needs (two numbers per clip in the done marker).
+    spans: dict[str, list[int]] = {}
     with tarfile.open(path, "r") as tar:
         for info in tar:
-            clip_id, suffix = info.name.split(".", 1)
-            locations[clip_id][suffix] = [info.offset_data, info.size]
+            clip_id = info.name.split(".", 1)[0]
+            end = info.offset_data + -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            spans.setdefault(clip_id, [info.offset, end])[1] = end
     totals["metadata"] = totals.get("metadata", 0) + path.stat().st_size - sum(totals.values())
     return {
         "clips": [
-            {"clip_id": c.clip_id, "num_frames": c.num_frames, "location": {"members": locations[c.clip_id]}}
+            {"clip_id": c.clip_id, "num_frames": c.num_frames, "location": {"span": spans[c.clip_id]}}
             for c in clips
         ],
         "bytes": totals,
@@ -106,7 +110,8 @@ def decode_sample(sample: dict[str, bytes], where: str) -> EncodedClip:
 
 
 class WdsShardReader:
-    """Reads clips of one committed tar shard: by id through member offsets, or streamed in order."""
+    """Reads clips of one committed tar shard: by id through the sample spans of the done marker, or
+    streamed in order with webdataset."""
 
     def __init__(self, path: Path, clip_rows: list[dict[str, Any]]):
         self.path = path
@@ -116,13 +121,19 @@ class WdsShardReader:
         return list(self.rows)
 
     def read(self, clip_id: str) -> EncodedClip:
-        members = self.rows[clip_id]["location"]["members"]
-        sample = {}
+        start, end = self.rows[clip_id]["location"]["span"]
         with open(self.path, "rb") as f:
-            for suffix, (offset, size) in members.items():
-                f.seek(offset)
-                sample[suffix] = f.read(size)
-        return decode_sample(sample, f"{self.path} clip {clip_id}")
+            f.seek(start)
+            data = f.read(end - start)
+        where = f"{self.path} clip {clip_id}"
+        sample = {}
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            for info in tar:
+                key, suffix = info.name.split(".", 1)
+                if key != clip_id or not info.isfile():
+                    raise SchemaError(f"{where}: unexpected member {info.name} in the sample's byte range")
+                sample[suffix] = tar.extractfile(info).read()
+        return decode_sample(sample, where)
 
     def __iter__(self) -> Iterator[EncodedClip]:
         import webdataset  # imports torch (~2 s); only streaming needs it

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from geovr.teacher_cache.codecs import CodecConfig
 from geovr.teacher_cache.convert import convert_store
 from geovr.teacher_cache.frames import encode_jpeg
 from geovr.teacher_cache.schema import ClipLabels, SchemaError, StoreFingerprint
@@ -230,9 +231,11 @@ def test_writer_refuses_another_fingerprint_listing_the_differences(tmp_path):
     assert "checkpoint_sha256" in message and "feature_layers" in message and "teacher:" not in message
     with pytest.raises(SchemaError, match="format: 'zarr' != 'wds'"):
         open_writer(root, FINGERPRINT, "wds")
-    # Another code version is not a different fingerprint: resume goes on.
+    with pytest.raises(SchemaError, match="codecs:"):
+        open_writer(root, FINGERPRINT, "zarr", codecs=CodecConfig(feature_token_steps=4.0))
+    # Another code version is not a different fingerprint, and the store keeps its codecs: resume goes on.
     writer = open_writer(root, replace(FINGERPRINT, code_version="9.9"), "zarr")
-    assert writer.committed_shards() == {"000000"}
+    assert writer.committed_shards() == {"000000"} and writer.codecs == CodecConfig()
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from geovr.pipeline.index import build_manifest
 from geovr.pipeline.synth import SynthConfig, write_corpus
 from geovr.teacher_cache.store import open_store
@@ -13,6 +15,7 @@ from geovr.teacher_cache.verify import verify_store
 from tests.test_precompute import TINY, fov_fixed_teacher, output, precompute_command, ray_env
 
 
+@pytest.mark.slow
 def test_local_cluster_whole_path(tmp_path: Path) -> None:
     write_corpus(
         tmp_path / "corpus", SynthConfig(scenes=2, frames=10, width=160, height=120, fps=4.0, seed=11)

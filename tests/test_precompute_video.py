@@ -287,3 +287,37 @@ def test_teacher_resize_in_decode_gives_identical_labels(tmp_path: Path, referen
     a, b = labeler.label([source, resized])
     for name in ("pose_enc", "depth", "depth_conf", "features"):
         assert np.array_equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_encode_task_records_labels_the_store_refuses(tmp_path: Path, reference_dir: Path) -> None:
+    """Teacher output with an infinite focal length (tiny-a's random camera head: FoV 0) fails at "encode"."""
+    from geovr.pipeline.precompute import decode_clip, encode_labels
+    from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler
+    from geovr.teacher_cache.codecs import CodecConfig
+    from geovr.teacher_cache.codecs import decode_clip as decode_encoded
+
+    write_video(tmp_path / "a.mp4", smooth_frames(10, 120, 160), fps=4)
+    policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=8).policy()
+    _, frames, info = decode_clip("a.mp4", str(tmp_path), policy, 300, 90, teacher_resize=(112, 28))
+    cfg = TeacherConfig(
+        checkpoint=reference_dir / "vggt" / "tiny-a", name="vggt-tiny", image_long_side=112,
+        feature_layers=(0, 1, 2, 3), dtype="float32",
+    )  # fmt: skip
+    (labels,) = TeacherLabeler(cfg, "cpu").label([frames])
+    labels = {name: getattr(labels, name) for name in labels.__dataclass_fields__}
+    row = {"clip_id": "c0", "video": "a.mp4"}
+    assert not np.isfinite(labels["intrinsic"]).all()
+    status, encoded = encode_labels(row, info, labels, CodecConfig())
+    assert (
+        not status["ok"]
+        and status["stage"] == "encode"
+        and "intrinsic" in status["reason"]
+        and encoded is None
+    )
+
+    labels["intrinsic"] = np.nan_to_num(labels["intrinsic"], posinf=100.0)
+    status, encoded = encode_labels(row, info, labels, CodecConfig())
+    assert status["ok"] and status["frames"] == 5 and not status["split"]
+    clip = decode_encoded(encoded)
+    assert clip.clip_id == "c0" and clip.frame_indices.tolist() == info["frame_indices"].tolist()
+    assert clip.meta["teacher_size"] == [112, 84] and clip.frames_jpeg == info["frames_jpeg"]

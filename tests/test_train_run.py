@@ -185,7 +185,11 @@ def test_non_finite_steps_are_skipped_and_logged(workspace, tmp_path, capsys):
     torch.set_num_threads(1)  # in-process run: one thread is much faster on a shared 2-core machine
     try:
         code, err = run_cli(
-            cli_args(workspace, out, extra=["train.steps=3", "train.lr_heads=1e30", "train.grad_clip=0"]),
+            cli_args(
+                workspace,
+                out,
+                extra=["train.steps=3", "train.lr_heads=1e30", "train.grad_clip=0", "train.tensorboard=true"],
+            ),
             capsys,
         )
     finally:
@@ -194,6 +198,7 @@ def test_non_finite_steps_are_skipped_and_logged(workspace, tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert not records[0]["skipped"] and all(r["skipped"] for r in records[1:])
     assert "update skipped" in err
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_clip_and_check_flags_non_finite_gradients():
