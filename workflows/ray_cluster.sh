@@ -19,6 +19,7 @@
 # Environment (all optional):
 #   RAY_HEAD_IP            head address (default: first Slurm node's address, else 127.0.0.1)
 #   RAY_PORT               GCS port of the head (default 6379)
+#   RAY_DASHBOARD_PORT     dashboard / Jobs API port of the head (default 8265)
 #   RAY_NODES              number of nodes (default $SLURM_JOB_NUM_NODES, else 1)
 #   RAY_NODE_LAUNCH        srun | local (default: srun inside Slurm, local outside)
 #   RAY_CPUS_PER_NODE      (default $SLURM_CPUS_ON_NODE, else nproc)
@@ -31,6 +32,7 @@ set -euo pipefail
 script_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 python=${PYTHON:-python}
 port=${RAY_PORT:-6379}
+dashboard_port=${RAY_DASHBOARD_PORT:-8265}
 nodes=${RAY_NODES:-${SLURM_JOB_NUM_NODES:-1}}
 cpus=${RAY_CPUS_PER_NODE:-${SLURM_CPUS_ON_NODE:-$(nproc)}}
 gpus=${RAY_GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-0}}
@@ -96,7 +98,9 @@ start() {
     ip=$(head_ip)
     address="$ip:$port"
     echo "$address" >"$cluster_dir/address"
-    local head_args=(--head --node-ip-address="$ip" --port="$port" --include-dashboard=false
+    # The dashboard process serves the Jobs API (`ray job submit`); its web UI is not needed.
+    local head_args=(--head --node-ip-address="$ip" --port="$port" --dashboard-host="$ip"
+        --dashboard-port="$dashboard_port" --include-dashboard=false
         --num-cpus="$cpus" --num-gpus="$gpus" --disable-usage-stats --block)
 
     if [[ $launch == srun ]]; then
@@ -148,6 +152,7 @@ print_env() {
         echo "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     fi
     echo "export RAY_ADDRESS=$(cat "$cluster_dir/address")"
+    echo "export RAY_JOBS_ADDRESS=http://$(cut -d: -f1 "$cluster_dir/address"):$dashboard_port"
 }
 
 case "${1:-}" in

@@ -8,9 +8,9 @@ from pathlib import Path
 import typer
 
 from geovr.pipeline.cli import app
-from geovr.teacher_cache.convert import convert_store
-from geovr.teacher_cache.store import FORMATS
-from geovr.teacher_cache.verify import store_stats, verify_store
+
+# Imported inside the commands: the store backends pull in zarr and webdataset, which would slow
+# down every `geovr-pipeline` invocation, `--help` included.
 
 cache_app = typer.Typer(help="Inspect, check and convert teacher-label stores.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
@@ -20,6 +20,8 @@ app.add_typer(cache_app, name="cache")
 def verify(store: Path = typer.Argument(..., help="Store directory.")) -> None:
     """Check every checksum, the schema, and that every committed shard opens and every clip decodes.
     Exit status 1 on any problem; each bad shard is named."""
+    from geovr.teacher_cache.verify import verify_store
+
     report = verify_store(store)
     for warning in report.warnings:
         typer.echo(f"warning: {warning}")
@@ -43,6 +45,8 @@ def stats(
     as_json: bool = typer.Option(False, "--json", help="Print the statistics as JSON."),
 ) -> None:
     """Clips, frames, failures and bytes per field per frame of the committed shards."""
+    from geovr.teacher_cache.verify import store_stats
+
     result = store_stats(store)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
@@ -62,9 +66,11 @@ def stats(
 def convert(
     src: Path = typer.Argument(..., help="Source store."),
     dst: Path = typer.Argument(..., help="Destination store (created, or resumed when it exists)."),
-    format: str = typer.Option(..., "--format", help=f"Destination backend: {' | '.join(FORMATS)}."),
+    format: str = typer.Option(..., "--format", help="Destination backend: zarr | wds."),
 ) -> None:
     """Copy a store into another backend, keeping every field and its encoded payload bit for bit."""
+    from geovr.teacher_cache.convert import convert_store
+
     summary = convert_store(src, dst, format)
     typer.echo(
         f"converted {src} -> {dst} ({format}): {summary['shards_written']} shards written, "
