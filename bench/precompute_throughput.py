@@ -213,6 +213,12 @@ def main() -> None:
         },
         "ratio_steady_to_teacher_only": steady / alone["frames_per_s"],
         "target_ratio": 0.85,
+        "note": (
+            "CPU smoke run of the tiny teacher: the teacher costs almost nothing, so the ratio measures the "
+            "pipeline's fixed costs on this machine, not the GPU criterion"
+            if args.device == "cpu" or args.model == "tiny"
+            else "full-size VGGT-1B, random weights"
+        ),
         "setup_corpus_s": setup_corpus_s,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -655,7 +655,9 @@ def run_demo(
             "steps": train_summary["steps"],
             "train_s": train_s,
             "s_per_step": train_s / max(1, cfg.steps),
-            "last_step": train_summary["last"],
+            "final_training_losses": {
+                k[len("loss.") :]: v for k, v in train_summary["last"].items() if k.startswith("loss.")
+            },
             "heldout_samples": len(heldout.samples),
             "heldout_clips": len(heldout.clips),
         }
@@ -671,6 +673,8 @@ def run_demo(
     with stages.stage("eval", "VSI-Bench on held-out questions, geometry on held-out clips") as stage:
         vsi_cfg = VSIBenchConfig(frames=cfg.vsibench_frames, limit=cfg.vsibench_limit or None)
         vsibench = run_vsibench(export_dir, questions["vsibench"], eval_dir / "vsibench", vsi_cfg)
+        # The untrained base model on the same questions, for comparison.
+        vsibench_base = run_vsibench(base_dir, questions["vsibench"], eval_dir / "vsibench-base", vsi_cfg)
         geometry = evaluate_geometry(run_dir, heldout_store, eval_dir / "geometry")
         reader = open_store(store)
         train_depth = [reader.read_clip(c).depth for c in train_clips]
@@ -678,7 +682,9 @@ def run_demo(
         stage.outputs = {
             "vsibench": eval_dir / "vsibench",
             "geometry": eval_dir / "geometry",
+            "vsibench_base": eval_dir / "vsibench-base",
             "vsibench_overall": vsibench["scores"].get("overall"),
+            "vsibench_overall_base": vsibench_base["scores"].get("overall"),
             "vsibench_questions": vsibench["num_scored"],
         }
 
@@ -702,7 +708,7 @@ def run_demo(
         )
         training_curves(figures / "training_losses.png", run_dir / "metrics.jsonl", names[:-1])
         summary = build_summary(
-            cfg, stages.records, before["losses"], after["losses"], depth, vsibench, geometry,
+            cfg, stages.records, before["losses"], after["losses"], depth, (vsibench_base, vsibench), geometry,
             metric=metric_dir is not None, started=started, load_start=load_start,
         )  # fmt: skip
         summary["stages"].append({"name": "report", "seconds": None, "outputs": {"report": "report.md"}})
@@ -728,7 +734,7 @@ def build_summary(
     before: dict[str, float],
     after: dict[str, float],
     depth: dict[str, Any],
-    vsibench: dict[str, Any],
+    vsibench: tuple[dict[str, Any], dict[str, Any]],
     geometry: dict[str, Any],
     metric: bool,
     started: float,
@@ -768,9 +774,10 @@ def build_summary(
         "all_targets_met": all(v["target_met"] for v in measured),
         "depth_abs_rel": depth,
         "vsibench": {
-            "scores": vsibench["scores"],
-            "num_scored": vsibench["num_scored"],
-            "per_type": vsibench["per_type"],
+            "num_scored": vsibench[1]["num_scored"],
+            "scores_base": vsibench[0]["scores"],
+            "scores": vsibench[1]["scores"],
+            "per_type": vsibench[1]["per_type"],
         },
         "geometry": {"num_clips": geometry["num_clips"], "metrics": geometry["metrics"]},
     }
@@ -887,13 +894,17 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "## VSI-Bench-style questions on the held-out scenes",
         "",
         f"{summary['vsibench']['num_scored']} questions generated from the held-out scenes' 3D ground truth, answered",
-        f"by the exported plain Qwen3-VL with {cfg['vsibench_frames']} frames per video (greedy, 16 tokens) and scored",
-        "as lmms-eval scores VSI-Bench. A random tiny model learns answer priors at best: these numbers show",
-        "that the benchmark harness runs, not spatial understanding.",
+        f"by the exported plain Qwen3-VL (and by the untrained base model) with {cfg['vsibench_frames']} frames per",
+        "video (greedy, 16 tokens), scored as lmms-eval scores VSI-Bench. A tiny random model trained for",
+        "minutes learns answer formats and priors at best: these numbers show that the benchmark harness",
+        "runs end to end, not spatial understanding.",
         "",
-        "| task | score (%) |",
-        "|---|---:|",
-        *(f"| {name} | {100 * value:.1f} |" for name, value in summary["vsibench"]["scores"].items()),
+        "| task | base model (%) | exported student (%) |",
+        "|---|---:|---:|",
+        *(
+            f"| {name} | {100 * summary['vsibench']['scores_base'].get(name, math.nan):.1f} | {100 * value:.1f} |"
+            for name, value in summary["vsibench"]["scores"].items()
+        ),
         "",
         "![VSI-Bench scores](eval/vsibench/scores.png)",
         "",
@@ -921,7 +932,7 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         seconds = "" if stage["seconds"] is None else f"{stage['seconds']:.1f}"
         produced = "; ".join(f"{k}: {_describe(v, out)}" for k, v in stage["outputs"].items())
         lines.append(f"| {stage['name']} | {seconds} | {produced} |")
-    lines += ["", *real_model_commands(out)]
+    lines += ["", *real_model_commands(out, cfg, stages["inspect"]["outputs"]["clip"])]
     return "\n".join(lines) + "\n"
 
 
@@ -937,7 +948,7 @@ def _describe(value: Any, out: Path) -> str:
     return str(value).replace("|", "/")
 
 
-def real_model_commands(out: Path) -> list[str]:
+def real_model_commands(out: Path, cfg: dict[str, Any], clip: str) -> list[str]:
     """The report's last section: the same commands on real checkpoints (local directories)."""
     return [
         "## The same commands with real models",
@@ -963,18 +974,21 @@ def real_model_commands(out: Path) -> list[str]:
         "geovr-pipeline inspect --store /data/store-heldout --clip CLIP_ID --model runs/geovr-2b --out inspect --device cuda",
         "```",
         "",
-        "The demo's own stages as commands (tiny preset, this output directory):",
+        "The demo's own stages as commands (tiny preset, this output directory; `store-heldout` holds the",
+        "held-out clips of `store`, which the demo copies: a `precompute` of a held-out manifest gives the same):",
         "",
         "```bash",
         f"cd {out}",
-        "geovr-pipeline index qa/train.jsonl qa/heldout.jsonl --corpus-root corpus --out manifest.parquet --preset tiny --clips-per-shard 2",
+        "geovr-pipeline index qa/train.jsonl qa/heldout.jsonl --corpus-root corpus --out manifest.parquet --preset tiny \\",
+        f"    --clips-per-shard {cfg['clips_per_shard']}",
         "geovr-pipeline precompute --manifest manifest.parquet --out store --preset tiny --teacher models/vggt-tiny \\",
         "    --metric-teacher models/depth-anything-tiny --ray-address local --device cpu",
         "geovr-pipeline train --config tiny --store store --qa qa/train.jsonl --model models/qwen3vl-tiny --out run \\",
-        "    --set train.steps=STEPS --set train.lr_llm=LR --set train.lr_heads=LR",
+        f"    --set train.steps={cfg['steps']} --set train.lr_llm={cfg['lr_llm']:g} --set train.lr_heads={cfg['lr_heads']:g} \\",
+        f"    --set train.seed={cfg['seed']} --set train.checkpoint_every={cfg['steps']}",
         "geovr-pipeline export run --out export",
-        "geovr-pipeline eval vsibench --model export --data vsibench --out eval/vsibench --frames 8",
+        f"geovr-pipeline eval vsibench --model export --data vsibench --out eval/vsibench --frames {cfg['vsibench_frames']}",
         "geovr-pipeline eval geometry --model run --store store-heldout --out eval/geometry",
-        "geovr-pipeline inspect --store store-heldout --clip CLIP_ID --model run --out inspect",
+        f"geovr-pipeline inspect --store store-heldout --clip {clip} --model run --out inspect",
         "```",
     ]

@@ -457,6 +457,27 @@ class _Batch:
     attempts: int = 0
 
 
+def check_committed_shards(
+    by_shard: dict[str, list[dict[str, Any]]], markers: dict[str, dict[str, Any]], store: Path
+) -> None:
+    """Refuse to resume when a committed shard holds other clips than the manifest puts in it.
+
+    That happens when the corpus was re-indexed from scratch after videos were added (shards are
+    packed by sorted clip id): resuming would skip committed shards whose clip lists no longer
+    match and silently leave clips unlabelled. `index --extend OLD_MANIFEST` keeps the old layout.
+    """
+    for shard_id, marker in sorted(markers.items()):
+        stored = {row["clip_id"] for row in marker["clips"]}
+        wanted = {row["clip_id"] for row in by_shard.get(shard_id, [])}
+        if stored != wanted:
+            raise ValueError(
+                f"{store}: committed shard {shard_id} holds {len(stored)} clips, the manifest assigns it "
+                f"{len(wanted)} ({len(stored - wanted)} not in the manifest's shard, {len(wanted - stored)} "
+                "missing): the manifest's shard layout changed since the store was written; re-index with "
+                "`geovr-pipeline index ... --extend OLD_MANIFEST` so that committed shards keep their clips"
+            )
+
+
 @dataclass
 class RunResult:
     counts: RunCounts
@@ -560,14 +581,16 @@ class Precompute:
 
     def _plan(self, writer: Any) -> list[_Shard]:
         """The shards this run labels: uncommitted ones, or with --retry-failed the failed clips of committed ones."""
+        from geovr.teacher_cache.store import open_store
+
         committed = set(writer.committed_shards())
         by_shard = self.manifest.shards()
         self.counts.shards_total = len(by_shard)
+        reader = open_store(self.store)
+        check_committed_shards(by_shard, reader.markers, self.store)
         shards: list[_Shard] = []
         if self.retry_failed:
-            from geovr.teacher_cache.store import open_store
-
-            failed = {f["clip_id"] for f in open_store(self.store).failures()} if committed else set()
+            failed = {f["clip_id"] for f in reader.failures()}
             for shard_id, rows in by_shard.items():
                 if shard_id not in committed:
                     shards.append(_Shard(shard_id, [_Clip(r) for r in rows]))

@@ -1,8 +1,8 @@
 """Precompute on a real Ray cluster (`ray start --head` on 127.0.0.1), tiny VGGT teacher on CPU.
 
-One cluster for the module (its startup is the cost). Runs go through the CLI in a subprocess where
-the driver process matters (the whole path, the SIGKILL test) and in-process otherwise (the
-driver connects to the same cluster).
+One cluster for the module (its startup is the cost). Every run is the CLI in a subprocess, a driver
+of that cluster: a driver must see RAY_AUTH_MODE=token before Ray reads its config, which a pytest
+process that may have imported Ray already cannot guarantee.
 
 The teacher is tiny-a with its field-of-view output fixed (`fov_fixed_teacher`): the random
 camera head of tiny-a (and of tiny-b, for some clips) outputs a zero field of view through VGGT's
@@ -30,10 +30,9 @@ from typer.testing import CliRunner
 
 from geovr.pipeline.cli import _register_commands, app
 from geovr.pipeline.index import build_manifest, read_manifest
+from geovr.pipeline.precompute import check_committed_shards
 from geovr.pipeline.synth import SynthConfig, write_corpus
-from geovr.pipeline.teachers.labeler import TeacherConfig
 from geovr.pipeline.video import SamplingConfig, read_timestamps, sample_indices
-from geovr.teacher_cache.config import load_section, to_dict
 from geovr.teacher_cache.frames import decode_jpeg, student_frame_size
 from geovr.teacher_cache.schema import ClipLabels
 from geovr.teacher_cache.store import open_store
@@ -72,10 +71,6 @@ def fov_fixed_teacher(out: Path, source: str = "tiny-a", fov: float = 1.2) -> Pa
     weights["camera_head.pose_branch.fc2.bias"][7:9] = fov / 4
     save_file(weights, str(out / "model.safetensors"))
     return out
-
-
-def teacher_dict(checkpoint: Path, **values) -> dict:
-    return to_dict(load_section(TeacherConfig, "teacher", "tiny", None, checkpoint=checkpoint, **values))
 
 
 def assert_stores_equal(a: Path, b: Path) -> None:
@@ -236,6 +231,17 @@ def test_another_teacher_checkpoint_is_refused(cluster: str, work: Path) -> None
     assert "error:" in message and "refusing" in message, message
     assert "checkpoint_sha256" in message and "teacher_config" in message and "feature_layers" in message
     assert sorted(p.read_bytes() for p in (store / "_done").glob("*.json")) == markers
+
+
+def test_resume_refuses_a_changed_shard_layout(work: Path, tmp_path: Path) -> None:
+    """A manifest re-packed into other shards cannot resume store_a (needs no cluster: checked from markers)."""
+    build_manifest([work / "corpus" / "videos"], tmp_path / "m2.parquet", TINY, clips_per_shard=2, workers=1)
+    markers = open_store(work / "store_a").markers
+    check_committed_shards(read_manifest(work / "m.parquet").shards(), markers, work / "store_a")
+    with pytest.raises(
+        ValueError, match=r"committed shard 000000 holds 1 clips, the manifest assigns it 2.*--extend"
+    ):
+        check_committed_shards(read_manifest(tmp_path / "m2.parquet").shards(), markers, work / "store_a")
 
 
 def read_failures(store: Path) -> dict[str, dict]:
