@@ -495,7 +495,10 @@ def connect_ray(address: str | None, cpus: int | None = None) -> bool:
     """
     if ray.is_initialized():
         return False
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if address == "local" or (address or "").split(":")[0] in ("127.0.0.1", "localhost"):
+        # Otherwise Ray rewrites 127.0.0.1 to the host's external address. Not for real clusters:
+        # there the driver must advertise an address the other nodes can reach.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address == "local":
         ray.init(
             address="local",

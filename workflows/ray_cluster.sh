@@ -26,6 +26,7 @@
 #   RAY_GPUS_PER_NODE      (default $SLURM_GPUS_ON_NODE, else 0)
 #   RAY_CLUSTER_DIR        PIDs, logs, address and token (default ./ray-cluster-${SLURM_JOB_ID:-local})
 #   RAY_START_TIMEOUT      seconds to wait for all nodes (default 300)
+#   RAY_HEAD_EXTRA_ARGS    more `ray start --head` options, space-separated (e.g. fixed ports)
 #   PYTHON                 the Python of the environment that has ray (default: python)
 set -euo pipefail
 
@@ -98,10 +99,13 @@ start() {
     ip=$(head_ip)
     address="$ip:$port"
     echo "$address" >"$cluster_dir/address"
-    # The dashboard process serves the Jobs API (`ray job submit`); its web UI is not needed.
+    # The dashboard serves the Jobs API (`ray job submit`) and the cluster web UI.
     local head_args=(--head --node-ip-address="$ip" --port="$port" --dashboard-host="$ip"
-        --dashboard-port="$dashboard_port" --include-dashboard=false
+        --dashboard-port="$dashboard_port" --include-dashboard=true
         --num-cpus="$cpus" --num-gpus="$gpus" --disable-usage-stats --block)
+    local extra_args=()
+    read -ra extra_args <<<"${RAY_HEAD_EXTRA_ARGS:-}"
+    head_args+=("${extra_args[@]}")
 
     if [[ $launch == srun ]]; then
         srun --nodes=1 --ntasks=1 --overlap -w "${hosts[0]}" --export=ALL \
