@@ -51,6 +51,11 @@ def read_preset(preset: str | Path) -> dict[str, Any]:
     return data
 
 
+def known_sections() -> set[str]:
+    """Every section name used by the shipped presets."""
+    return {name for preset in preset_names() for name in read_preset(preset)}
+
+
 def parse_overrides(overrides: list[str] | None) -> dict[str, dict[str, str]]:
     """`["train.lr=1e-4", "sampling.fps=1"]` -> {"train": {"lr": "1e-4"}, "sampling": {"fps": "1"}}."""
     parsed: dict[str, dict[str, str]] = {}
@@ -75,12 +80,22 @@ def load_section(
     Explicit keyword values that are None are ignored, so CLI options can pass through unset.
     """
     raw: dict[str, Any] = {}
+    sections = known_sections()
     if preset is not None:
-        from_preset = read_preset(preset).get(section) or {}
+        preset_data = read_preset(preset)
+        sections |= set(preset_data)
+        from_preset = preset_data.get(section) or {}
         if not isinstance(from_preset, dict):
             raise ConfigError(f"preset {preset}: section {section!r} must be a mapping of keys to values")
         raw.update(from_preset)
-    raw.update(parse_overrides(overrides).get(section, {}))
+    parsed = parse_overrides(overrides)
+    unknown = sorted(set(parsed) - sections - {section})
+    if unknown:
+        # Each command reads only its own sections; a misspelt one would otherwise be ignored silently.
+        raise ConfigError(
+            f"override for unknown section(s) {', '.join(unknown)}; sections: {', '.join(sorted(sections))}"
+        )
+    raw.update(parsed.get(section, {}))
     raw.update({k: v for k, v in values.items() if v is not None})
     return from_dict(cls, raw, where=section)
 

@@ -77,7 +77,9 @@ class ClipLabels:
         check("frame_indices", self.frame_indices.ndim == 1 and s > 0, "(S,) with S > 0")
         check("timestamps", self.timestamps.shape == (s,), f"({s},)")
         if len(self.frames_jpeg) != s:
-            raise SchemaError(f"clip {self.clip_id}: {len(self.frames_jpeg)} JPEG frames for {s} sampled frames")
+            raise SchemaError(
+                f"clip {self.clip_id}: {len(self.frames_jpeg)} JPEG frames for {s} sampled frames"
+            )
         check("pose_enc", self.pose_enc.shape == (s, 9), f"({s}, 9)")
         check("extrinsic", self.extrinsic.shape == (s, 3, 4), f"({s}, 3, 4)")
         check("intrinsic", self.intrinsic.shape == (s, 3, 3), f"({s}, 3, 3)")

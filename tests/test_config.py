@@ -137,3 +137,8 @@ def test_parse_overrides_groups_by_section() -> None:
         "a": {"x": "1", "z": "3=4"},
         "b": {"y": "two"},
     }
+
+
+def test_override_of_a_misspelt_section_is_an_error_naming_it():
+    with pytest.raises(ConfigError, match="trian"):
+        load_section(SynthConfig, "synth", "tiny", ["trian.lr=1"])

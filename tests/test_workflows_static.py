@@ -27,7 +27,12 @@ def _shellcheck() -> str:
 
 def test_expected_scripts_exist():
     names = {p.relative_to(WORKFLOWS).as_posix() for p in SHELL_SCRIPTS}
-    assert {"slurm/precompute.sbatch", "slurm/train.sbatch", "ray_cluster.sh", "ray-jobs/submit_precompute.sh"} <= names
+    assert {
+        "slurm/precompute.sbatch",
+        "slurm/train.sbatch",
+        "ray_cluster.sh",
+        "ray-jobs/submit_precompute.sh",
+    } <= names
 
 
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
