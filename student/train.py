@@ -1,6 +1,6 @@
 """The trainer: GeoVR student on cached teacher labels, single process or under `torchrun`.
 
-    torchrun --nproc-per-node 8 --no-python geovr-pipeline train --config qwen3vl-2b-geovr \\
+    torchrun --nproc-per-node 8 --no-python geovr-pipeline train --preset qwen3vl-2b-geovr \\
         --store STORE --qa vsi590k.jsonl --model Qwen3-VL-2B-Instruct --out RUN [--resume]
 
 One optimizer step (global batch = micro_batch x world_size x accumulation samples):

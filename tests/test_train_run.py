@@ -51,7 +51,7 @@ def workspace(tmp_path_factory) -> dict[str, Path]:
 
 def train_command(ws: dict[str, Path], out: Path, extra: list[str] = (), nproc: int = 2) -> list[str]:
     args = [
-        "--config",
+        "--preset",
         "tiny",
         "--store",
         str(ws["store"]),
@@ -153,7 +153,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 
 
 def cli_args(ws: dict[str, Path], out: Path, store: Path | None = None, extra: list[str] = ()) -> list[str]:
-    args = ["train", "--config", "tiny", "--store", str(store or ws["store"]), "--qa", str(ws["qa"])]
+    args = ["train", "--preset", "tiny", "--store", str(store or ws["store"]), "--qa", str(ws["qa"])]
     args += ["--model", str(ws["model"]), "--out", str(out)]
     for item in [*TRAIN_SETTINGS, *extra]:
         args += ["--set", item]

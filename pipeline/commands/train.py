@@ -1,6 +1,6 @@
 """`geovr-pipeline train`: train the GeoVR student from the teacher cache (a thin wrapper over `student.train`).
 
-Single process:  geovr-pipeline train --config tiny --store STORE --qa qa.jsonl --model MODEL --out RUN
+Single process:  geovr-pipeline train --preset tiny --store STORE --qa qa.jsonl --model MODEL --out RUN
 Several:         torchrun --nproc-per-node N --no-python geovr-pipeline train ... (same arguments)
 """
 
@@ -13,15 +13,13 @@ from pathlib import Path
 import typer
 
 from geovr.pipeline.cli import app
-from geovr.student.data import DataConfig
-from geovr.student.model import StudentConfig
-from geovr.student.train import TrainConfig, TrainInputs, train
-from geovr.teacher_cache.config import load_section
 
 
 @app.command("train")
 def train_command(
-    config: str = typer.Option(..., "--config", help="Preset name (tiny, qwen3vl-2b-geovr) or YAML file."),
+    preset: str = typer.Option(
+        "qwen3vl-2b-geovr", "--preset", help="Preset name (tiny, qwen3vl-2b-geovr) or YAML file."
+    ),
     store: Path = typer.Option(..., "--store", help="Teacher-label store (Zarr or WebDataset)."),
     qa: Path = typer.Option(
         ..., "--qa", help="QA file, VSI-590K / LLaVA conversation style (.jsonl or .json)."
@@ -41,9 +39,16 @@ def train_command(
     ),
 ) -> None:
     """Train the student on cached teacher labels (DDP / FSDP2 under torchrun), with exact resume."""
-    train_cfg = load_section(TrainConfig, "train", config, overrides)
-    data_cfg = load_section(DataConfig, "data", config, overrides)
-    student_cfg = load_section(StudentConfig, "student", config, overrides, base_model=str(model))
+    # Imported here: transformers and the student take seconds to import, which every other command
+    # (and `--help`) would pay if they were module-level imports.
+    from geovr.student.data import DataConfig
+    from geovr.student.model import StudentConfig
+    from geovr.student.train import TrainConfig, TrainInputs, train
+    from geovr.teacher_cache.config import load_section
+
+    train_cfg = load_section(TrainConfig, "train", preset, overrides)
+    data_cfg = load_section(DataConfig, "data", preset, overrides)
+    student_cfg = load_section(StudentConfig, "student", preset, overrides, base_model=str(model))
     if not model.is_dir():
         raise FileNotFoundError(f"model directory {model} does not exist")
     inputs = TrainInputs(store, qa, model, out, resume)
