@@ -55,8 +55,32 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from safetensors.torch import save_file
+from transformers import AutoTokenizer
 
+from geovr.eval.geometry_metrics import depth_metrics, evaluate_geometry, predict_clip
+from geovr.eval.inspect import inspect_clip
+from geovr.eval.questions import QuestionConfig, write_vsi_dataset
+from geovr.eval.vsibench import VSIBenchConfig, build_prompt, run_vsibench
+from geovr.pipeline.index import build_manifest
+from geovr.pipeline.precompute import PrecomputeConfig, run_precompute
+from geovr.pipeline.synth import SynthConfig, write_corpus
+from geovr.pipeline.teachers.labeler import TeacherConfig
+from geovr.pipeline.teachers.metric_depth import write_tiny_depth_anything
+from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
+from geovr.pipeline.video import SamplingConfig
+from geovr.student.batch import camera_target, collate_samples, make_sample
+from geovr.student.data import DataConfig, QASample, join_qa
+from geovr.student.export import export_plain
+from geovr.student.losses import camera_loss
+from geovr.student.model import GeoVRStudent, StudentConfig
+from geovr.student.tiny import write_tiny_qwen3vl
+from geovr.student.train import TrainConfig, TrainInputs, seed_everything, train
+from geovr.student.vision_inputs import VideoPreprocess
 from geovr.teacher_cache.config import load_section, require, to_dict
+from geovr.teacher_cache.schema import ClipLabels
+from geovr.teacher_cache.store import open_store, open_writer
+from geovr.teacher_cache.verify import verify_store
 
 DEMO_MARKER = ".geovr-demo"  # an output directory holding it was written by the demo (safe to replace)
 SUMMARY_FORMAT_VERSION = 1
@@ -108,9 +132,9 @@ class DemoConfig:
     metric_depth: bool = True
     questions_per_type: int = 3
     clips_per_shard: int = 2
-    steps: int = 300
-    lr_llm: float = 1e-4
-    lr_heads: float = 1e-3
+    steps: int = 200
+    lr_llm: float = 2e-4
+    lr_heads: float = 3e-3
     heldout_rows_per_clip: int = 4
     vsibench_frames: int = 8
     vsibench_limit: int = 0
@@ -138,10 +162,6 @@ def write_tiny_vggt(out: str | Path, seed: int = 0, fov: float = TINY_FOV) -> Pa
     writes the same weights. Two output rows are rescaled (module docstring): the fields of view
     stay near `fov` radians, and the depth varies over the image around a mean of about 1.
     """
-    from safetensors.torch import save_file
-
-    from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
-
     cfg = VGGTConfig(**TINY_VGGT_SIZES)
     torch.manual_seed(seed)
     model = VGGT(cfg, heads=cfg.heads).eval()
@@ -174,8 +194,6 @@ def conversation_row(record: dict[str, Any], video: str) -> dict[str, Any]:
     The user turn is the benchmark's own prompt (`eval.vsibench.build_prompt`), so the student is
     trained on exactly what it is asked in `eval vsibench`; the answer is the ground truth.
     """
-    from geovr.eval.vsibench import build_prompt
-
     return {
         "id": f"{record['scene_name']}-{record['id']}",
         "video": video,
@@ -187,12 +205,10 @@ def conversation_row(record: dict[str, Any], video: str) -> dict[str, Any]:
     }
 
 
-def write_questions(corpus: Path, out: Path, heldout_scenes: set[str], cfg: DemoConfig) -> dict[str, Any]:
+def split_questions(corpus: Path, out: Path, heldout_scenes: set[str], cfg: DemoConfig) -> dict[str, Any]:
     """Generate questions over every scene; keep the held-out scenes' as a VSI-Bench directory
     (`out/vsibench`: test.jsonl + <dataset>/<scene>.mp4) and write both splits as conversations
     (`out/qa/train.jsonl`, `out/qa/heldout.jsonl`, videos relative to the corpus)."""
-    from geovr.eval.questions import QuestionConfig, write_vsi_dataset
-
     vsi_dir = out / "vsibench"
     path = write_vsi_dataset(
         corpus, vsi_dir, QuestionConfig(max_per_type=cfg.questions_per_type, seed=cfg.seed)
@@ -227,8 +243,6 @@ def write_questions(corpus: Path, out: Path, heldout_scenes: set[str], cfg: Demo
 def copy_clips(source: Path, destination: Path, clip_ids: list[str], clips_per_shard: int) -> int:
     """Copy clips of a store into a new store with the same fingerprint and codecs, as encoded
     (no re-quantisation, so the copy decodes to exactly the same labels). Returns the clip count."""
-    from geovr.teacher_cache.store import open_store, open_writer
-
     reader = open_store(source)
     writer = open_writer(destination, reader.fingerprint, reader.format, codecs=reader.codecs)
     for index in range(0, len(clip_ids), clips_per_shard):
@@ -237,11 +251,8 @@ def copy_clips(source: Path, destination: Path, clip_ids: list[str], clips_per_s
     return len(clip_ids)
 
 
-def clips_of_qa(qa: Path, store: Path, data_cfg: Any) -> list[str]:
+def clips_of_qa(qa: Path, store: Path, data_cfg: DataConfig) -> list[str]:
     """Clip ids named by a QA file (joined with the store as the trainer joins), in first-use order."""
-    from geovr.student.data import join_qa
-    from geovr.teacher_cache.store import open_store
-
     samples, _ = join_qa(qa, open_store(store), data_cfg)
     return list(dict.fromkeys(s.clip_id for s in samples))
 
@@ -252,20 +263,17 @@ def clips_of_qa(qa: Path, store: Path, data_cfg: Any) -> list[str]:
 
 @dataclass
 class HeldoutSet:
-    """Held-out conversations joined with their clips (`samples`: QASample), and the clips' labels."""
+    """Held-out conversations joined with their clips, and the clips' labels by clip id."""
 
-    samples: list[Any]
-    clips: dict[str, Any]  # clip id -> ClipLabels
+    samples: list[QASample]
+    clips: dict[str, ClipLabels]
 
 
-def load_heldout(qa: Path, store: Path, data_cfg: Any, rows_per_clip: int) -> HeldoutSet:
+def load_heldout(qa: Path, store: Path, data_cfg: DataConfig, rows_per_clip: int) -> HeldoutSet:
     """At most `rows_per_clip` conversations per held-out clip, spread over the clip's rows."""
-    from geovr.student.data import join_qa
-    from geovr.teacher_cache.store import open_store
-
     reader = open_store(store)
     samples, _ = join_qa(qa, reader, data_cfg)
-    by_clip: dict[str, list[Any]] = {}
+    by_clip: dict[str, list[QASample]] = {}
     for sample in samples:
         by_clip.setdefault(sample.clip_id, []).append(sample)
     chosen = []
@@ -277,16 +285,16 @@ def load_heldout(qa: Path, store: Path, data_cfg: Any, rows_per_clip: int) -> He
 
 @torch.no_grad()
 def measure_student(
-    student: Any, heldout: HeldoutSet, model_dir: Path, max_seq_len: int, console: Console, label: str
+    student: GeoVRStudent,
+    heldout: HeldoutSet,
+    model_dir: Path,
+    max_seq_len: int,
+    console: Console,
+    label: str,
 ) -> dict[str, Any]:
-    """Mean losses {lm, camera, depth, scale, distill, total} of `student` over the held-out samples,
-    and its depth (S, Hd, Wd) per held-out clip (`eval geometry`'s prediction path)."""
-    from transformers import AutoTokenizer
-
-    from geovr.eval.geometry_metrics import predict_clip
-    from geovr.student.batch import collate_samples, make_sample
-    from geovr.student.vision_inputs import VideoPreprocess
-
+    """Mean losses {lm, camera, depth, scale, distill, total} of `student` over the held-out samples;
+    per held-out clip (`eval geometry`'s prediction path) its depth (S, Hd, Wd), and the unweighted
+    parts of its camera loss {translation, rotation, fov} averaged over the clips."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     preprocess = VideoPreprocess.from_model_dir(model_dir, student.config.max_frame_tokens)
     student.eval()
@@ -301,12 +309,21 @@ def measure_student(
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
             progress.advance(task)
-        depth = {}
+        depth, camera_parts = {}, []
         for clip_id, labels in heldout.clips.items():
-            depth[clip_id] = predict_clip(student, tokenizer, preprocess, labels)["depth"]
+            pred = predict_clip(student, tokenizer, preprocess, labels)
+            depth[clip_id] = pred["depth"]
+            target = camera_target(labels)[None]
+            _, parts = camera_loss(
+                torch.from_numpy(pred["pose_enc"])[None],
+                target,
+                torch.ones(target.shape[:2], dtype=torch.bool),
+            )
+            camera_parts.append({name: float(value) for name, value in parts.items()})
             progress.advance(task)
     losses = {name: total / len(heldout.samples) for name, total in totals.items()}
-    return {"losses": losses, "depth": depth}
+    parts = {name: float(np.mean([p[name] for p in camera_parts])) for name in camera_parts[0]}
+    return {"losses": losses, "depth": depth, "camera_parts": parts}
 
 
 def raw_abs_rel(pred: np.ndarray, target: np.ndarray) -> float:
@@ -325,8 +342,6 @@ def depth_comparison(
         student_depth: {"before"|"after": {clip id: (S, Hd, Wd)}}.
         train_depth: the teacher depth (S, Hd, Wd) of each training clip.
     """
-    from geovr.eval.geometry_metrics import depth_metrics
-
     mean_depth = float(np.mean(np.concatenate([d[np.isfinite(d)] for d in train_depth])))
     shapes = {d.shape[1:] for d in train_depth} | {c.depth.shape[1:] for c in heldout.clips.values()}
     mean_map = np.mean(np.concatenate(train_depth), axis=0) if len(shapes) == 1 else None
@@ -353,6 +368,25 @@ def depth_comparison(
     return {"train_mean_depth": mean_depth, "predictors": predictors}
 
 
+def answer_examples(base_dir: Path, student_dir: Path, count: int = 6) -> list[dict[str, Any]]:
+    """The first `count` questions of `eval vsibench` with both models' answers."""
+
+    def predictions(path: Path) -> dict[Any, dict[str, Any]]:
+        rows = (json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines() if line)
+        return {row["id"]: row for row in rows}
+
+    base, student = predictions(base_dir), predictions(student_dir)
+    return [
+        {
+            "question_type": row["question_type"],
+            "ground_truth": row["ground_truth"],
+            "base": base[qid]["prediction"] if qid in base else None,
+            "student": row["prediction"],
+        }
+        for qid, row in list(student.items())[:count]
+    ]
+
+
 # ----------------------------------------------------------------------------------------------
 # Figures
 
@@ -372,7 +406,7 @@ def loss_bars(path: Path, before: dict[str, float], after: dict[str, float], nam
         ax.text(
             i + 0.2,
             after[n],
-            f"-{100 * (1 - after[n] / before[n]):.0f}%",
+            f"{100 * (after[n] / before[n] - 1):+.1f}%",
             ha="center",
             va="bottom",
             fontsize=8,
@@ -466,55 +500,66 @@ def prepare_out(out: Path) -> None:
     )
 
 
-def run_demo(
-    out: str | Path,
-    cfg: DemoConfig,
-    preset: str = "tiny",
-    overrides: list[str] | None = None,
-    console: Console | None = None,
-) -> dict[str, Any]:
-    """Run every stage of the module docstring into `out`; returns the summary (also out/summary.json).
+class DemoRun:
+    """One demo run into `out`: the stages of the module docstring, one method each, run in order by
+    `run()`. Each stage method returns what it produced (shown in the report) and keeps on `self`
+    what later stages need."""
 
-    `preset` and `overrides` (`section.key=value`) configure sampling, teacher, precompute, student,
-    train and data as for the individual commands; the demo's own knobs come from `cfg`.
-    """
-    from geovr.eval.geometry_metrics import evaluate_geometry
-    from geovr.eval.inspect import inspect_clip
-    from geovr.eval.vsibench import VSIBenchConfig, run_vsibench
-    from geovr.pipeline.index import build_manifest
-    from geovr.pipeline.precompute import PrecomputeConfig, run_precompute
-    from geovr.pipeline.synth import SynthConfig, write_corpus
-    from geovr.pipeline.teachers.labeler import TeacherConfig
-    from geovr.pipeline.teachers.metric_depth import write_tiny_depth_anything
-    from geovr.pipeline.video import SamplingConfig
-    from geovr.student.data import DataConfig
-    from geovr.student.export import export_plain
-    from geovr.student.model import GeoVRStudent, StudentConfig
-    from geovr.student.tiny import write_tiny_qwen3vl
-    from geovr.student.train import TrainConfig, TrainInputs, seed_everything, train
-    from geovr.teacher_cache.store import open_store
-    from geovr.teacher_cache.verify import verify_store
+    def __init__(
+        self, out: Path, cfg: DemoConfig, preset: str, overrides: list[str], console: Console
+    ) -> None:
+        cfg.validate()
+        self.out = Path(out).absolute()
+        self.cfg = cfg
+        self.preset = preset
+        self.overrides = overrides
+        self.console = console
+        self.sampling = load_section(SamplingConfig, "sampling", preset, overrides)
+        self.data_cfg = load_section(DataConfig, "data", preset, overrides)
+        self.precompute_cfg = load_section(PrecomputeConfig, "precompute", preset, overrides)
+        out = self.out
+        self.corpus, self.models, self.manifest = out / "corpus", out / "models", out / "manifest.parquet"
+        self.store, self.heldout_store, self.run_dir = out / "store", out / "store-heldout", out / "run"
+        self.export_dir, self.eval_dir, self.inspect_dir = out / "export", out / "eval", out / "inspect"
+        self.figures = out / "figures"
 
-    cfg.validate()
-    console = console or Console()
-    overrides = list(overrides or [])
-    out = Path(out).absolute()
-    prepare_out(out)
-    started = time.perf_counter()
-    load_start = os.getloadavg()
-    stages = Stages(console, 10)
-    console.print(
-        f"[bold]geovr-pipeline demo[/] -> {out}  ({os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-        f"load average {load_start[0]:.1f})"
-    )
+    def run(self) -> dict[str, Any]:
+        """Every stage, then OUT/summary.json and OUT/report.md; returns the summary."""
+        prepare_out(self.out)
+        started = time.perf_counter()
+        load_start = os.getloadavg()[0]
+        self.console.print(
+            f"[bold]geovr-pipeline demo[/] -> {self.out}  ({os.cpu_count()} CPUs, {torch.get_num_threads()} "
+            f"torch threads, 1-minute load average {load_start:.1f})"
+        )
+        cfg = self.cfg
+        plan = [
+            ("corpus", "synthetic indoor scenes (pipeline.synth)", self.write_corpus),
+            ("models", "tiny random teachers and student base, fixed seed", self.write_models),
+            ("questions", "VSI-Bench-style questions from the scenes' 3D ground truth", self.write_questions),
+            ("index", "clip manifest from the QA files", self.index),
+            ("precompute", "teacher labels on a local Ray cluster", self.precompute),
+            ("train", f"student for {cfg.steps} steps; held-out losses before and after", self.train),
+            ("export", "plain Qwen3-VL checkpoint without the geometric parts", self.export),
+            ("eval", "VSI-Bench on held-out questions, geometry on held-out clips", self.evaluate),
+            ("inspect", "pictures and point clouds of a held-out clip", self.inspect),
+            ("report", "figures, report.md and summary.json", self.draw_figures),
+        ]
+        stages = Stages(self.console, len(plan))
+        for name, what, method in plan:
+            with stages.stage(name, what) as stage:
+                stage.outputs = method()
+        summary = build_summary(self, stages.records, time.perf_counter() - started, load_start)
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+        (self.out / "report.md").write_text(render_report(summary, self.out))
+        self.console.print(summary_table(summary))
+        self.console.print(f"[bold]demo finished in {summary['wall_s']:.0f} s[/]: {self.out / 'report.md'}")
+        return summary
 
-    sampling = load_section(SamplingConfig, "sampling", preset, overrides)
-    data_cfg = load_section(DataConfig, "data", preset, overrides)
-    precompute_cfg = load_section(PrecomputeConfig, "precompute", preset, overrides)
+    # -- stages --------------------------------------------------------------------------------
 
-    # 1. corpus
-    corpus = out / "corpus"
-    with stages.stage("corpus", "synthetic indoor scenes (pipeline.synth)") as stage:
+    def write_corpus(self) -> dict[str, Any]:
+        cfg = self.cfg
         synth_cfg = SynthConfig(
             scenes=cfg.train_scenes + cfg.heldout_scenes,
             frames=cfg.frames,
@@ -523,107 +568,98 @@ def run_demo(
             fps=cfg.fps,
             seed=cfg.seed,
         )
-        scene_ids = write_corpus(corpus, synth_cfg, progress=True)
-        train_scenes, heldout_scenes = scene_ids[: cfg.train_scenes], scene_ids[cfg.train_scenes :]
-        stage.outputs = {
-            "corpus": corpus,
-            "train_scenes": train_scenes,
-            "heldout_scenes": heldout_scenes,
+        scene_ids = write_corpus(self.corpus, synth_cfg, progress=True)
+        self.train_scenes, self.heldout_scenes = scene_ids[: cfg.train_scenes], scene_ids[cfg.train_scenes :]
+        return {
+            "corpus": self.corpus,
+            "train_scenes": self.train_scenes,
+            "heldout_scenes": self.heldout_scenes,
             "video": f"{cfg.frames} frames, {cfg.width}x{cfg.height}, {cfg.fps:g} fps",
         }
 
-    # 2. models
-    models = out / "models"
-    with stages.stage("models", "tiny random teacher(s) and student base, fixed seed") as stage:
-        vggt_dir = write_tiny_vggt(models / "vggt-tiny", cfg.seed)
-        metric_dir = (
-            write_tiny_depth_anything(models / "depth-anything-tiny", seed=cfg.seed)
-            if cfg.metric_depth
+    def write_models(self) -> dict[str, Any]:
+        seed = self.cfg.seed
+        self.teacher_dir = write_tiny_vggt(self.models / "vggt-tiny", seed)
+        self.metric_dir = (
+            write_tiny_depth_anything(self.models / "depth-anything-tiny", seed=seed)
+            if self.cfg.metric_depth
             else None
         )
-        base_dir = write_tiny_qwen3vl(models / "qwen3vl-tiny", seed=cfg.seed)
-        stage.outputs = {"teacher": vggt_dir, "metric_teacher": metric_dir, "student_base": base_dir}
+        self.base_dir = write_tiny_qwen3vl(self.models / "qwen3vl-tiny", seed=seed)
+        return {"teacher": self.teacher_dir, "metric_teacher": self.metric_dir, "student_base": self.base_dir}
 
-    # 3. questions
-    with stages.stage("questions", "VSI-Bench-style questions from the scenes' 3D ground truth") as stage:
-        questions = write_questions(corpus, out, set(heldout_scenes), cfg)
-        stage.outputs = questions
-        console.print(
-            f"{questions['questions_train']} training conversations, {questions['questions_heldout']} held-out questions"
+    def write_questions(self) -> dict[str, Any]:
+        self.questions = split_questions(self.corpus, self.out, set(self.heldout_scenes), self.cfg)
+        self.console.print(
+            f"{self.questions['questions_train']} training conversations, "
+            f"{self.questions['questions_heldout']} held-out questions"
         )
+        return self.questions
 
-    # 4. index
-    manifest = out / "manifest.parquet"
-    with stages.stage("index", "clip manifest from the QA files") as stage:
-        # One process: probing ten videos inline is faster than starting a process pool.
+    def index(self) -> dict[str, Any]:
+        # One process: probing a few videos inline is faster than starting a process pool.
         report = build_manifest(
-            [questions["qa_train"], questions["qa_heldout"]],
-            manifest,
-            sampling,
-            corpus,
-            cfg.clips_per_shard,
+            [self.questions["qa_train"], self.questions["qa_heldout"]],
+            self.manifest,
+            self.sampling,
+            self.corpus,
+            self.cfg.clips_per_shard,
             workers=1,
         )
         if report.bad:
-            raise ValueError(f"{manifest}: unusable videos {report.bad}")
-        stage.outputs = {
-            "manifest": manifest,
+            raise ValueError(f"{self.manifest}: unusable videos {report.bad}")
+        return {
+            "manifest": self.manifest,
             "clips": report.num_clips,
             "shards": report.num_shards,
             "qa_rows": report.num_qa_rows,
-            "sampling": sampling.policy(),
+            "sampling": self.sampling.policy(),
         }
 
-    # 5. precompute
-    store, heldout_store = out / "store", out / "store-heldout"
-    with stages.stage("precompute", "teacher labels on a local Ray cluster") as stage:
+    def precompute(self) -> dict[str, Any]:
         teacher_cfg = load_section(
-            TeacherConfig, "teacher", preset, overrides, checkpoint=vggt_dir, metric_checkpoint=metric_dir
+            TeacherConfig,
+            "teacher",
+            self.preset,
+            self.overrides,
+            checkpoint=self.teacher_dir,
+            metric_checkpoint=self.metric_dir,
         )
-        record = {
-            "preset": preset,
-            "overrides": overrides,
-            "manifest": str(manifest),
-            "by": "geovr-pipeline demo",
-        }
+        record = {"preset": self.preset, "overrides": self.overrides, "manifest": str(self.manifest)}
         result = run_precompute(
-            manifest, store, to_dict(teacher_cfg), precompute_cfg, "local", console, False, record
-        )
+            self.manifest, self.store, to_dict(teacher_cfg), self.precompute_cfg, "local", self.console, False, record
+        )  # fmt: skip
         if result.exit_code or result.store_failures:
             raise ValueError(
-                f"precompute: {result.store_failures} clip(s) failed (see {store / 'failures.jsonl'})"
+                f"precompute: {result.store_failures} clip(s) failed (see {self.store / 'failures.jsonl'})"
             )
-        heldout_clips = clips_of_qa(questions["qa_heldout"], store, data_cfg)
-        train_clips = clips_of_qa(questions["qa_train"], store, data_cfg)
-        copy_clips(store, heldout_store, heldout_clips, cfg.clips_per_shard)
-        verified = {
-            name: verify_store(path) for name, path in (("store", store), ("store-heldout", heldout_store))
-        }
+        self.heldout_clips = clips_of_qa(self.questions["qa_heldout"], self.store, self.data_cfg)
+        self.train_clips = clips_of_qa(self.questions["qa_train"], self.store, self.data_cfg)
+        copy_clips(self.store, self.heldout_store, self.heldout_clips, self.cfg.clips_per_shard)
+        verified = {path.name: verify_store(path) for path in (self.store, self.heldout_store)}
         for name, verdict in verified.items():
             if not verdict.ok:
-                raise ValueError(f"{name}: verify found problems: {verdict.problems}")
-        fingerprint = open_store(store).fingerprint
-        stage.outputs = {
-            "store": store,
-            "heldout_store": heldout_store,
+                raise ValueError(f"{name}: `cache verify` found problems: {verdict.problems}")
+        return {
+            "store": self.store,
+            "heldout_store": self.heldout_store,
             "clips": result.store_clips,
             "frames": result.counts.frames,
-            "train_clips": len(train_clips),
-            "heldout_clips": len(heldout_clips),
-            "format": precompute_cfg.format,
+            "train_clips": len(self.train_clips),
+            "heldout_clips": len(self.heldout_clips),
+            "format": self.precompute_cfg.format,
             "verified_clips": {name: v.clips_checked for name, v in verified.items()},
             "precompute_wall_s": result.timings.get("wall_s"),
             "teacher_actor_startup_s": result.timings.get("actor_startup_s"),
         }
 
-    # 6. train, with the held-out losses before and after
-    run_dir = out / "run"
-    with stages.stage("train", f"student for {cfg.steps} steps, held-out losses before and after") as stage:
+    def train(self) -> dict[str, Any]:
+        cfg, data_cfg = self.cfg, self.data_cfg
         train_cfg = load_section(
             TrainConfig,
             "train",
-            preset,
-            overrides,
+            self.preset,
+            self.overrides,
             steps=cfg.steps,
             lr_llm=cfg.lr_llm,
             lr_heads=cfg.lr_heads,
@@ -631,97 +667,95 @@ def run_demo(
             checkpoint_every=cfg.steps,
             log_every=max(1, cfg.steps // 15),
         )
-        student_cfg = load_section(StudentConfig, "student", preset, overrides, base_model=str(base_dir))
-        heldout = load_heldout(questions["qa_heldout"], heldout_store, data_cfg, cfg.heldout_rows_per_clip)
-        # The trainer's initial student: same seed, same construction (student.train._train).
+        student_cfg = load_section(
+            StudentConfig, "student", self.preset, self.overrides, base_model=str(self.base_dir)
+        )
+        self.heldout = load_heldout(
+            self.questions["qa_heldout"], self.heldout_store, data_cfg, cfg.heldout_rows_per_clip
+        )
+        # The trainer's initial student: same seed, same construction as in `student.train`.
         seed_everything(train_cfg.seed)
         initial = GeoVRStudent.from_pretrained(
-            base_dir, student_cfg.matched_to(fingerprint), dtype=torch.float32
+            self.base_dir, student_cfg.matched_to(open_store(self.store).fingerprint), dtype=torch.float32
         )
-        before = measure_student(
-            initial, heldout, base_dir, data_cfg.max_seq_len, console, "held-out, before"
+        self.before = measure_student(
+            initial, self.heldout, self.base_dir, data_cfg.max_seq_len, self.console, "held-out, before"
         )
         del initial
-        train_started = time.perf_counter()
-        train_summary = train(
-            TrainInputs(store, questions["qa_train"], base_dir, run_dir), train_cfg, data_cfg, student_cfg
+        started = time.perf_counter()
+        inputs = TrainInputs(self.store, self.questions["qa_train"], self.base_dir, self.run_dir)
+        result = train(inputs, train_cfg, data_cfg, student_cfg)
+        train_s = time.perf_counter() - started
+        trained = GeoVRStudent.from_pretrained(self.run_dir, dtype=torch.float32)
+        self.after = measure_student(
+            trained, self.heldout, self.base_dir, data_cfg.max_seq_len, self.console, "held-out, after"
         )
-        train_s = time.perf_counter() - train_started
-        trained = GeoVRStudent.from_pretrained(run_dir, dtype=torch.float32)
-        after = measure_student(trained, heldout, base_dir, data_cfg.max_seq_len, console, "held-out, after")
-        del trained
-        stage.outputs = {
-            "run": run_dir,
-            "steps": train_summary["steps"],
+        return {
+            "run": self.run_dir,
+            "steps": result["steps"],
             "train_s": train_s,
-            "s_per_step": train_s / max(1, cfg.steps),
+            "s_per_step": train_s / max(1, result["steps"]),
             "final_training_losses": {
-                k[len("loss.") :]: v for k, v in train_summary["last"].items() if k.startswith("loss.")
+                k[len("loss.") :]: v for k, v in result["last"].items() if k.startswith("loss.")
             },
-            "heldout_samples": len(heldout.samples),
-            "heldout_clips": len(heldout.clips),
-        }
+            "heldout_samples": len(self.heldout.samples),
+            "heldout_clips": len(self.heldout.clips),
+        }  # fmt: skip
 
-    # 7. export
-    export_dir = out / "export"
-    with stages.stage("export", "plain Qwen3-VL checkpoint without the geometric parts") as stage:
-        export_plain(run_dir, export_dir)
-        stage.outputs = {"export": export_dir, **json.loads((export_dir / "geovr_export.json").read_text())}
+    def export(self) -> dict[str, Any]:
+        export_plain(self.run_dir, self.export_dir)
+        return {"export": self.export_dir, **json.loads((self.export_dir / "geovr_export.json").read_text())}
 
-    # 8. eval
-    eval_dir = out / "eval"
-    with stages.stage("eval", "VSI-Bench on held-out questions, geometry on held-out clips") as stage:
+    def evaluate(self) -> dict[str, Any]:
+        cfg, eval_dir, vsi_dir = self.cfg, self.eval_dir, self.questions["vsibench"]
         vsi_cfg = VSIBenchConfig(frames=cfg.vsibench_frames, limit=cfg.vsibench_limit or None)
-        vsibench = run_vsibench(export_dir, questions["vsibench"], eval_dir / "vsibench", vsi_cfg)
+        self.vsibench = run_vsibench(self.export_dir, vsi_dir, eval_dir / "vsibench", vsi_cfg)
         # The untrained base model on the same questions, for comparison.
-        vsibench_base = run_vsibench(base_dir, questions["vsibench"], eval_dir / "vsibench-base", vsi_cfg)
-        geometry = evaluate_geometry(run_dir, heldout_store, eval_dir / "geometry")
-        reader = open_store(store)
-        train_depth = [reader.read_clip(c).depth for c in train_clips]
-        depth = depth_comparison({"before": before["depth"], "after": after["depth"]}, heldout, train_depth)
-        stage.outputs = {
+        self.vsibench_base = run_vsibench(self.base_dir, vsi_dir, eval_dir / "vsibench-base", vsi_cfg)
+        self.answers = answer_examples(eval_dir / "vsibench-base", eval_dir / "vsibench")
+        self.geometry = evaluate_geometry(self.run_dir, self.heldout_store, eval_dir / "geometry")
+        reader = open_store(self.store)
+        train_depth = [reader.read_clip(c).depth for c in self.train_clips]
+        student_depth = {"before": self.before["depth"], "after": self.after["depth"]}
+        self.depth = depth_comparison(student_depth, self.heldout, train_depth)
+        return {
             "vsibench": eval_dir / "vsibench",
-            "geometry": eval_dir / "geometry",
             "vsibench_base": eval_dir / "vsibench-base",
-            "vsibench_overall": vsibench["scores"].get("overall"),
-            "vsibench_overall_base": vsibench_base["scores"].get("overall"),
-            "vsibench_questions": vsibench["num_scored"],
+            "geometry": eval_dir / "geometry",
+            "vsibench_questions": self.vsibench["num_scored"],
+            "vsibench_overall": self.vsibench["scores"].get("overall"),
+            "vsibench_overall_base": self.vsibench_base["scores"].get("overall"),
         }
 
-    # 9. inspect
-    inspect_dir = out / "inspect"
-    with stages.stage("inspect", "pictures and point clouds of a held-out clip") as stage:
-        clip = heldout_clips[0]
-        paths = inspect_clip(heldout_store, clip, inspect_dir, model=run_dir)
-        stage.outputs = {"clip": clip, **paths}
+    def inspect(self) -> dict[str, Any]:
+        self.inspected_clip = self.heldout_clips[0]
+        paths = inspect_clip(self.heldout_store, self.inspected_clip, self.inspect_dir, model=self.run_dir)
+        return {"clip": self.inspected_clip, **paths}
 
-    # 10. report
-    with stages.stage("report", "report.md and summary.json") as stage:
-        figures = out / "figures"
-        figures.mkdir(exist_ok=True)
-        names = [*GEOMETRIC_LOSSES, "lm", "total"]
-        loss_bars(
-            figures / "heldout_losses.png",
-            before["losses"],
-            after["losses"],
-            [n for n in names if before["losses"][n] > 0],
+    def draw_figures(self) -> dict[str, Any]:
+        self.figures.mkdir(exist_ok=True)
+        before, after = self.before["losses"], self.after["losses"]
+        names = [n for n in (*GEOMETRIC_LOSSES, "lm", "total") if before[n] > 0]
+        loss_bars(self.figures / "heldout_losses.png", before, after, names)
+        training_curves(
+            self.figures / "training_losses.png", self.run_dir / "metrics.jsonl", [*GEOMETRIC_LOSSES, "lm"]
         )
-        training_curves(figures / "training_losses.png", run_dir / "metrics.jsonl", names[:-1])
-        summary = build_summary(
-            cfg, stages.records, before["losses"], after["losses"], depth, (vsibench_base, vsibench), geometry,
-            metric=metric_dir is not None, started=started, load_start=load_start,
-        )  # fmt: skip
-        summary["stages"].append({"name": "report", "seconds": None, "outputs": {"report": "report.md"}})
-        (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-        (out / "report.md").write_text(render_report(summary, out))
-        stage.outputs = {"report": out / "report.md", "summary": out / "summary.json", "figures": figures}
-    summary["wall_s"] = time.perf_counter() - started
-    summary["stages"][-1]["seconds"] = stages.records[-1].seconds
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    (out / "report.md").write_text(render_report(summary, out))
-    console.print(summary_table(summary))
-    console.print(f"[bold]demo finished in {summary['wall_s']:.0f} s[/]: {out / 'report.md'}")
-    return summary
+        return {"figures": self.figures, "report": self.out / "report.md", "summary": self.out / "summary.json"}  # fmt: skip
+
+
+def run_demo(
+    out: str | Path,
+    cfg: DemoConfig,
+    preset: str = "tiny",
+    overrides: list[str] | None = None,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run the demo into `out` (see `DemoRun`); returns the summary (also out/summary.json).
+
+    `preset` and `overrides` (`section.key=value`) configure sampling, teacher, precompute, student,
+    train and data as for the individual commands; the demo's own knobs come from `cfg`.
+    """
+    return DemoRun(Path(out), cfg, preset, list(overrides or []), console or Console()).run()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -729,21 +763,13 @@ def run_demo(
 
 
 def build_summary(
-    cfg: DemoConfig,
-    records: list[StageRecord],
-    before: dict[str, float],
-    after: dict[str, float],
-    depth: dict[str, Any],
-    vsibench: tuple[dict[str, Any], dict[str, Any]],
-    geometry: dict[str, Any],
-    metric: bool,
-    started: float,
-    load_start: tuple[float, float, float],
+    run: DemoRun, records: list[StageRecord], wall_s: float, load_start: float
 ) -> dict[str, Any]:
-    """The content of summary.json (see `render_report` for the meaning of each part)."""
+    """The content of summary.json (`render_report` explains each part)."""
+    before, after = run.before["losses"], run.after["losses"]
     losses: dict[str, Any] = {}
     for name in GEOMETRIC_LOSSES:
-        if name == "scale" and not metric:
+        if name == "scale" and run.metric_dir is None:
             losses[name] = {"measured": False, "why": "no metric-depth model: the teacher labels no scale"}
             continue
         reduction = 1.0 - after[name] / before[name] if before[name] > 0 else math.nan
@@ -754,32 +780,35 @@ def build_summary(
             "reduction": reduction,
             "target_met": bool(reduction >= TARGET_REDUCTION),
         }
+    losses["camera"]["parts_before"] = run.before["camera_parts"]
+    losses["camera"]["parts_after"] = run.after["camera_parts"]
     for name in ("lm", "total"):
         losses[name] = {"before": before[name], "after": after[name]}
     measured = [v for v in losses.values() if v.get("measured")]
     return {
         "format_version": SUMMARY_FORMAT_VERSION,
-        "wall_s": time.perf_counter() - started,
+        "wall_s": wall_s,
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "load_average_1min_start": load_start[0],
+            "load_average_1min_start": load_start,
             "load_average_1min_end": os.getloadavg()[0],
         },
-        "config": to_dict(cfg),
+        "config": to_dict(run.cfg),
         "models": "tiny, random-initialised (fixed seed): teacher VGGT tiny-a sizes, student tiny Qwen3-VL",
         "stages": [{"name": r.name, "seconds": r.seconds, "outputs": r.outputs} for r in records],
         "heldout_losses": losses,
         "target_reduction": TARGET_REDUCTION,
         "all_targets_met": all(v["target_met"] for v in measured),
-        "depth_abs_rel": depth,
+        "depth_abs_rel": run.depth,
         "vsibench": {
-            "num_scored": vsibench[1]["num_scored"],
-            "scores_base": vsibench[0]["scores"],
-            "scores": vsibench[1]["scores"],
-            "per_type": vsibench[1]["per_type"],
+            "num_scored": run.vsibench["num_scored"],
+            "scores_base": run.vsibench_base["scores"],
+            "scores": run.vsibench["scores"],
+            "per_type": run.vsibench["per_type"],
+            "examples": run.answers,
         },
-        "geometry": {"num_clips": geometry["num_clips"], "metrics": geometry["metrics"]},
+        "geometry": {"num_clips": run.geometry["num_clips"], "metrics": run.geometry["metrics"]},
     }
 
 
@@ -794,7 +823,7 @@ def summary_table(summary: dict[str, Any]) -> Table:
             continue
         change = 1 - entry["after"] / entry["before"] if entry["before"] else math.nan
         table.add_row(
-            f"{name} loss", f"{entry['before']:.4f}", f"{entry['after']:.4f}", f"-{100 * change:.0f}%"
+            f"{name} loss", f"{entry['before']:.4f}", f"{entry['after']:.4f}", f"{-100 * change:+.0f}%"
         )
     predictors = summary["depth_abs_rel"]["predictors"]
     table.add_row(
@@ -818,8 +847,11 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "# geovr-pipeline demo",
         "",
         "**The models in this demo are tiny and random-initialised** (fixed seed): the teacher is a VGGT with",
-        "the tiny-a sizes (width 64, 4 stages) and random weights, the metric-depth model a tiny random Depth",
-        "Anything V2, the student a 4-layer Qwen3-VL of width 64 with random weights. Their labels and answers",
+        "the tiny-a sizes (width 64, 4 stages) and random weights (two output rows rescaled so that its fields",
+        "of view stay positive and its depth varies over the image: `pipeline/demo.py` says why),"
+        + (" the metric-depth model a tiny random Depth Anything V2," if cfg["metric_depth"] else "")
+        + " the student",
+        "a 4-layer Qwen3-VL of width 64 with random weights. Their labels and answers",
         "carry no knowledge of the world. What the demo shows is the pipeline itself: every stage running on",
         "real files (H.264 videos, a Ray cluster, a Zarr store, Hugging Face checkpoints), and the student",
         "learning the teacher's labels well enough to predict them on clips it never saw.",
@@ -856,6 +888,8 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         f"All geometric targets met: **{'yes' if summary['all_targets_met'] else 'no'}**.",
         "",
+        camera_parts_line(summary["heldout_losses"]["camera"]),
+        "",
         "![held-out losses](figures/heldout_losses.png)",
         "",
         "![training losses](figures/training_losses.png)",
@@ -881,6 +915,7 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
             f"| {names.get(key, key)} | {values['abs_rel_aligned']:.4f} | {values['delta1_aligned']:.3f} | "
             f"{values['abs_rel_raw']:.4f} |"
         )
+    lines += ["", depth_verdict(summary["depth_abs_rel"]["predictors"])]
     geometry = summary["geometry"]["metrics"]
     lines += [
         "",
@@ -908,6 +943,15 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         "![VSI-Bench scores](eval/vsibench/scores.png)",
         "",
+        "Some answers (all of them in `eval/vsibench/predictions.jsonl`):",
+        "",
+        "| question type | ground truth | base model | exported student |",
+        "|---|---|---|---|",
+        *(
+            f"| {e['question_type']} | {e['ground_truth']} | {json.dumps(e['base'])} | {json.dumps(e['student'])} |"
+            for e in summary["vsibench"]["examples"]
+        ),
+        "",
         f"## Inspect: held-out clip {stages['inspect']['outputs']['clip']}",
         "",
         "Frames, teacher depth, student depth (median-aligned) and its error; camera centres seen from above;",
@@ -934,6 +978,43 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         lines.append(f"| {stage['name']} | {seconds} | {produced} |")
     lines += ["", *real_model_commands(out, cfg, stages["inspect"]["outputs"]["clip"])]
     return "\n".join(lines) + "\n"
+
+
+def camera_parts_line(camera: dict[str, Any]) -> str:
+    """The camera loss's unweighted parts before / after, so that a reader sees what was learnt."""
+    parts = ", ".join(
+        f"{name} {camera['parts_before'][name]:.3f} -> {camera['parts_after'][name]:.3f}"
+        for name in ("translation", "rotation", "fov")
+    )
+    return (
+        f"Camera loss parts (mean L1 per component on the held-out clips, before -> after): {parts}. "
+        "Relative translations of a random teacher between nearby frames are the hardest part to predict "
+        "(see the relative-pose errors of `eval geometry` below)."
+    )
+
+
+def depth_verdict(predictors: dict[str, dict[str, float]]) -> str:
+    """One sentence on what the aligned AbsRel figures say about the structure the student learnt."""
+    student = predictors["student_after"]["abs_rel_aligned"]
+    constant = predictors["constant_train_mean"]["abs_rel_aligned"]
+    text = (
+        f"After training the student's aligned AbsRel is {student:.3f}, against {constant:.3f} for a per-frame "
+        f"constant: it removes {100 * (1 - student / constant):.0f}% of the constant's error, i.e. it predicts "
+        "how depth varies within each frame."
+    )
+    if "train_mean_depth_map" not in predictors:
+        return text
+    mean_map = predictors["train_mean_depth_map"]["abs_rel_aligned"]
+    if student < mean_map:
+        return text + (
+            f" It also beats the training clips' mean depth map ({mean_map:.3f}), so it reads depth from the "
+            "pixels rather than only reproducing the pattern common to all frames."
+        )
+    return text + (
+        f" The training clips' mean depth map does better ({mean_map:.3f}): most of this random teacher's depth "
+        "variation is a pattern tied to the image position, the same in every frame, which the student "
+        "has learnt only in part in this short run."
+    )
 
 
 def _describe(value: Any, out: Path) -> str:
@@ -965,7 +1046,7 @@ def real_model_commands(out: Path, cfg: dict[str, Any], clip: str) -> list[str]:
         "    --teacher /models/VGGT-1B --metric-teacher /models/Depth-Anything-V2-Metric-Indoor-Large-hf \\",
         "    --ray-address auto",
         "geovr-pipeline cache verify /data/store",
-        "torchrun --nproc-per-node 8 --no-python geovr-pipeline train --config qwen3vl-2b-geovr \\",
+        "torchrun --nproc-per-node 8 --no-python geovr-pipeline train --preset qwen3vl-2b-geovr \\",
         "    --store /data/store --qa vsi590k.jsonl --model /models/Qwen3-VL-2B-Instruct --out runs/geovr-2b",
         "geovr-pipeline export runs/geovr-2b --out models/geovr-2b",
         "geovr-pipeline eval vsibench --model models/geovr-2b --data /data/VSI-Bench --out eval/vsibench \\",
@@ -983,7 +1064,7 @@ def real_model_commands(out: Path, cfg: dict[str, Any], clip: str) -> list[str]:
         f"    --clips-per-shard {cfg['clips_per_shard']}",
         "geovr-pipeline precompute --manifest manifest.parquet --out store --preset tiny --teacher models/vggt-tiny \\",
         "    --metric-teacher models/depth-anything-tiny --ray-address local --device cpu",
-        "geovr-pipeline train --config tiny --store store --qa qa/train.jsonl --model models/qwen3vl-tiny --out run \\",
+        "geovr-pipeline train --preset tiny --store store --qa qa/train.jsonl --model models/qwen3vl-tiny --out run \\",
         f"    --set train.steps={cfg['steps']} --set train.lr_llm={cfg['lr_llm']:g} --set train.lr_heads={cfg['lr_heads']:g} \\",
         f"    --set train.seed={cfg['seed']} --set train.checkpoint_every={cfg['steps']}",
         "geovr-pipeline export run --out export",

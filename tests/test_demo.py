@@ -79,6 +79,9 @@ def test_summary_has_measured_heldout_losses_and_depth_baselines(demo_out: Path)
         )
         assert entry["reduction"] == pytest.approx(1 - entry["after"] / entry["before"])
         assert entry["target_met"] == (entry["reduction"] >= 0.30)
+    for when in ("parts_before", "parts_after"):
+        assert set(losses["camera"][when]) == {"translation", "rotation", "fov"}
+        assert all(finite(v) and v >= 0 for v in losses["camera"][when].values())
     # Measured, not copied: training changed the student, so its held-out losses moved.
     assert any(losses[n]["after"] != losses[n]["before"] for n in ("camera", "depth", "distill"))
     assert summary["all_targets_met"] == all(
