@@ -46,19 +46,6 @@ _spec = importlib.util.spec_from_file_location("vggt_flops", BENCH / "flops.py")
 flops = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(flops)
 
-TINY = VGGTConfig(
-    embed_dim=64,
-    depth=4,
-    num_heads=4,
-    patch_embed_depth=2,
-    patch_embed_num_heads=4,
-    camera_trunk_depth=2,
-    camera_num_heads=4,
-    dpt_features=16,
-    dpt_out_channels=(8, 16, 32, 32),
-    dpt_layers=(0, 1, 2, 3),
-)
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -268,7 +255,7 @@ def main() -> None:
     if args.config is not None:
         cfg = VGGTConfig.from_json(args.config)
     else:
-        cfg = TINY if args.tiny else VGGTConfig.vggt_1b()
+        cfg = VGGTConfig.tiny() if args.tiny else VGGTConfig.vggt_1b()
     frame_counts = args.frames or ([2, 4] if args.tiny else [8, 16, 32])
     width, height = (int(v) for v in (args.size or ("112x84" if args.tiny else "504x392")).split("x"))
     kept = tuple(args.layers or cfg.dpt_layers)

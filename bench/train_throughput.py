@@ -118,20 +118,6 @@ def qwen3vl_2b_config(tokenizer):
     return config
 
 
-TINY_VGGT = VGGTConfig(
-    embed_dim=64,
-    depth=4,
-    num_heads=4,
-    patch_embed_depth=2,
-    patch_embed_num_heads=4,
-    camera_trunk_depth=2,
-    camera_num_heads=4,
-    dpt_features=16,
-    dpt_out_channels=(8, 16, 32, 32),
-    dpt_layers=(0, 1, 2, 3),
-)
-
-
 def depth_anything_config(tiny: bool):
     """Depth-Anything-V2-Metric-Large's architecture (or a tiny one), metric head, 20 m."""
     from transformers import DepthAnythingConfig
@@ -270,7 +256,7 @@ def online_teacher(tiny: bool, frames: int, device: torch.device):
     from transformers import DepthAnythingForDepthEstimation
 
     with device:
-        vggt = VGGT(TINY_VGGT if tiny else VGGTConfig.vggt_1b(), heads=("camera", "depth")).eval()
+        vggt = VGGT(VGGTConfig.tiny() if tiny else VGGTConfig.vggt_1b(), heads=("camera", "depth")).eval()
         metric = DepthAnythingForDepthEstimation(depth_anything_config(tiny)).eval()
     vggt.set_inference_options(attention="sdpa", dpt_frame_chunk=8)
     layers = (0, 1, 2, 3) if tiny else (4, 11, 17, 23)

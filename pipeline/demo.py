@@ -88,22 +88,9 @@ GEOMETRIC_LOSSES = ("camera", "depth", "scale", "distill")
 TARGET_REDUCTION = 0.30  # issue 9: each held-out geometric loss at least 30% lower after training
 TINY_FOV = 1.2  # radians, the tiny teacher's fields of view (about 69 degrees)
 DEPTH_GAIN = 100.0  # the tiny teacher's log-depth row: a per-image std of about 0.35 (random init: 0.003)
+
+
 # The sizes of shared/reference/vggt/tiny-a (written here, not read from there: users may not have it).
-TINY_VGGT_SIZES: dict[str, Any] = {
-    "embed_dim": 64,
-    "depth": 4,
-    "num_heads": 4,
-    "patch_embed_depth": 2,
-    "patch_embed_num_heads": 4,
-    "camera_trunk_depth": 2,
-    "camera_num_heads": 4,
-    "dpt_features": 16,
-    "dpt_out_channels": (8, 16, 32, 32),
-    "dpt_layers": (0, 1, 2, 3),
-    "heads": ("camera", "depth"),
-}
-
-
 @dataclass
 class DemoConfig:
     """Section `demo` of the `tiny` preset: the corpus, the models' seed and the training knobs.
@@ -162,7 +149,7 @@ def write_tiny_vggt(out: str | Path, seed: int = 0, fov: float = TINY_FOV) -> Pa
     writes the same weights. Two output rows are rescaled (module docstring): the fields of view
     stay near `fov` radians, and the depth varies over the image around a mean of about 1.
     """
-    cfg = VGGTConfig(**TINY_VGGT_SIZES)
+    cfg = VGGTConfig.tiny()
     torch.manual_seed(seed)
     model = VGGT(cfg, heads=cfg.heads).eval()
     with torch.no_grad():

@@ -27,6 +27,9 @@ class CameraHead(nn.Module):
         self.translation = nn.Linear(hidden, 3)
         self.rotation = nn.Linear(hidden, 4)
         self.fov = nn.Linear(hidden, 2)
+        # Start the fields of view near a typical camera's (1 rad): at a zero bias about half of the
+        # ReLU outputs start dead and never learn.
+        nn.init.constant_(self.fov.bias, 1.0)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.backbone(x)

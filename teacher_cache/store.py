@@ -10,6 +10,7 @@ On disk (STORE is a directory):
     STORE/<shard_id>.tar      (WebDataset) one output shard, see `wds_backend`
     STORE/_done/<shard_id>.json   the done marker: its presence commits the shard
     STORE/_tmp/               shards and markers being written
+    STORE/run.json, STORE/failures.jsonl   written by precompute at the end of each run; part of no shard
 
 Commit protocol (one writer per shard id; many writers per store): the shard is written whole under
 `_tmp/`, its files are fsynced and checksummed, it is renamed to its final name, and the done marker

@@ -12,7 +12,6 @@ from geovr.teacher_cache.codecs import CODEC_VERSION, FIELDS, decode_clip
 from geovr.teacher_cache.schema import SCHEMA_VERSION
 from geovr.teacher_cache.store import (
     DONE_DIR,
-    STORE_JSON,
     TMP_DIR,
     StoreReader,
     committed_shard_ids,
@@ -140,7 +139,11 @@ def _find_leftovers(root: Path, store_format: str, committed: set[str], report: 
     if tmp.is_dir():
         report.warnings += [f"uncommitted temporary {p.name} in {TMP_DIR}/" for p in sorted(tmp.iterdir())]
     for entry in sorted(root.iterdir()):
-        if entry.name in (STORE_JSON, TMP_DIR, DONE_DIR, "zarr.json"):
+        if entry.name in (TMP_DIR, DONE_DIR):
+            continue
+        # Shards are directories (Zarr) or tar files (WebDataset); other files in the root
+        # (store.json, zarr.json, precompute's run.json and failures.jsonl) belong to no shard.
+        if not (entry.is_dir() if store_format == "zarr" else entry.suffix == ".tar"):
             continue
         shard_id = entry.name.removesuffix(".tar") if store_format == "wds" else entry.name
         if shard_id not in committed:

@@ -98,6 +98,23 @@ class VGGTConfig:
         return cls()
 
     @classmethod
+    def tiny(cls) -> VGGTConfig:
+        """The sizes of the `tiny-a` reference model (width 64, 4+4 blocks): CPU tests, demo, smoke runs."""
+        return cls(
+            embed_dim=64,
+            depth=4,
+            num_heads=4,
+            patch_embed_depth=2,
+            patch_embed_num_heads=4,
+            camera_trunk_depth=2,
+            camera_num_heads=4,
+            dpt_features=16,
+            dpt_out_channels=(8, 16, 32, 32),
+            dpt_layers=(0, 1, 2, 3),
+            heads=("camera", "depth"),
+        )
+
+    @classmethod
     def from_json(cls, path: str | Path) -> VGGTConfig:
         """Read and validate a `config.json`; ConfigError names the file and the bad key."""
         path = Path(path)
