@@ -25,6 +25,13 @@ app = typer.Typer(
 )
 err_console = Console(stderr=True)
 
+# Help panels, in the order of the workflow.
+DATA = "Data"
+STAGE_1 = "Stage 1: precompute teacher labels"
+STAGE_2 = "Stage 2: train the student"
+EVALUATION = "Evaluation"
+DEMO = "Demo"
+
 
 class UsageError(Exception):
     """A user-facing error: printed as one line, exit status 2."""

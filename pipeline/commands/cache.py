@@ -7,13 +7,13 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import app
+from geovr.pipeline.cli import STAGE_1, app
 
 # Imported inside the commands: the store backends pull in zarr and webdataset, which would slow
 # down every `geovr-pipeline` invocation, `--help` included.
 
 cache_app = typer.Typer(help="Inspect, check and convert teacher-label stores.", no_args_is_help=True)
-app.add_typer(cache_app, name="cache")
+app.add_typer(cache_app, name="cache", rich_help_panel=STAGE_1)
 
 
 @cache_app.command("verify")

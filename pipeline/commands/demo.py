@@ -6,10 +6,10 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import app
+from geovr.pipeline.cli import DEMO, app
 
 
-@app.command()
+@app.command(rich_help_panel=DEMO)
 def demo(
     out: Path = typer.Option(
         Path("demo-out"), "--out", help="output directory (a previous demo's is replaced)"
@@ -28,8 +28,11 @@ def demo(
         None, "--set", help="override a preset value: demo.lr_heads=3e-3, train.warmup_ratio=0.1 (repeatable)"
     ),
 ) -> None:
-    """Synthetic corpus -> tiny teacher -> index -> precompute on a local Ray cluster -> train -> export
-    -> eval vsibench / geometry -> inspect, all on CPU; writes OUT/report.md and OUT/summary.json."""
+    """The whole pipeline on CPU in minutes, with tiny random models; writes OUT/report.md and summary.json.
+
+    Synthetic corpus -> tiny teacher -> index -> precompute on a local Ray cluster -> train -> export
+    -> eval vsibench / geometry -> inspect.
+    """
     from geovr.pipeline.demo import DemoConfig, run_demo
     from geovr.teacher_cache.config import load_section
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import app
+from geovr.pipeline.cli import EVALUATION, app
 
 eval_app = typer.Typer(
     help="Evaluate models: VSI-Bench, scoring, geometry of the student heads.", no_args_is_help=True
 )
-app.add_typer(eval_app, name="eval")
+app.add_typer(eval_app, name="eval", rich_help_panel=EVALUATION)
 
 PARSER_HELP = "numerical answer parser: original (first word) or extract_number (lmms-eval 0.7.3)"
 
@@ -103,7 +103,7 @@ def geometry(
     typer.echo(f"{report['num_clips']} clips; report in {out / 'geometry.md'}")
 
 
-@app.command("inspect")
+@app.command("inspect", rich_help_panel=EVALUATION)
 def inspect(
     store: Path = typer.Option(..., "--store", help="teacher-label store"),
     clip: str = typer.Option(..., "--clip", help="clip id (see `cache stats` or the store's done markers)"),

@@ -8,13 +8,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from geovr.pipeline.cli import app
+from geovr.pipeline.cli import STAGE_1, app
 
 PRESET_HELP = "config preset (tiny, vggt-1b, ...) or a YAML file"
 SET_HELP = "override a preset value: section.key=value (repeatable)"
 
 
-@app.command()
+@app.command(rich_help_panel=STAGE_1)
 def index(
     sources: list[Path] = typer.Argument(
         ..., help="video folders and/or QA files (JSON / JSONL rows naming a video)"
@@ -63,7 +63,7 @@ def index(
         console.print(table)
 
 
-@app.command()
+@app.command(rich_help_panel=STAGE_1)
 def precompute(
     manifest: Path = typer.Option(..., help="clip manifest from `geovr-pipeline index`"),
     out: Path = typer.Option(..., "--out", help="the label store (created, or resumed)"),

@@ -6,18 +6,21 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import app
+from geovr.pipeline.cli import STAGE_2, app
 
 
-@app.command("export")
+@app.command("export", rich_help_panel=STAGE_2)
 def export(
     run_or_checkpoint: Path = typer.Argument(
         ..., help="student checkpoint directory, or a run (its last checkpoint)"
     ),
     out: Path = typer.Option(..., "--out", help="new directory for the plain Qwen3-VL model"),
 ) -> None:
-    """Write the plain Qwen3-VL model (config, safetensors, tokenizer and processor files) without the
-    geometric tokens and heads; it loads with Qwen3VLForConditionalGeneration.from_pretrained."""
+    """Write the plain Qwen3-VL model of a run or checkpoint, without the geometric tokens and heads.
+
+    The directory holds config, safetensors, tokenizer and processor files and loads with
+    Qwen3VLForConditionalGeneration.from_pretrained.
+    """
     from geovr.student.export import export_plain
 
     written = export_plain(run_or_checkpoint, out)

@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from geovr.pipeline.cli import UsageError, app
+from geovr.pipeline.cli import DATA, UsageError, app
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -20,7 +20,7 @@ def parse_size(text: str) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
-@app.command()
+@app.command(rich_help_panel=DATA)
 def synth(
     out: Path = typer.Option(..., "--out", help="corpus directory to write (created if missing)"),
     scenes: int | None = typer.Option(None, help="number of scenes [default: 8]"),

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import app
+from geovr.pipeline.cli import STAGE_2, app
 
 
-@app.command("train")
+@app.command("train", rich_help_panel=STAGE_2)
 def train_command(
     preset: str = typer.Option(
         "qwen3vl-2b-geovr", "--preset", help="Preset name (tiny, qwen3vl-2b-geovr) or YAML file."
