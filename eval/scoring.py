@@ -1,4 +1,4 @@
-"""VSI-Bench scoring, equal to lmms-eval 0.7.3 `lmms_eval/tasks/vsibench/utils.py` (no `eval()`).
+"""VSI-Bench scoring, equal to lmms-eval 0.7.3 `lmms_eval/tasks/vsibench/utils.py` (answers are parsed, never executed as code).
 
 Ten raw question types, scored per sample:
 - multiple choice (`MCA_QUESTION_TYPES`): the first space-separated word of the prediction, trailing

@@ -65,7 +65,7 @@ def score(
     ),
     parser: str = typer.Option("original", help=PARSER_HELP),
 ) -> None:
-    """Score a predictions file with the VSI-Bench scorer (no eval())."""
+    """Score a predictions file with the VSI-Bench scorer (answers are parsed, never executed)."""
     from geovr.eval.vsibench import score_file
 
     _print_scores(score_file(predictions, parser, out))
