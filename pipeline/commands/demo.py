@@ -14,7 +14,7 @@ def demo(
     out: Path = typer.Option(
         Path("demo-out"), "--out", help="output directory (a previous demo's is replaced)"
     ),
-    steps: int | None = typer.Option(None, help="student optimizer steps [preset: 300]"),
+    steps: int | None = typer.Option(None, help="student optimizer steps [preset: 200]"),
     train_scenes: int | None = typer.Option(None, help="synthetic training scenes [preset: 8]"),
     heldout_scenes: int | None = typer.Option(None, help="synthetic held-out scenes [preset: 2]"),
     frames: int | None = typer.Option(None, help="frames per scene video [preset: 32]"),
