@@ -199,13 +199,12 @@ def predict_clip(student, tokenizer, preprocess, labels: ClipLabels, device: str
 
     sample = make_sample(labels, [{"from": "human", "value": EVAL_PROMPT}], tokenizer, preprocess)
     batch = collate_samples([sample], int(tokenizer.pad_token_id)).to(device)
-    # `_run` gives the distilled features too, which `predict` does not return.
-    _, _, features, pred = student._run(batch)
+    pred = student.predict(batch)
     return {
         "pose_enc": None if pred.pose_enc is None else pred.pose_enc[0].float().cpu().numpy(),
         "depth": None if pred.depth is None else pred.depth[0].float().cpu().numpy(),
         "scale": None if pred.scale is None else float(pred.scale.reshape(-1)[0]),
-        "features": [f[0].float().cpu().numpy() for f in features],
+        "features": [f[0].float().cpu().numpy() for f in pred.features],
     }
 
 

@@ -94,14 +94,21 @@ class StudentBatch:
     scale_valid: Tensor
     clip_ids: list[str]
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> StudentBatch:
-        """Move tensors to `device`; floating tensors to `dtype` too when given (e.g. bf16 pixels)."""
+    def to(
+        self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False
+    ) -> StudentBatch:
+        """Move tensors to `device`; floating tensors to `dtype` too when given (e.g. bf16 pixels).
+
+        `non_blocking=True` overlaps the copy with compute when the batch sits in pinned memory.
+        """
         moved = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, Tensor):
                 value = value.to(
-                    device, dtype=dtype if dtype is not None and value.is_floating_point() else None
+                    device,
+                    dtype=dtype if dtype is not None and value.is_floating_point() else None,
+                    non_blocking=non_blocking,
                 )
             moved[f.name] = value
         return StudentBatch(**moved)

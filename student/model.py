@@ -276,13 +276,15 @@ class GeometryPredictions:
 
     Attributes:
         pose_enc: (B, S, 9) cameras relative to frame 0. depth: (B, S, Hd, Wd). scale: (B,).
-        frame_mask: (B, S) bool.
+        frame_mask: (B, S) bool. features: per distilled layer (B, S, h, w, C), the distillation
+        heads' outputs on the teacher's pooled grid (empty without feature distillation).
     """
 
     pose_enc: Tensor | None
     depth: Tensor | None
     scale: Tensor | None
     frame_mask: Tensor
+    features: list[Tensor] = field(default_factory=list)
 
 
 class GeoVRStudent(nn.Module):
@@ -577,8 +579,10 @@ class GeoVRStudent(nn.Module):
 
     @torch.no_grad()
     def predict(self, batch: StudentBatch) -> GeometryPredictions:
-        """The heads' predictions (camera poses relative to frame 0, depth, metric scale), NaN in padding."""
-        pred = self._run(batch)[3]
+        """The heads' predictions (camera poses relative to frame 0, depth, metric scale, distilled
+        features), NaN in padding."""
+        _, _, features, pred = self._run(batch)
+        pred.features = features
         frames = batch.frame_mask
         if pred.pose_enc is not None:
             pred.pose_enc = pred.pose_enc.masked_fill(~frames[..., None], float("nan"))

@@ -696,7 +696,7 @@ def accumulate_gradients(
             )
         for index, chunk in enumerate(micro_batch.chunks):
             last = micro == accumulation - 1 and index == len(micro_batch.chunks) - 1
-            chunk = chunk.to(env.device)
+            chunk = chunk.to(env.device, non_blocking=True)
             if before_forward is not None:
                 before_forward(chunk)
             size = int(chunk.input_ids.shape[0])
