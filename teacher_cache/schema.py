@@ -42,7 +42,10 @@ class ClipLabels:
         scale: metric scale, metres per VGGT unit (metric_depth ≈ scale * depth); NaN if invalid.
         scale_valid: whether `scale` is usable (enough non-sky confident pixels, metric model run).
         features: (S, L, h, w, C) float32 pooled frame-attention features of the distilled layers.
-        meta: JSON-able clip metadata (source size, fps, teacher image size, ...).
+        meta: JSON-able clip metadata. Precompute writes `source_size` [W, H], `source_frames`,
+            `source_fps`, `student_size` [W, H] (of `frames_jpeg`), `teacher_size` [W, H] (the image
+            `intrinsic` refers to), and when they apply `space_aware` (candidate and selected frame
+            indices) and `split` (how a clip too long for the teacher was labelled in halves).
     """
 
     clip_id: str
