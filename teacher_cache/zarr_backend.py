@@ -24,6 +24,7 @@ Reading one clip reads the shard index and the inner chunks that overlap the cli
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import warnings
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
 from geovr.teacher_cache.codecs import CLIP_ARRAYS, FRAME_ARRAYS, EncodedClip, field_of
@@ -152,6 +154,20 @@ def _bytes_by_field(path: Path) -> dict[str, int]:
     return totals
 
 
+async def _read_clip_arrays(
+    group: dict[str, zarr.Array], start: int, stop: int, clip_index: int
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Frames [start, stop) of the per-frame arrays, row `clip_index` of the per-clip arrays, the
+    JPEG offsets, then the JPEG bytes they delimit."""
+    reads = [group[name].async_array.getitem(slice(start, stop)) for name in _FRAME_ARRAY_NAMES]
+    reads += [group[name].async_array.getitem(clip_index) for name in _CLIP_ARRAY_NAMES]
+    reads.append(group["jpeg_offsets"].async_array.getitem(slice(start, stop + 1)))
+    *values, offsets = await asyncio.gather(*reads)
+    data = await group["jpeg_bytes"].async_array.getitem(slice(int(offsets[0]), int(offsets[-1])))
+    arrays = dict(zip(_FRAME_ARRAY_NAMES + _CLIP_ARRAY_NAMES, (np.asarray(v) for v in values), strict=True))
+    return arrays, offsets, data
+
+
 class ZarrShardReader:
     """Reads clips of one committed shard by index row or in order."""
 
@@ -185,11 +201,10 @@ class ZarrShardReader:
         row = self.rows[clip_id]
         group = self._geometry_arrays(row["geometry"])
         start, stop = row["frame_offset"], row["frame_offset"] + row["num_frames"]
-        n = row["clip_index"]
-        arrays = {name: group[name][start:stop] for name in _FRAME_ARRAY_NAMES}
-        arrays.update({name: np.asarray(group[name][n]) for name in _CLIP_ARRAY_NAMES})
-        offsets = group["jpeg_offsets"][start : stop + 1]
-        data = group["jpeg_bytes"][int(offsets[0]) : int(offsets[-1])].tobytes()
+        # One round trip into zarr's event loop for all arrays of the clip instead of one per array:
+        # about a quarter less time per clip read (bench/cache_footprint.py).
+        arrays, offsets, data = sync(_read_clip_arrays(group, start, stop, row["clip_index"]))
+        data = data.tobytes()
         base = int(offsets[0])
         frames = [data[int(a) - base : int(b) - base] for a, b in itertools.pairwise(offsets)]
         return EncodedClip(
