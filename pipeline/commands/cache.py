@@ -28,9 +28,12 @@ def verify(store: Path = typer.Argument(..., help="Store directory.")) -> None:
     for where, problem in report.problems:
         label = "store" if where == "store" else f"shard {where}"
         typer.echo(f"BAD {label}: {problem}", err=True)
-    status = (
-        "OK" if report.ok else f"FAILED ({len(report.bad_shards)} bad shards: {', '.join(report.bad_shards)})"
-    )
+    if report.ok:
+        status = "OK"
+    elif report.bad_shards:
+        status = f"FAILED ({len(report.bad_shards)} bad shards: {', '.join(report.bad_shards)})"
+    else:
+        status = "FAILED (the store itself, see above)"
     typer.echo(
         f"{status}: {report.shards_checked} shards, {report.clips_checked} clips, "
         f"{report.frames_checked} frames checked in {store}"
