@@ -54,6 +54,7 @@ from geovr.student.train import (
     clip_and_check,
     peak_flops_per_device,
 )
+from geovr.teacher_cache.config import load_section
 from geovr.teacher_cache.frames import encode_jpeg
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint, clip_id_for
 from geovr.teacher_cache.store import open_store, open_writer
@@ -356,15 +357,8 @@ def main() -> None:
         torch.manual_seed(0)
         tokenizer = build_tiny_tokenizer()
         qwen_config = tiny_qwen3vl_config(tokenizer) if args.tiny else qwen3vl_2b_config(tokenizer)
-        student_cfg = StudentConfig(base_model=str(model_dir))
-        if args.tiny:
-            student_cfg = StudentConfig(
-                base_model=str(model_dir),
-                camera_hidden=32,
-                scale_hidden=16,
-                dense_features=16,
-                dense_channels=(8, 16, 32, 32),
-            )
+        preset = "tiny" if args.tiny else "qwen3vl-2b-geovr"
+        student_cfg = load_section(StudentConfig, "student", preset, base_model=str(model_dir))
         student_cfg = student_cfg.matched_to(store.fingerprint)
         from transformers import Qwen3VLForConditionalGeneration
 

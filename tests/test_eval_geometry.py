@@ -31,6 +31,7 @@ from geovr.pipeline.cli import app
 from geovr.pipeline.synth import SynthConfig, write_corpus
 from geovr.student.model import GeoVRStudent, StudentConfig
 from geovr.student.tiny import write_tiny_qwen3vl
+from geovr.teacher_cache.config import load_section
 from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame_size
 from geovr.teacher_cache.geometry import encode_pose, invert_extrinsic, relative_to_first, to_homogeneous
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint, clip_id_for
@@ -161,13 +162,7 @@ def store(corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     base = write_tiny_qwen3vl(tmp_path_factory.mktemp("tiny_base"))
-    config = StudentConfig(
-        base_model=str(base),
-        camera_hidden=32,
-        scale_hidden=16,
-        dense_features=16,
-        dense_channels=(8, 16, 32, 32),
-    ).matched_to(FINGERPRINT)
+    config = load_section(StudentConfig, "student", "tiny", base_model=str(base)).matched_to(FINGERPRINT)
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
     GeoVRStudent.from_base(base, config, dtype=torch.float32).save_pretrained(run / "checkpoints" / "step_1")
