@@ -8,12 +8,15 @@ measured bf16 matmul rate (a large `torch.matmul` loop in the same run).
 
 Paths, measured one after the other with only that path's model resident:
 - optimised (the precompute's): camera and depth heads, only the distilled layers (4, 11, 17, 23)
-  retained, bf16 autocast (heads in fp32 inside the model), DPT head in chunks of 8 frames, several
-  clips per call (`--frames-per-call`, 64: 8 clips of 8, 4 of 16, 2 of 32), SDPA or xformers
-  attention, optionally compiled blocks.
-- reference-style (as the official `VGGT.forward`): all 24 aggregator layers kept (float32), camera,
-  depth and point heads in fp32, bf16 autocast for the aggregator, one clip per call. The tracking
-  head is not run: it needs query points, and the official forward skips it without them.
+  retained, bf16 autocast with the matmul weights stored in bf16 and the DPT head under the autocast
+  (camera head and the DPT head's last 1x1 conv in fp32), DPT head in chunks of 8 frames, several
+  clips per call (`--frames-per-call`, 64: 8 clips of 8, 4 of 16, 2 of 32), optionally compiled
+  blocks; once per attention kernel of `--attention` (default on a GPU: sdpa, cudnn, and xformers
+  when installed). The comparison takes the fastest kernel per clip length and names it.
+- reference-style (as the official `VGGT.forward`): float32 weights, all 24 aggregator layers kept
+  (float32), camera, depth and point heads in fp32, bf16 autocast for the aggregator, PyTorch's SDPA
+  kernel choice, one clip per call. The tracking head is not run: it needs query points, and the
+  official forward skips it without them.
 - labeler (optional, `--labeler`): `TeacherLabeler.label` end to end on uint8 640x480 clips, i.e.
   the optimised path plus host-side resizing, 2x2 pooling of features and depth, and the copy of
   the labels to the host (no metric model).
@@ -40,6 +43,7 @@ from safetensors.torch import save_file
 
 from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler
 from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
+from geovr.pipeline.teachers.vggt_layers import ATTENTION_BACKENDS, xformers_available
 
 BENCH = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("vggt_flops", BENCH / "flops.py")
@@ -57,7 +61,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--layers", type=int, nargs="+", help="optimised path: kept layers (default: dpt_layers)"
     )
-    parser.add_argument("--attention", choices=("sdpa", "xformers"), default="sdpa")
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_BACKENDS,
+        nargs="+",
+        help="optimised path: attention kernels to measure (GPU default: sdpa cudnn [xformers]; CPU: sdpa)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
     parser.add_argument("--iters", type=int, default=3, help="timed calls per measurement")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before each measurement")
@@ -199,7 +208,12 @@ def measure(
 
 
 def measure_labeler(
-    model_cfg: VGGTConfig, device: torch.device, frame_counts: list[int], args: argparse.Namespace, size_hw
+    model_cfg: VGGTConfig,
+    device: torch.device,
+    frame_counts: list[int],
+    args: argparse.Namespace,
+    size_hw: tuple[int, int],
+    attention: str,
 ) -> list[dict]:
     """`TeacherLabeler.label` end to end on uint8 clips whose teacher size is `size_hw`."""
     height, width = size_hw
@@ -215,7 +229,8 @@ def measure_labeler(
                 image_long_side=width,
                 feature_layers=tuple(args.layers or model_cfg.dpt_layers),
                 dtype="bfloat16",
-                attention=args.attention,
+                attention=attention,
+                dpt_head_autocast=True,
                 compile=args.compile,
                 max_frames_per_call=args.frames_per_call,
             ),
@@ -238,6 +253,7 @@ def measure_labeler(
         assert labels[0].teacher_hw == (height, width), labels[0].teacher_hw
         results.append(
             {
+                "attention": attention,
                 "frames": frames,
                 "clips_per_call": clips_per_call,
                 "source_hw": list(source_hw),
@@ -268,26 +284,38 @@ def main() -> None:
     matmul_rate = matmul_tflops(device, matmul_n)
     print(f"device {device}: bf16 matmul {matmul_n}^3: {matmul_rate:.1f} TFLOP/s")
 
+    attentions = args.attention or (
+        ["sdpa", "cudnn"] + (["xformers"] if xformers_available() else [])
+        if device.type == "cuda"
+        else ["sdpa"]
+    )
     runs = []
     optimised_heads = ("camera", "depth")
     model = build_model(cfg, optimised_heads, device)
-    model.set_inference_options(attention=args.attention, dpt_frame_chunk=8, compile=args.compile)
-    for frames in frame_counts:
-        clips_per_call = max(1, args.frames_per_call // frames)
-        run = measure(
-            model,
-            cfg,
-            device,
-            frames,
-            clips_per_call,
-            (height, width),
-            kept,
-            optimised_heads,
-            args,
-            matmul_rate,
+    for attention in attentions:
+        model.set_inference_options(
+            attention=attention,
+            dpt_frame_chunk=8,
+            compile=args.compile,
+            dpt_head_autocast=True,
+            matmul_weights="bfloat16",
         )
-        runs.append({"path": "optimised", **run})
-        print(_line(runs[-1]))
+        for frames in frame_counts:
+            clips_per_call = max(1, args.frames_per_call // frames)
+            run = measure(
+                model,
+                cfg,
+                device,
+                frames,
+                clips_per_call,
+                (height, width),
+                kept,
+                optimised_heads,
+                args,
+                matmul_rate,
+            )
+            runs.append({"path": "optimised", "attention": attention, **run})
+            print(_line(runs[-1]))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -300,7 +328,7 @@ def main() -> None:
         run = measure(
             model, cfg, device, frames, 1, (height, width), all_layers, reference_heads, args, matmul_rate
         )
-        runs.append({"path": "reference", **run})
+        runs.append({"path": "reference", "attention": "sdpa", **run})
         print(_line(runs[-1]))
     del model
     if device.type == "cuda":
@@ -308,21 +336,30 @@ def main() -> None:
 
     comparison = {}
     for frames in frame_counts:
-        opt = next(r for r in runs if r["path"] == "optimised" and r["frames"] == frames)
+        opt = max(
+            (r for r in runs if r["path"] == "optimised" and r["frames"] == frames),
+            key=lambda r: r["frames_per_s"],
+        )
         ref = next(r for r in runs if r["path"] == "reference" and r["frames"] == frames)
         comparison[str(frames)] = {
+            "optimised_attention": opt["attention"],
             "speedup_frames_per_s": opt["frames_per_s"] / ref["frames_per_s"],
             "peak_memory_ratio": (
                 opt["peak_memory_gib"] / ref["peak_memory_gib"]
                 if opt["peak_memory_gib"] is not None
                 else None
             ),
+            "optimised_aggregator_fraction_of_matmul": opt["aggregator_fraction_of_matmul"],
         }
         print(
-            f"S={frames}: optimised/reference frames/s x{comparison[str(frames)]['speedup_frames_per_s']:.2f}"
+            f"S={frames}: optimised ({opt['attention']}) / reference frames/s "
+            f"x{comparison[str(frames)]['speedup_frames_per_s']:.2f}"
         )
+    fastest = comparison[str(max(frame_counts))]["optimised_attention"]
 
-    labeler_runs = measure_labeler(cfg, device, frame_counts, args, (height, width)) if args.labeler else None
+    labeler_runs = (
+        measure_labeler(cfg, device, frame_counts, args, (height, width), fastest) if args.labeler else None
+    )
 
     result = {
         "benchmark": "teacher_throughput",
@@ -333,7 +370,7 @@ def main() -> None:
         "torch": torch.__version__,
         "model_config": dataclasses.asdict(cfg),
         "image_wh": [width, height],
-        "attention": args.attention,
+        "attention": attentions,
         "compile": args.compile,
         "frames_per_call": args.frames_per_call,
         "matmul": {"n": matmul_n, "dtype": "bfloat16", "tflops": matmul_rate},
@@ -342,8 +379,10 @@ def main() -> None:
         "labeler": labeler_runs,
         "notes": [
             "FLOPs: matmuls, convolutions and attention products counted from the architecture (bench/flops.py).",
-            "reference: all layers kept, camera+depth+point heads in fp32, one clip per call; track head not run "
-            "(it needs query points).",
+            "optimised: bf16 matmul weights, DPT head under bf16 autocast (last 1x1 conv and activations fp32), "
+            "camera head fp32; one run per attention kernel, the comparison takes the fastest.",
+            "reference: float32 weights, all layers kept, camera+depth+point heads in fp32, one clip per call; "
+            "track head not run (it needs query points).",
             "peak memory: torch.cuda.max_memory_allocated during the timed calls, this path's model only.",
         ],
     }
@@ -355,7 +394,8 @@ def main() -> None:
 def _line(run: dict) -> str:
     memory = f"{run['peak_memory_gib']:.1f} GiB" if run["peak_memory_gib"] is not None else "n/a"
     return (
-        f"{run['path']:>9} S={run['frames']:>2} B={run['clips_per_call']}: {run['frames_per_s']:8.1f} frames/s, "
+        f"{run['path']:>9} [{run['attention']:>8}] S={run['frames']:>2} B={run['clips_per_call']}: "
+        f"{run['frames_per_s']:8.1f} frames/s, "
         f"peak {memory}, {run['tflops']:.1f} TFLOP/s, aggregator {run['aggregator_tflops']:.1f} TFLOP/s "
         f"({100 * run['aggregator_fraction_of_matmul']:.0f}% of matmul)"
     )

@@ -34,6 +34,9 @@ float32 labels live only between the teacher and the clip's encode task), at mos
 `decode_workers` decode tasks run at once, decoding pauses while `2 * clips_per_batch * actors`
 decoded clips wait for a teacher, and each actor has at most `ACTOR_QUEUE` (2) batches queued (the
 next batch's frames arrive while the current one runs, so the GPU does not wait on the driver).
+An actor runs its queued calls in `ACTOR_QUEUE` threads with one on the device at a time: a
+finished batch's labels (about 130 MB per 32-frame clip) are put into the object store while the
+next batch already runs.
 The driver holds references and status dicts only, never frames or labels: at 100,000 videos it
 holds the manifest rows (~1 KB each) and a few shards' worth of small records.
 
@@ -58,6 +61,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -86,7 +90,8 @@ from geovr.teacher_cache.config import from_dict, require, to_dict
 from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame_size
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
 
-# Batches queued per teacher actor: the next batch's frames are fetched while the current one runs.
+# Batches queued per teacher actor (and its threads): the next batch's frames are fetched, and the
+# last batch's labels stored, while the current one runs.
 ACTOR_QUEUE = 2
 
 
@@ -239,11 +244,16 @@ class TeacherActor:
             torch.set_num_threads(max(1, threads))
         self.labeler = TeacherLabeler(from_dict(TeacherConfig, teacher, where="teacher"), device)
         self.max_teacher_frames = max_teacher_frames
+        self.device_lock = threading.Lock()  # one batch on the device at a time
 
     def fingerprint_parts(self) -> dict[str, Any]:
         return self.labeler.fingerprint_parts()
 
     def label(self, jobs: list[dict[str, Any]], *clips: np.ndarray) -> list[Any]:
+        with self.device_lock:
+            return self._label_locked(jobs, clips)
+
+    def _label_locked(self, jobs: list[dict[str, Any]], clips: tuple[np.ndarray, ...]) -> list[Any]:
         started = time.perf_counter()
         results = self._label_many(list(clips))
         # Space-aware clips: choose `keep` of the candidates from their reconstruction, then label
@@ -557,6 +567,7 @@ class Precompute:
             num_gpus=1 if gpu else 0,
             num_cpus=self.cfg.actor_cpus,
             max_restarts=self.cfg.max_actor_restarts,
+            max_concurrency=ACTOR_QUEUE,
         )
         threads = max(1, int(self.cfg.actor_cpus))
         return [

@@ -19,6 +19,10 @@ TINY = ("tiny-a", "tiny-b")
 #   tiny-b: pose_enc 8.0e-3, depth 2.3e-4, depth_conf 1.5e-4, layers 3.4e-3..3.5e-3
 # Stated tolerances (about 3x the worst measured figure):
 BF16_TOLERANCE = {"pose_enc": 2.5e-2, "depth": 1e-3, "depth_conf": 1e-3, "layers": 1e-2}
+# With the DPT head also under bf16 autocast (`dpt_head_autocast`), measured the same way:
+#   tiny-a: depth 2.8e-3, depth_conf 1.3e-3 (per pixel |a/b - 1|: depth median 8.5e-4, max 3.4e-3)
+#   tiny-b: depth 1.3e-3, depth_conf 6.8e-4 (per pixel: depth median 1.7e-4, max 1.4e-3)
+BF16_HEAD_TOLERANCE = {"depth": 1e-2, "depth_conf": 5e-3}
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -94,6 +98,59 @@ def test_bf16_autocast_stays_within_stated_tolerance(name, vggt_dir, references)
         assert error < BF16_TOLERANCE["layers" if key.startswith("aggregated_tokens_") else key], (key, error)
     # bf16 is really in use in the aggregator: the outputs are not the float32 ones.
     assert errors["aggregated_tokens_0"] > 1e-4
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_fast_precision_options(name, vggt_dir, references):
+    """bf16 matmul weights change nothing under bf16 autocast; a bf16 DPT head stays within its
+    stated tolerance; cuDNN-first attention falls back to the CPU kernels with equal results."""
+    reference = references[name]
+    layers = range(num_stages(reference))
+    outputs = {}
+    for variant, options in (
+        ("autocast", {}),
+        ("bf16 weights", {"matmul_weights": "bfloat16"}),
+        ("bf16 weights and head", {"matmul_weights": "bfloat16", "dpt_head_autocast": True}),
+        ("cudnn", {"attention": "cudnn"}),
+    ):
+        model = VGGT.from_pretrained(vggt_dir / name)
+        model.set_inference_options(**options)
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[variant] = model(reference["images"], return_layers=layers)
+    assert model.aggregator.frame_blocks[0].attn.qkv.weight.dtype == torch.float32
+
+    def same(a: dict, b: dict, keys=("pose_enc", "depth", "depth_conf")) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in keys) and all(
+            torch.equal(a["layers"][i], b["layers"][i]) for i in layers
+        )
+
+    assert same(outputs["bf16 weights"], outputs["autocast"])
+    assert same(outputs["cudnn"], outputs["autocast"])
+    fast = outputs["bf16 weights and head"]
+    assert same(fast, outputs["autocast"], keys=("pose_enc",))  # the camera head stays float32
+    errors = outputs_vs_reference(fast, reference, skip=("images", "extrinsic", "intrinsic"))
+    for key, tolerance in BF16_HEAD_TOLERANCE.items():
+        assert errors[key] < tolerance, (key, errors[key])
+    assert not torch.equal(fast["depth"], outputs["autocast"]["depth"])  # the head really ran in bf16
+    assert fast["depth"].dtype == fast["depth_conf"].dtype == torch.float32
+
+
+def test_bf16_weights_need_bf16_autocast_and_are_one_way(vggt_dir, references):
+    model = VGGT.from_pretrained(vggt_dir / "tiny-a")
+    model.set_inference_options(matmul_weights="bfloat16", dpt_head_autocast=True)
+    assert model.aggregator.frame_blocks[0].attn.qkv.weight.dtype == torch.bfloat16
+    assert model.depth_head.projects[0].weight.dtype == torch.bfloat16
+    assert model.depth_head.scratch.output_conv2[-1].weight.dtype == torch.float32
+    assert model.camera_head.trunk[0].attn.qkv.weight.dtype == torch.float32
+    assert model.aggregator.frame_blocks[0].ls1.gamma.dtype == torch.float32
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="run it under bf16 autocast"):
+        model(references["tiny-a"]["images"])
+    with pytest.raises(ValueError, match="reload the model"):
+        model.set_inference_options(matmul_weights="float32")
+    with pytest.raises(ValueError, match="reload the model"):
+        model.set_inference_options(matmul_weights="bfloat16", dpt_head_autocast=False)
+    with pytest.raises(ValueError, match="matmul_weights must be"):
+        VGGT.from_pretrained(vggt_dir / "tiny-a").set_inference_options(matmul_weights="float16")
 
 
 def test_vggt_1b_has_exactly_the_official_tensors(vggt_dir):

@@ -20,11 +20,17 @@ camera-from-world and intrinsic (B, S, 3, 3) decoded from it for the input size 
 camera is the world; units are VGGT's normalised scene units); depth (B, S, H, W, 1); depth_conf
 (B, S, H, W) >= 1; layers {i: (B, S, P, 2C)} for the requested stages only.
 
-Inference efficiency: only the stages that a head or the caller needs are kept (the official forward
-keeps all of them), the aggregator stops after the last needed stage, the DPT head runs
-`dpt_frame_chunk` frames at a time, attention goes through SDPA or xformers, and the transformer
-blocks can be compiled. Under bf16 autocast the residual stream stays float32 (LayerScale), so the
-returned tokens are float32.
+Inference efficiency (`set_inference_options`): only the stages that a head or the caller needs are
+kept (the official forward keeps all of them), the aggregator stops after the last needed stage, the
+DPT head runs `dpt_frame_chunk` frames at a time, attention goes through SDPA (PyTorch's kernel
+choice, or cuDNN's fused attention first) or xformers, and the transformer blocks can be compiled.
+Under bf16 autocast the residual stream stays float32 (LayerScale), so the returned tokens are
+float32. Two precision options go beyond the official model, for bf16 autocast only:
+- `matmul_weights="bfloat16"` stores the weights of the linear and convolution layers that run under
+  autocast in bf16. Autocast casts them to bf16 for every product anyway, so the outputs are
+  bit-identical; what changes is half the weight memory and no cast kernels per call.
+- `dpt_head_autocast=True` runs the DPT heads under the caller's autocast instead of in float32;
+  their last 1x1 convolution and the activations stay float32 (tested tolerance in `tests/test_vggt.py`).
 
 The tracking head is built only as parameters (`TrackHeadParameters`, for the state-dict check); it
 has no forward. The point head is a DPT head with 4 channels (inv_log points, 1+exp confidence).
@@ -35,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Collection, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,6 +55,7 @@ from geovr.pipeline.teachers.vggt_layers import (
     Block,
     DinoPatchEmbed,
     RotaryEmbedding2D,
+    attention_kernel_context,
     xformers_available,
 )
 from geovr.teacher_cache.config import ConfigError, from_dict, require, to_dict
@@ -270,6 +278,9 @@ class VGGT(nn.Module):
         self.heads = tuple(h for h in HEADS if h in heads)
         self.patch_size = cfg.patch_size
         self.dpt_frame_chunk: int | None = 8
+        self.attention = "sdpa"
+        self.dpt_head_autocast = False
+        self.matmul_weights = "float32"
         self._compiled = False
 
         dim_in = 2 * cfg.embed_dim
@@ -318,11 +329,25 @@ class VGGT(nn.Module):
         return [m for m in self.modules() if isinstance(m, Block)]
 
     def set_inference_options(
-        self, attention: str = "sdpa", dpt_frame_chunk: int | None = 8, compile: bool = False
+        self,
+        attention: str = "sdpa",
+        dpt_frame_chunk: int | None = 8,
+        compile: bool = False,
+        dpt_head_autocast: bool = False,
+        matmul_weights: str = "float32",
     ) -> None:
-        """Choose the attention kernel ("sdpa" or "xformers": needs the xformers package), how many
-        frames the DPT heads process at once (None: all), and whether to `torch.compile` each
-        transformer block (once compiled, a model stays compiled: pass compile=True again or reload).
+        """Inference-only choices; the defaults reproduce the official model's numerics.
+
+        attention: "sdpa" (PyTorch's kernel choice), "cudnn" (SDPA with cuDNN's fused attention
+            first where it runs, else PyTorch's choice) or "xformers" (needs the xformers package).
+        dpt_frame_chunk: frames the DPT heads process at once (None: all).
+        compile: `torch.compile` each transformer block (once compiled, a model stays compiled).
+        dpt_head_autocast: run the DPT heads under the caller's autocast (their last 1x1 convolution
+            and activations stay float32); False runs them in float32, as the official model.
+        matmul_weights: "float32", or "bfloat16" to store the linear/convolution weights of the
+            aggregator (and of the DPT heads when they run under autocast) in bf16: outputs identical
+            to float32 weights under bf16 autocast, half the memory; the forward then requires bf16
+            autocast. One way: reload the model to change the precision options afterwards.
         """
         if attention not in ATTENTION_BACKENDS:
             raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {attention!r}")
@@ -332,14 +357,41 @@ class VGGT(nn.Module):
             raise ValueError(
                 f"dpt_frame_chunk must be a positive number of frames or None, got {dpt_frame_chunk}"
             )
+        if matmul_weights not in ("float32", "bfloat16"):
+            raise ValueError(f"matmul_weights must be 'float32' or 'bfloat16', got {matmul_weights!r}")
         if self._compiled and not compile:
             raise ValueError("the transformer blocks are already compiled; reload the model to run eagerly")
+        if self.matmul_weights == "bfloat16" and (matmul_weights, dpt_head_autocast) != (
+            self.matmul_weights,
+            self.dpt_head_autocast,
+        ):
+            raise ValueError(
+                "the weights were cast to bf16 for these precision options; reload the model to change them"
+            )
         for block in self.transformer_blocks():
-            block.attn.backend = attention
+            block.attn.backend = "xformers" if attention == "xformers" else "sdpa"
             if compile and not self._compiled:
                 block.compile(dynamic=True)
+        if matmul_weights == "bfloat16" and self.matmul_weights == "float32":
+            self._cast_matmul_weights(torch.bfloat16, include_dpt_heads=dpt_head_autocast)
         self._compiled = self._compiled or compile
+        self.attention = attention
         self.dpt_frame_chunk = dpt_frame_chunk
+        self.dpt_head_autocast = dpt_head_autocast
+        self.matmul_weights = matmul_weights
+
+    def _cast_matmul_weights(self, dtype: torch.dtype, include_dpt_heads: bool) -> None:
+        """Weights and biases of the linear and convolution layers of the aggregator (and of the DPT
+        heads but for their last convolution, if `include_dpt_heads`) to `dtype`. The camera head
+        always runs in float32 and keeps its weights."""
+        modules = list(self.aggregator.modules())
+        for head in (self.depth_head, self.point_head):
+            if head is not None and include_dpt_heads:
+                last_conv = head.scratch.output_conv2[-1]
+                modules += [m for m in head.modules() if m is not last_conv]
+        for module in modules:
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                module.to(dtype)
 
     # ------------------------------------------------------------------------------------------------
     # Forward
@@ -374,15 +426,25 @@ class VGGT(nn.Module):
             keep.update(self.config.dpt_layers)
         if not keep:
             raise ValueError("nothing to compute: no camera/depth/point head and no return_layers")
-        stages = self.aggregator(images, keep)
+        device_type = images.device.type
+        if self.matmul_weights == "bfloat16" and not (
+            torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16
+        ):
+            raise RuntimeError("this model's weights were cast to bf16: run it under bf16 autocast")
+        with attention_kernel_context(self.attention):
+            stages = self.aggregator(images, keep)
 
         outputs: dict = {}
-        with torch.autocast(images.device.type, enabled=False):
-            stages32 = {i: t.float() for i, t in stages.items()}
+        stages32 = {i: t.float() for i, t in stages.items()}
+        with torch.autocast(device_type, enabled=False):
             if self.camera_head is not None:
                 pose_enc = self.camera_head(stages32[depth - 1])
                 extrinsic, intrinsic = decode_pose(pose_enc, (height, width))
                 outputs.update(pose_enc=pose_enc, extrinsic=extrinsic, intrinsic=intrinsic)
+        head_precision = (
+            nullcontext() if self.dpt_head_autocast else torch.autocast(device_type, enabled=False)
+        )
+        with head_precision:
             for name, head in (("depth", self.depth_head), ("world_points", self.point_head)):
                 if head is not None:
                     values, conf = head(stages32, (height, width), self.patch_start_idx, self.dpt_frame_chunk)

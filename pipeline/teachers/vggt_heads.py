@@ -1,7 +1,9 @@
 """VGGT prediction heads: camera (trunk + adaLN iterative refinement), DPT dense heads (depth, points),
 and the tracking head's parameters.
 
-All heads run in float32: `VGGT.forward` calls them with autocast disabled, as the official model does.
+`VGGT.forward` runs the heads in float32 with autocast disabled, as the official model does; the DPT
+heads may instead run under bf16 autocast (`dpt_head_autocast`), in which case their last 1x1
+convolution and the activations are still computed in float32.
 Parameter names follow the official checkpoint.
 """
 
@@ -271,7 +273,9 @@ class DPTHead(nn.Module):
         out = chunked_interpolate(out, out_size)
         if self.use_pos_embed:
             out = self._add_pos_embed(out, image_hw)
-        out = scratch.output_conv2(out).permute(0, 2, 3, 1)  # (N, H, W, output_dim)
+        hidden = scratch.output_conv2[1](scratch.output_conv2[0](out))
+        with torch.autocast(hidden.device.type, enabled=False):
+            out = scratch.output_conv2[2](hidden.float()).permute(0, 2, 3, 1)  # (N, H, W, output_dim)
 
         values, conf = out[..., :-1], out[..., -1]
         if self.activation == "exp":

@@ -11,11 +11,30 @@ float32 and `LayerScale` multiplies the bf16 branch output by a float32 `gamma`;
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-ATTENTION_BACKENDS = ("sdpa", "xformers")
+ATTENTION_BACKENDS = ("sdpa", "cudnn", "xformers")
+
+# "cudnn": cuDNN's fused attention first (the fastest SDPA kernel on Hopper for VGGT's head size 64),
+# then PyTorch's usual order, so that shapes or devices cuDNN does not take still run.
+_CUDNN_FIRST = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
+
+
+def attention_kernel_context(attention: str) -> AbstractContextManager:
+    """The SDPA kernel context for an attention choice of `ATTENTION_BACKENDS` (a no-op but for "cudnn")."""
+    if attention == "cudnn":
+        return sdpa_kernel(_CUDNN_FIRST, set_priority=True)
+    return nullcontext()
 
 
 def xformers_available() -> bool:
@@ -91,7 +110,8 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with optional per-head LayerNorm on q and k (qk-norm) and 2D RoPE.
 
-    `backend` ("sdpa" or "xformers") picks the kernel; both compute softmax(q k^T / sqrt(d)) v.
+    `backend` ("sdpa" or "xformers") picks the kernel; both compute softmax(q k^T / sqrt(d)) v. Which
+    SDPA kernel runs is chosen by the caller's `sdpa_kernel` context (`attention_kernel_context`).
     """
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool = False) -> None:
