@@ -414,7 +414,7 @@ def write_shard(
     `keep_stored` (retry-failed): the clips the store already holds for this shard are kept as
     stored bytes (rewritten bit for bit) beside the newly labelled ones.
     """
-    from geovr.teacher_cache.store import DONE_DIR, open_store, open_writer
+    from geovr.teacher_cache.store import open_store, open_writer
 
     started = time.perf_counter()
     encoded = {clip.clip_id: clip for clip in ray.get(list(encoded_refs))}
@@ -425,10 +425,10 @@ def write_shard(
     if keep_stored:
         for clip in open_store(store).iter_shard_encoded(shard):
             encoded.setdefault(clip.clip_id, clip)
-        # Un-commit, then commit the new version: a kill in between leaves the shard uncommitted,
-        # and the next plain run relabels it whole.
-        (Path(store) / DONE_DIR / f"{shard}.json").unlink(missing_ok=True)
-    record = writer.write_encoded_shard(shard, [encoded[k] for k in sorted(encoded)], failures)
+    # keep_stored: the new version replaces the committed one atomically (the store's commit protocol).
+    record = writer.write_encoded_shard(
+        shard, [encoded[k] for k in sorted(encoded)], failures, replace=keep_stored
+    )
     return {"shard": shard, "clips": record["num_clips"], "write_s": time.perf_counter() - started}
 
 

@@ -8,6 +8,7 @@ On disk (STORE is a directory):
     STORE/zarr.json           (Zarr only) the root group; each output shard is a child group
     STORE/<shard_id>/         (Zarr) one output shard, see `zarr_backend`
     STORE/<shard_id>.tar      (WebDataset) one output shard, see `wds_backend`
+    STORE/<shard_id>.r<N>/, STORE/<shard_id>.r<N>.tar   revision N >= 1 of a replaced shard
     STORE/_done/<shard_id>.json   the done marker: its presence commits the shard
     STORE/_tmp/               shards and markers being written
     STORE/run.json, STORE/failures.jsonl   written by precompute at the end of each run; part of no shard
@@ -19,8 +20,14 @@ renamed into `_done/` last. A writer killed at any point leaves either no marker
 exist for readers, `verify` and resume, and is rewritten by the next `write_shard`) or a complete
 shard. Readers list shards by marker only.
 
-Done marker: {"shard_id", "format", "schema_version", "fingerprint_digest", "codec_version",
-"num_clips", "num_frames", "num_failures", "clips": [{"clip_id", "video", "status": "ok",
+Replacing a committed shard (`replace=True`, precompute's --retry-failed) writes the new version as
+the next revision beside the old one, under its own name, and commits it by renaming its marker
+over the old marker (one atomic step); the old revision is deleted after that. A kill at any point
+leaves the old or the new version committed, never neither; an unreferenced revision left by a
+kill is reported by `verify` and deleted by the next write of that shard.
+
+Done marker: {"shard_id", "revision" (0 unless replaced; absent means 0), "format", "schema_version",
+"fingerprint_digest", "codec_version", "num_clips", "num_frames", "num_failures", "clips": [{"clip_id", "video", "status": "ok",
 "num_frames", "location"} | {"clip_id", "video", "status": "failed", "stage", "reason"}],
 "bytes": {field: bytes}, "files": {path relative to STORE: {"bytes", "sha256"}}}.
 """
@@ -52,9 +59,29 @@ FAILURE_KEYS = ("clip_id", "video", "stage", "reason")
 _SHARD_ID = re.compile(r"^[0-9A-Za-z_-]+$")
 
 
-def shard_path(root: Path, store_format: str, shard_id: str) -> Path:
-    """Final path of a shard: a directory (Zarr) or a tar file (WebDataset)."""
-    return root / (shard_id if store_format == "zarr" else f"{shard_id}.tar")
+def shard_path(root: Path, store_format: str, shard_id: str, revision: int = 0) -> Path:
+    """Final path of a shard's revision: a directory (Zarr) or a tar file (WebDataset)."""
+    name = shard_id if revision == 0 else f"{shard_id}.r{revision}"
+    return root / (name if store_format == "zarr" else f"{name}.tar")
+
+
+def committed_shard_path(root: Path, store_format: str, marker: dict[str, Any]) -> Path:
+    """Path of the revision that a done marker commits."""
+    return shard_path(root, store_format, marker["shard_id"], int(marker.get("revision", 0)))
+
+
+def _shard_revisions(root: Path, store_format: str, shard_id: str) -> list[Path]:
+    """Every revision of a shard on disk, committed or not."""
+    suffix = "" if store_format == "zarr" else ".tar"
+    found = [shard_path(root, store_format, shard_id)]
+    found += root.glob(f"{shard_id}.r*{suffix}")
+    return [
+        p for p in found if p.exists() and re.fullmatch(rf"{re.escape(shard_id)}(\.r\d+)?{suffix}", p.name)
+    ]
+
+
+def _remove(path: Path) -> None:
+    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def shard_files(path: Path) -> list[Path]:
@@ -137,9 +164,12 @@ class StoreWriter:
     def committed_shards(self) -> set[str]:
         return set(committed_shard_ids(self.root))
 
-    def write_shard(self, shard_id: str, clips: list[ClipLabels], failures: list[dict]) -> dict[str, Any]:
+    def write_shard(
+        self, shard_id: str, clips: list[ClipLabels], failures: list[dict], replace: bool = False
+    ) -> dict[str, Any]:
         """Encode and commit one shard. A clip that fails validation or encoding becomes a failure row
-        (stage "encode"). failures rows: {"clip_id", "video", "stage", "reason"}. Returns the marker."""
+        (stage "encode"). failures rows: {"clip_id", "video", "stage", "reason"}. `replace`: see
+        `write_encoded_shard`. Returns the marker."""
         encoded: list[EncodedClip] = []
         failures = list(failures)
         for clip in clips:
@@ -149,15 +179,20 @@ class StoreWriter:
                 failures.append(
                     {"clip_id": clip.clip_id, "video": clip.video, "stage": "encode", "reason": str(err)}
                 )
-        return self.write_encoded_shard(shard_id, encoded, failures)
+        return self.write_encoded_shard(shard_id, encoded, failures, replace)
 
     def write_encoded_shard(
-        self, shard_id: str, clips: list[EncodedClip], failures: list[dict]
+        self, shard_id: str, clips: list[EncodedClip], failures: list[dict], replace: bool = False
     ) -> dict[str, Any]:
-        """Commit already encoded clips (used by `write_shard` and by conversion between backends)."""
+        """Commit already encoded clips (used by `write_shard` and by conversion between backends).
+
+        A committed shard is an error unless `replace`: then the clips and failures given become the
+        shard's whole new content, committed atomically over the old (module docstring).
+        """
         if not _SHARD_ID.match(shard_id):
             raise ValueError(f"shard id {shard_id!r}: use letters, digits, '_' and '-' only (e.g. '000042')")
-        if shard_id in self.committed_shards():
+        previous = read_marker(self.root, shard_id) if shard_id in self.committed_shards() else None
+        if previous is not None and not replace:
             raise ValueError(f"{self.root}: shard {shard_id} is already committed")
         ids = [c.clip_id for c in clips]
         if len(set(ids)) != len(ids):
@@ -169,7 +204,8 @@ class StoreWriter:
             if missing:
                 raise ValueError(f"shard {shard_id}: failure row {row!r} lacks {', '.join(missing)}")
 
-        final = shard_path(self.root, self.format, shard_id)
+        revision = 0 if previous is None else int(previous.get("revision", 0)) + 1
+        final = shard_path(self.root, self.format, shard_id, revision)
         tmp = self.root / TMP_DIR / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         backend = zarr_backend if self.format == "zarr" else wds_backend
         files: dict[str, dict[str, Any]] = {}
@@ -181,7 +217,7 @@ class StoreWriter:
                 files[relative.as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
         except BaseException:
             # An exception (not a kill) cleans up; a killed writer's temporary is only a warning in verify.
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            _remove(tmp)
             raise
         # A final path without a marker is the leftover of a writer killed after its rename.
         if final.is_dir():
@@ -195,6 +231,7 @@ class StoreWriter:
         rows += [{"status": "failed", **{k: str(row[k]) for k in FAILURE_KEYS}} for row in failures]
         marker = {
             "shard_id": shard_id,
+            "revision": revision,
             "format": self.format,
             "schema_version": SCHEMA_VERSION,
             "fingerprint_digest": self.fingerprint.digest(),
@@ -207,6 +244,10 @@ class StoreWriter:
             "files": files,
         }
         _write_json_atomic(marker, self.root / TMP_DIR, self.root / DONE_DIR / f"{shard_id}.json")
+        # Committed: the replaced revision and any left by killed writers are unreferenced now.
+        for stale in _shard_revisions(self.root, self.format, shard_id):
+            if stale != final:
+                _remove(stale)
         return marker
 
 
@@ -279,7 +320,7 @@ ShardReader = zarr_backend.ZarrShardReader | wds_backend.WdsShardReader
 
 def open_shard_reader(root: Path, store_format: str, shard_id: str, marker: dict[str, Any]) -> ShardReader:
     """Reader of one committed shard (`.read(clip_id)`, iteration streams its clips in order)."""
-    path = shard_path(root, store_format, shard_id)
+    path = committed_shard_path(root, store_format, marker)
     if not path.exists():
         raise FileNotFoundError(f"{root}: committed shard {shard_id} is missing ({path})")
     if store_format == "zarr":

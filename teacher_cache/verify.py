@@ -15,12 +15,12 @@ from geovr.teacher_cache.store import (
     TMP_DIR,
     StoreReader,
     committed_shard_ids,
+    committed_shard_path,
     open_shard_reader,
     read_marker,
     read_store_json,
     sha256_file,
     shard_files,
-    shard_path,
 )
 
 
@@ -62,23 +62,26 @@ def verify_store(path: str | Path) -> VerifyReport:
 
     shard_ids = committed_shard_ids(root)
     good: list[str] = []
+    committed_names: set[str] = set()
     for shard_id in shard_ids:
         report.shards_checked += 1
-        problems = _check_shard_files(root, store_format, digest, shard_id)
+        problems, name = _check_shard_files(root, store_format, digest, shard_id)
         report.problems += [(shard_id, p) for p in problems]
+        committed_names.add(name)
         if not problems:
             good.append(shard_id)
 
     _check_decodes(root, store_format, good, report)
-    _find_leftovers(root, store_format, set(shard_ids), report)
+    _find_leftovers(root, store_format, committed_names, report)
     return report
 
 
-def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str) -> list[str]:
+def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str) -> tuple[list[str], str]:
+    """(problems, name of the committed shard data in the store root)."""
     try:
         marker = read_marker(root, shard_id)
     except (OSError, ValueError) as err:
-        return [str(err)]
+        return [str(err)], shard_id
     expected = {
         "shard_id": shard_id,
         "format": store_format,
@@ -89,9 +92,9 @@ def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str
     problems = [
         f"marker {k} is {marker.get(k)!r}, expected {v!r}" for k, v in expected.items() if marker.get(k) != v
     ]
-    path = shard_path(root, store_format, shard_id)
+    path = committed_shard_path(root, store_format, {**marker, "shard_id": shard_id})
     if not path.exists():
-        return [*problems, f"shard data {path.name} is missing"]
+        return [*problems, f"shard data {path.name} is missing"], path.name
     listed: dict[str, dict[str, Any]] = marker.get("files", {})
     present = {p.relative_to(root).as_posix(): p for p in shard_files(path)}
     for name, info in listed.items():
@@ -103,7 +106,7 @@ def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str
         elif sha256_file(file) != info["sha256"]:
             problems.append(f"file {name} fails its sha256 checksum")
     problems += [f"file {name} is not listed in the marker" for name in sorted(set(present) - set(listed))]
-    return problems
+    return problems, path.name
 
 
 def _check_decodes(root: Path, store_format: str, shard_ids: list[str], report: VerifyReport) -> None:
@@ -134,7 +137,7 @@ def _check_decodes(root: Path, store_format: str, shard_ids: list[str], report: 
             report.frames_checked += frames
 
 
-def _find_leftovers(root: Path, store_format: str, committed: set[str], report: VerifyReport) -> None:
+def _find_leftovers(root: Path, store_format: str, committed_names: set[str], report: VerifyReport) -> None:
     tmp = root / TMP_DIR
     if tmp.is_dir():
         report.warnings += [f"uncommitted temporary {p.name} in {TMP_DIR}/" for p in sorted(tmp.iterdir())]
@@ -145,9 +148,10 @@ def _find_leftovers(root: Path, store_format: str, committed: set[str], report: 
         # (store.json, zarr.json, precompute's run.json and failures.jsonl) belong to no shard.
         if not (entry.is_dir() if store_format == "zarr" else entry.suffix == ".tar"):
             continue
-        shard_id = entry.name.removesuffix(".tar") if store_format == "wds" else entry.name
-        if shard_id not in committed:
-            report.warnings.append(f"{entry.name} has no done marker (uncommitted; ignored by readers)")
+        if entry.name not in committed_names:
+            report.warnings.append(
+                f"{entry.name} is not referenced by a done marker (uncommitted or replaced; ignored by readers)"
+            )
 
 
 def store_stats(path: str | Path) -> dict[str, Any]:

@@ -341,3 +341,43 @@ def test_writer_killed_mid_shard_leaves_no_committed_shard(tmp_path, store_forma
     writer.write_shard("000001", [make_clip(2)], [])
     assert open_store(root).shards() == ["000000", "000001"]
     assert verify_store(root).ok
+
+
+@pytest.mark.parametrize("store_format", FORMATS)
+def test_replacing_a_committed_shard_is_atomic(tmp_path, store_format):
+    root = tmp_path / "store"
+    clips = write_two_shards(root, store_format)
+    writer = open_writer(root, FINGERPRINT, store_format)
+    first = open_store(root).clip_ids()
+    with pytest.raises(ValueError, match="already committed"):
+        writer.write_shard("000000", [make_clip(7)], [])
+
+    # A refused replacement leaves the old version committed and readable.
+    with pytest.raises(ValueError, match="duplicate clip ids"):
+        writer.write_shard("000000", [make_clip(8), make_clip(8)], [], replace=True)
+    assert open_store(root).clip_ids() == first and verify_store(root).ok
+
+    # A leftover revision of a killed replacement is reported, then removed by the next replacement.
+    base = root / ("000000" if store_format == "zarr" else "000000.tar")
+    leftover = root / ("000000.r1" if store_format == "zarr" else "000000.r1.tar")
+    shutil.copytree(base, leftover) if base.is_dir() else shutil.copy(base, leftover)
+    report = verify_store(root)
+    assert report.ok and any(w.startswith(f"{leftover.name} is not referenced") for w in report.warnings)
+
+    new = [make_clip(0, seed=3), make_clip(9)]
+    marker = writer.write_shard("000000", new, [], replace=True)
+    assert marker["revision"] == 1
+    assert not base.exists() and leftover.exists()  # the old revision is gone, the new one took its name
+    reader = open_store(root)
+    assert reader.shards() == ["000000", "000001"]
+    assert_within_codec_tolerance(reader.read_clip(new[0].clip_id), new[0])
+    assert clips[1].clip_id not in reader.clip_ids()  # the new content replaces the old, whole
+    report = verify_store(root)
+    assert report.ok and not report.warnings and report.clips_checked == 4
+
+    assert writer.write_shard("000000", [make_clip(1)], [], replace=True)["revision"] == 2
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("000000")) == [
+        "000000.r2" if store_format == "zarr" else "000000.r2.tar"
+    ]
+    assert open_store(root).read_clip(make_clip(1).clip_id).video == make_clip(1).video
+    assert verify_store(root).ok

@@ -1,4 +1,5 @@
-"""Static checks of the cluster workflows: shell syntax, shellcheck, and the RayJob manifest."""
+"""Static checks of the cluster workflows (and the device bench scripts): shell syntax, shellcheck,
+and the RayJob manifest."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from tests.conftest import REPO
 WORKFLOWS = REPO / "workflows"
 SHELL_SCRIPTS = sorted(
     [*WORKFLOWS.glob("slurm/*.sbatch"), *WORKFLOWS.glob("*.sh"), *WORKFLOWS.glob("ray-jobs/*.sh")]
-)
+) + sorted((REPO / "bench" / "device").glob("*.sh"))
 
 
 def _shellcheck() -> str:
@@ -26,12 +27,14 @@ def _shellcheck() -> str:
 
 
 def test_expected_scripts_exist():
-    names = {p.relative_to(WORKFLOWS).as_posix() for p in SHELL_SCRIPTS}
+    names = {p.relative_to(REPO).as_posix() for p in SHELL_SCRIPTS}
     assert {
-        "slurm/precompute.sbatch",
-        "slurm/train.sbatch",
-        "ray_cluster.sh",
-        "ray-jobs/submit_precompute.sh",
+        "workflows/slurm/precompute.sbatch",
+        "workflows/slurm/train.sbatch",
+        "workflows/ray_cluster.sh",
+        "workflows/ray-jobs/submit_precompute.sh",
+        "bench/device/pack.sh",
+        "bench/device/run.sh",
     } <= names
 
 
