@@ -3,7 +3,8 @@
 The VSI-Bench summary (written by `eval vsibench` and `eval score` alike):
 
     {"benchmark": "VSI-Bench", "parser": "original" | "extract_number", "model": str | null,
-     "frames": int | null, "num_scored": int, "num_errors": int,
+     "frames": int | null, "frame_pairing": "repeat" | "consecutive" | null,
+     "num_scored": int, "num_errors": int,
      "scores": {<8 task keys as lmms-eval names them>: fraction, ..., "overall": fraction},
      "per_type": {<raw question type>: {"score": fraction, "count": int}},
      "errors": [{"id": ..., "reason": str}, ...]}
@@ -29,6 +30,7 @@ def vsibench_summary(
     parser: str,
     model: str | None = None,
     frames: int | None = None,
+    frame_pairing: str | None = None,
 ) -> dict[str, Any]:
     """Summary of scored rows (each with `question_type` and `score`); see the module docstring."""
     per_type: dict[str, dict[str, Any]] = {}
@@ -41,6 +43,7 @@ def vsibench_summary(
         "parser": parser,
         "model": model,
         "frames": frames,
+        "frame_pairing": frame_pairing,
         "num_scored": len(scored),
         "num_errors": len(errors),
         "scores": aggregate((row["question_type"], row["score"]) for row in scored),
@@ -60,7 +63,8 @@ def vsibench_table(summary: dict[str, Any]) -> str:
     rule = "|---|" + "---:|" * len(columns)
     values = " | ".join(f"{100 * scores[key]:.1f}" if key in scores else "-" for key, _ in columns)
     lines = [
-        f"# VSI-Bench ({summary['parser']} parser, frames: {summary['frames'] or '-'})",
+        f"# VSI-Bench ({summary['parser']} parser, frames: {summary['frames'] or '-'}, "
+        f"frame pairing: {summary.get('frame_pairing') or '-'})",
         "",
         header,
         rule,

@@ -7,15 +7,17 @@ question, options, ground_truth), and the videos at `<dataset>/<scene_name>.mp4`
 Per question, as lmms-eval 0.7.3 runs VSI-Bench with Qwen3-VL:
 - frames: N frames sampled uniformly, indices round(linspace(0, total - 1, min(N, total))), decoded
   with PyAV; resized to the student frame size (`teacher_cache.frames.student_frame_size`, at most
-  `max_frame_tokens` merged tokens) and preprocessed with `geovr.student.vision_inputs`, which
-  repeats each frame so that one temporal token holds one frame (GeoVR's convention; lmms-eval's
-  Qwen3-VL path instead merges consecutive frame pairs into one temporal token);
+  `max_frame_tokens` merged tokens) and preprocessed with `geovr.student.vision_inputs`. Frame
+  pairing (`--frame-pairing`): "repeat" (default) repeats each frame so that one temporal token
+  holds one frame, GeoVR's convention in training and evaluation; "consecutive" merges consecutive
+  frame pairs into one temporal token as the Qwen3-VL processor and lmms-eval's Qwen3-VL runs do,
+  for numbers comparable with published lmms-eval results (half the visual tokens);
 - prompt: the system message "You are a helpful assistant." (lmms-eval's Qwen3-VL default), then
   the video and `build_prompt(row)` in the user turn, through the model directory's chat template;
 - greedy decoding, at most 16 new tokens, several questions per batch with left padding.
 
 Output directory: `predictions.jsonl` gets one row per answered question (the record plus
-`prediction` and `frames`) as soon as its batch is answered; a rerun resumes from it and asks only the questions
+`prediction`, `frames` and `frame_pairing`) as soon as its batch is answered; a rerun resumes from it and asks only the questions
 not in it. `errors.jsonl` lists this run's questions that could not be asked or scored (missing
 video, unknown question type, malformed row), by id; the run goes on without them. Then
 `summary.json`, `summary.md` and `scores.png` (see `geovr.eval.report`).
@@ -40,7 +42,13 @@ from rich.progress import MofNCompleteColumn, Progress
 
 from geovr.eval.report import vsibench_summary, write_vsibench_report
 from geovr.eval.scoring import MCA_QUESTION_TYPES, NA_QUESTION_TYPES, PARSERS, QUESTION_TYPES, score_rows
-from geovr.student.vision_inputs import VIDEO_TOKEN, VideoPreprocess, build_video_prompt, video_inputs
+from geovr.student.vision_inputs import (
+    FRAME_PAIRINGS,
+    VIDEO_TOKEN,
+    VideoPreprocess,
+    build_video_prompt,
+    video_inputs,
+)
 from geovr.teacher_cache.frames import resize_frames, student_frame_size
 
 PRE_PROMPT = "These are frames of a video."
@@ -62,6 +70,7 @@ class VSIBenchConfig:
     limit: int | None = None
     max_new_tokens: int = 16
     max_frame_tokens: int = 300
+    frame_pairing: str = "repeat"
     system_prompt: str = SYSTEM_PROMPT
     device: str = "cpu"
     dtype: str = "float32"
@@ -75,6 +84,10 @@ class VSIBenchConfig:
             raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 0:
             raise ValueError(f"limit must be >= 0, got {self.limit}")
+        if self.frame_pairing not in FRAME_PAIRINGS:
+            raise ValueError(
+                f"frame pairing must be one of {', '.join(FRAME_PAIRINGS)}, got {self.frame_pairing!r}"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 
@@ -237,7 +250,7 @@ class Qwen3VLGenerator:
             self.pad_token_id = self.tokenizer.eos_token_id
 
     def _encode(self, request: VideoQuestion) -> tuple[list[int], dict[str, torch.Tensor]]:
-        vision = video_inputs(request.frames, request.timestamps, self.preprocess)
+        vision = video_inputs(request.frames, request.timestamps, self.preprocess, self.cfg.frame_pairing)
         messages = [
             {"role": "system", "content": self.cfg.system_prompt},
             {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": request.prompt}]},
@@ -246,7 +259,7 @@ class Qwen3VLGenerator:
         if text.count(VIDEO_TOKEN) != 1:
             raise ValueError("the model's chat template does not render one video placeholder")
         text = build_video_prompt(
-            text, vision["video_grid_thw"][0], request.timestamps, self.preprocess.merge_size
+            text, vision["video_grid_thw"][0], vision["frame_timestamps"], self.preprocess.merge_size
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"], vision
 
@@ -348,6 +361,13 @@ def run_vsibench(
             f"{predictions_path}: answered with {sorted(other_frames, key=str)} frames, this run uses "
             f"{cfg.frames}; resume with the same --frames or choose another --out"
         )
+    # Rows written before the option existed were answered with "repeat".
+    other_pairing = {row.get("frame_pairing", "repeat") for row in answered.values()} - {cfg.frame_pairing}
+    if other_pairing:
+        raise ValueError(
+            f"{predictions_path}: answered with frame pairing {sorted(other_pairing)}, this run uses "
+            f"{cfg.frame_pairing!r}; resume with the same --frame-pairing or choose another --out"
+        )
 
     pending = [row for row in rows if row["id"] not in answered]
     videos: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -377,6 +397,7 @@ def run_vsibench(
                 record = {key: row[key] for key in RECORD_FIELDS} | {
                     "prediction": answer,
                     "frames": cfg.frames,
+                    "frame_pairing": cfg.frame_pairing,
                 }
                 out.write(json.dumps(record) + "\n")
                 answered[row["id"]] = record
@@ -407,7 +428,9 @@ def run_vsibench(
             f.write(json.dumps(error) + "\n")
     for error in errors:
         console.print(f"[yellow]skipped[/] question {error['id']}: {error['reason']}", highlight=False)
-    summary = vsibench_summary(scored, errors, cfg.parser, model=str(model_dir), frames=cfg.frames)
+    summary = vsibench_summary(
+        scored, errors, cfg.parser, model=str(model_dir), frames=cfg.frames, frame_pairing=cfg.frame_pairing
+    )
     write_vsibench_report(out_dir, summary)
     return summary
 
@@ -434,8 +457,14 @@ def score_file(predictions: str | Path, parser: str, out_dir: str | Path) -> dic
         for row in scored:
             f.write(json.dumps(row) + "\n")
     frames = {row.get("frames") for row in rows} - {None}
+    pairings = {row.get("frame_pairing") for row in rows} - {None}
     summary = vsibench_summary(
-        scored, errors, parser, model=None, frames=frames.pop() if len(frames) == 1 else None
+        scored,
+        errors,
+        parser,
+        model=None,
+        frames=frames.pop() if len(frames) == 1 else None,
+        frame_pairing=pairings.pop() if len(pairings) == 1 else None,
     )
     write_vsibench_report(out_dir, summary)
     return summary

@@ -6,8 +6,11 @@ same frames (proved in tests/test_student_vision_inputs.py where torchvision is 
 1. Frames: the cached frames are already at the student's size (`teacher_cache.frames.student_frame_size`,
    sides multiples of patch_size * merge_size = 32), so no resize happens; frames of another size are
    resized there first (bicubic, PIL).
-2. Each sampled frame is repeated twice, so that with temporal_patch_size = 2 one temporal token is one
-   frame (GeoVR's convention): S frames give grid_t = S.
+2. Frame pairing (`frame_pairing`): "repeat" (GeoVR's convention, training and the default) repeats
+   each sampled frame twice, so that with temporal_patch_size = 2 one temporal token is one frame:
+   S frames give grid_t = S. "consecutive" (what the processor itself does, and lmms-eval's Qwen3-VL
+   runs) puts consecutive pairs of frames into one temporal token, the last frame repeated when S is
+   odd: grid_t = ceil(S / 2).
 3. Rescale and normalise in float32 exactly as the processor's fused path: (x - 255 mean) / (255 std),
    mean/std read from the model directory's `video_preprocessor_config.json`.
 4. Patchify into (grid_t * grid_h * grid_w, C * T * P * P) rows in the processor's order: temporal
@@ -17,8 +20,8 @@ same frames (proved in tests/test_student_vision_inputs.py where torchvision is 
 The prompt: the chat template renders a video as `<|vision_start|><|video_pad|><|vision_end|>`; the
 processor replaces the inner `<|video_pad|>` by, per frame, `<{t:.1f} seconds>` + `<|vision_start|>`
 + grid_h * grid_w / merge^2 `<|video_pad|>` + `<|vision_end|>` (the outer wrapper stays, as in
-transformers 5.x). The timestamp of a frame is the mean of its two repeated copies, i.e. the frame's
-own presentation time.
+transformers 5.x). The timestamp of a temporal token is the mean of its first and last frame's times
+(the processor's rule): with "repeat", the frame's own presentation time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -36,6 +40,7 @@ from geovr.teacher_cache.frames import resize_frames, student_frame_size
 VIDEO_TOKEN = "<|video_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
+FRAME_PAIRINGS = ("repeat", "consecutive")
 
 
 @dataclass(frozen=True)
@@ -91,18 +96,22 @@ def video_inputs(
     frames: np.ndarray,
     timestamps: Sequence[float] | np.ndarray | None = None,
     preprocess: VideoPreprocess | None = None,
+    frame_pairing: Literal["repeat", "consecutive"] = "repeat",
 ) -> dict[str, torch.Tensor]:
-    """Qwen3-VL video inputs for one clip, each sampled frame repeated twice.
+    """Qwen3-VL video inputs for one clip.
 
     Args:
         frames: (S, H, W, 3) uint8 RGB, normally already at the student size (sides multiples of 32).
-        timestamps: (S,) presentation times in seconds (checked against S; returned for the prompt).
+        timestamps: (S,) presentation times in seconds (checked against S).
         preprocess: processor settings; default Qwen3-VL's (read yours with `VideoPreprocess.from_model_dir`).
+        frame_pairing: "repeat" (each frame twice: one temporal token per frame, GeoVR) or
+            "consecutive" (pairs of consecutive frames per temporal token, the processor's default).
 
     Returns:
-        pixel_values_videos: (S * grid_h * grid_w, 3 * 2 * P * P) float32,
-        video_grid_thw: (1, 3) int64 = [[S, grid_h, grid_w]] (grid in patches, before merging),
-        frame_timestamps: (S,) float64 seconds.
+        pixel_values_videos: (grid_t * grid_h * grid_w, 3 * 2 * P * P) float32,
+        video_grid_thw: (1, 3) int64 = [[grid_t, grid_h, grid_w]] (grid in patches, before merging;
+            grid_t = S for "repeat", ceil(S / 2) for "consecutive"),
+        frame_timestamps: (grid_t,) float64 seconds of the temporal tokens, for the prompt.
     """
     cfg = preprocess or VideoPreprocess()
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -113,18 +122,28 @@ def video_inputs(
     timestamps = np.asarray(timestamps, dtype=np.float64)
     if timestamps.shape != (num_frames,):
         raise ValueError(f"{num_frames} frames but timestamps of shape {timestamps.shape}")
+    if frame_pairing not in FRAME_PAIRINGS:
+        raise ValueError(f"frame_pairing must be one of {FRAME_PAIRINGS}, got {frame_pairing!r}")
     if height % cfg.factor or width % cfg.factor:
         frames = resize_frames(frames, student_frame_size(height, width, cfg.max_frame_tokens, cfg.factor))
         height, width = frames.shape[1:3]
 
+    tp = cfg.temporal_patch_size
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (S, C, H, W)
-    video = video.repeat_interleave(cfg.temporal_patch_size, dim=0)
+    if frame_pairing == "repeat":
+        video = video.repeat_interleave(tp, dim=0)
+        timestamps = np.repeat(timestamps, tp)
+    elif num_frames % tp:
+        video = torch.cat((video, video[-1:].expand(tp - num_frames % tp, -1, -1, -1)))
+        timestamps = np.concatenate((timestamps, np.full(tp - num_frames % tp, timestamps[-1])))
+    grid_t = video.shape[0] // tp
+    token_times = (timestamps[::tp] + timestamps[tp - 1 :: tp]) / 2
     mean = torch.tensor(cfg.image_mean) * (1.0 / cfg.rescale_factor)
     std = torch.tensor(cfg.image_std) * (1.0 / cfg.rescale_factor)
     video = (video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
 
-    p, m, tp = cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size
-    grid_t, grid_h, grid_w = num_frames, height // p, width // p
+    p, m = cfg.patch_size, cfg.merge_size
+    grid_h, grid_w = height // p, width // p
     patches = video.view(grid_t, tp, 3, grid_h // m, m, p, grid_w // m, m, p)
     # -> (t, block row, block col, row in block, col in block, channel, temporal, pixel row, pixel col)
     patches = patches.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
@@ -132,7 +151,7 @@ def video_inputs(
     return {
         "pixel_values_videos": pixel_values,
         "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64),
-        "frame_timestamps": torch.from_numpy(timestamps),
+        "frame_timestamps": torch.from_numpy(token_times),
     }
 
 
@@ -158,7 +177,7 @@ def build_video_prompt(
     Args:
         text: the chat-template output holding exactly one `<|vision_start|><|video_pad|><|vision_end|>`.
         grid_thw: the video's (grid_t, grid_h, grid_w) from `video_inputs` (one row).
-        timestamps: (grid_t,) seconds of the sampled frames.
+        timestamps: (grid_t,) seconds of the temporal tokens (`video_inputs`' frame_timestamps).
     """
     count = text.count(VIDEO_TOKEN)
     if count != 1:

@@ -195,3 +195,23 @@ def test_resume_asks_only_unanswered_questions(generator, model_dir, data_dir, t
     assert third.calls == 0
     with pytest.raises(ValueError, match="frames"):
         run_vsibench(model_dir, data_dir, out, VSIBenchConfig(frames=8), generator=third)
+    with pytest.raises(ValueError, match="--frame-pairing"):
+        run_vsibench(model_dir, data_dir, out, VSIBenchConfig(frames=4, frame_pairing="consecutive"))
+
+
+def test_consecutive_frame_pairing_halves_the_temporal_tokens(model_dir, corpus):
+    frames, times = read_video_frames(corpus / "videos" / "scene_0000.mp4", 5)
+    request = VideoQuestion(frames[:, :32, :32].copy(), times, "How many chair(s) are in this room?")
+    inputs = {}
+    for pairing in ("repeat", "consecutive"):
+        generator = Qwen3VLGenerator(model_dir, VSIBenchConfig(frames=5, frame_pairing=pairing))
+        inputs[pairing] = generator.batch_inputs([request])
+    assert inputs["repeat"]["video_grid_thw"].tolist() == [[5, 2, 2]]
+    assert inputs["consecutive"]["video_grid_thw"].tolist() == [[3, 2, 2]]  # 5 frames: 2 + 2 + (last twice)
+    video_id = generator.video_token_id
+    assert int((inputs["consecutive"]["input_ids"] == video_id).sum()) == 3
+    assert int((inputs["repeat"]["input_ids"] == video_id).sum()) == 5
+    with torch.no_grad():  # the model runs on the paired layout
+        assert torch.isfinite(generator.model(**inputs["consecutive"]).logits).all()
+    with pytest.raises(ValueError, match="frame pairing"):
+        VSIBenchConfig(frame_pairing="pairs").validate()

@@ -92,6 +92,25 @@ def test_patches_follow_the_processor_layout_by_hand():
                         row += 1
 
 
+def test_consecutive_pairing_puts_frame_pairs_in_one_temporal_token():
+    frames = _frames(5, 32, 32)
+    times = np.array([0.0, 0.5, 1.0, 1.5, 2.0])
+    out = video_inputs(frames, times, frame_pairing="consecutive")
+    assert out["video_grid_thw"].tolist() == [[3, 2, 2]]
+    np.testing.assert_allclose(out["frame_timestamps"].numpy(), [0.25, 1.25, 2.0])
+    pixels = out["pixel_values_videos"].reshape(3, 4, 3, 2, 16, 16)  # (t, patch, C, T, P, P)
+    normalised = (frames.astype(np.float32) - 127.5) / 127.5
+    for t, pair in enumerate(((0, 1), (2, 3), (4, 4))):  # an odd count repeats the last frame
+        for copy, frame in enumerate(pair):
+            patch = normalised[frame, :16, :16].transpose(2, 0, 1)  # the first patch row of the frame
+            np.testing.assert_array_equal(pixels[t, 0, :, copy].numpy(), patch)
+    repeat = video_inputs(frames, times)
+    assert repeat["video_grid_thw"].tolist() == [[5, 2, 2]]
+    np.testing.assert_array_equal(repeat["frame_timestamps"].numpy(), times)
+    with pytest.raises(ValueError, match="frame_pairing"):
+        video_inputs(frames, times, frame_pairing="pairs")
+
+
 def test_frames_off_the_grid_are_resized_to_the_student_size():
     out = video_inputs(_frames(2, 70, 100), [0.0, 0.5])
     assert out["video_grid_thw"].tolist() == [[2, 4, 6]]  # 64 x 96 after student_frame_size
@@ -130,6 +149,34 @@ def test_prompt_expansion_matches_the_processor_text_logic():
     assert ours.startswith("<|im_start|>user\n<|vision_start|><0.0 seconds><|vision_start|>")
     with pytest.raises(ValueError, match="exactly one"):
         build_video_prompt(text + text, grid[0], timestamps)
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="transformers' Qwen3-VL video processor needs torchvision")
+@pytest.mark.parametrize("num_frames", [4, 5])
+def test_consecutive_pairing_equals_the_processor_default(tiny_dir, num_frames):
+    """Frames given to the processor as they are (no repetition): what lmms-eval's Qwen3-VL runs do."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    frames = _frames(num_frames, 96, 128, seed=4)
+    frame_indices = np.arange(num_frames) * 3
+    fps = 6.0
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Where?"}]}]
+    text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    reference = processor(
+        text=[text],
+        videos=[frames],
+        video_metadata=[VideoMetadata(total_num_frames=30, fps=fps, frames_indices=frame_indices.tolist())],
+        do_sample_frames=False,
+        do_resize=True,
+        cap_pixels_per_frame=False,
+        return_tensors="pt",
+    )
+    ours = video_inputs(frames, frame_indices / fps, VideoPreprocess.from_model_dir(tiny_dir), "consecutive")
+    assert torch.equal(ours["video_grid_thw"], reference["video_grid_thw"])
+    torch.testing.assert_close(ours["pixel_values_videos"], reference["pixel_values_videos"], rtol=0, atol=0)
+    prompt = build_video_prompt(text, ours["video_grid_thw"][0], ours["frame_timestamps"])
+    assert torch.equal(processor.tokenizer(prompt, return_tensors="pt")["input_ids"], reference["input_ids"])
 
 
 @pytest.mark.skipif(not HAS_TORCHVISION, reason="transformers' Qwen3-VL video processor needs torchvision")

@@ -37,6 +37,11 @@ def vsibench(
     batch_size: int = typer.Option(1, help="questions per generate call (left padding)"),
     limit: int | None = typer.Option(None, help="only the first N questions"),
     max_frame_tokens: int = typer.Option(300, help="merged visual tokens per frame at most"),
+    frame_pairing: str = typer.Option(
+        "repeat",
+        help="repeat: one temporal token per frame (GeoVR); consecutive: frame pairs per token "
+        "(Qwen3-VL processor / lmms-eval, comparable with published numbers)",
+    ),
     device: str = typer.Option("cpu", help="torch device"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
 ) -> None:
@@ -49,6 +54,7 @@ def vsibench(
         batch_size=batch_size,
         limit=limit,
         max_frame_tokens=max_frame_tokens,
+        frame_pairing=frame_pairing,
         device=device,
         dtype=dtype,
     )
