@@ -419,7 +419,7 @@ def write_shard(
     started = time.perf_counter()
     encoded = {clip.clip_id: clip for clip in ray.get(list(encoded_refs))}
     writer = open_writer(Path(store), StoreFingerprint.from_json(fingerprint), store_format)
-    committed = shard in writer.committed_shards()
+    committed = writer.is_committed(shard)
     if committed and not keep_stored:  # a retried task whose first try committed
         return {"shard": shard, "clips": len(encoded), "write_s": time.perf_counter() - started}
     if keep_stored:

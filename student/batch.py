@@ -197,7 +197,7 @@ def make_sample(
     merge = (preprocess or VideoPreprocess()).merge_size
 
     text = tokenizer.apply_chat_template(normalize_conversation(conversation), tokenize=False)
-    text = build_video_prompt(text, grid, labels.timestamps, merge)
+    text = build_video_prompt(text, grid, video["frame_timestamps"], merge)
     input_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
     if max_length is not None and input_ids.numel() > max_length:
         raise SequenceTooLong(f"clip {labels.clip_id}: {input_ids.numel()} tokens > max_length {max_length}")

@@ -65,19 +65,9 @@ def shard_path(root: Path, store_format: str, shard_id: str, revision: int = 0) 
     return root / (name if store_format == "zarr" else f"{name}.tar")
 
 
-def committed_shard_path(root: Path, store_format: str, marker: dict[str, Any]) -> Path:
-    """Path of the revision that a done marker commits."""
-    return shard_path(root, store_format, marker["shard_id"], int(marker.get("revision", 0)))
-
-
-def _shard_revisions(root: Path, store_format: str, shard_id: str) -> list[Path]:
-    """Every revision of a shard on disk, committed or not."""
-    suffix = "" if store_format == "zarr" else ".tar"
-    found = [shard_path(root, store_format, shard_id)]
-    found += root.glob(f"{shard_id}.r*{suffix}")
-    return [
-        p for p in found if p.exists() and re.fullmatch(rf"{re.escape(shard_id)}(\.r\d+)?{suffix}", p.name)
-    ]
+def committed_shard_path(root: Path, store_format: str, shard_id: str, marker: dict[str, Any]) -> Path:
+    """Path of the revision of `shard_id` that its done marker commits."""
+    return shard_path(root, store_format, shard_id, int(marker.get("revision", 0)))
 
 
 def _remove(path: Path) -> None:
@@ -164,6 +154,10 @@ class StoreWriter:
     def committed_shards(self) -> set[str]:
         return set(committed_shard_ids(self.root))
 
+    def is_committed(self, shard_id: str) -> bool:
+        """One file check (listing every marker of a large store per shard written would not scale)."""
+        return (self.root / DONE_DIR / f"{shard_id}.json").is_file()
+
     def write_shard(
         self, shard_id: str, clips: list[ClipLabels], failures: list[dict], replace: bool = False
     ) -> dict[str, Any]:
@@ -191,7 +185,7 @@ class StoreWriter:
         """
         if not _SHARD_ID.match(shard_id):
             raise ValueError(f"shard id {shard_id!r}: use letters, digits, '_' and '-' only (e.g. '000042')")
-        previous = read_marker(self.root, shard_id) if shard_id in self.committed_shards() else None
+        previous = read_marker(self.root, shard_id) if self.is_committed(shard_id) else None
         if previous is not None and not replace:
             raise ValueError(f"{self.root}: shard {shard_id} is already committed")
         ids = [c.clip_id for c in clips]
@@ -244,10 +238,10 @@ class StoreWriter:
             "files": files,
         }
         _write_json_atomic(marker, self.root / TMP_DIR, self.root / DONE_DIR / f"{shard_id}.json")
-        # Committed: the replaced revision and any left by killed writers are unreferenced now.
-        for stale in _shard_revisions(self.root, self.format, shard_id):
-            if stale != final:
-                _remove(stale)
+        # Committed: the replaced revision, and an older one whose deletion a kill interrupted, are
+        # unreferenced now.
+        for old_revision in range(revision):
+            _remove(shard_path(self.root, self.format, shard_id, old_revision))
         return marker
 
 
@@ -320,7 +314,7 @@ ShardReader = zarr_backend.ZarrShardReader | wds_backend.WdsShardReader
 
 def open_shard_reader(root: Path, store_format: str, shard_id: str, marker: dict[str, Any]) -> ShardReader:
     """Reader of one committed shard (`.read(clip_id)`, iteration streams its clips in order)."""
-    path = committed_shard_path(root, store_format, marker)
+    path = committed_shard_path(root, store_format, shard_id, marker)
     if not path.exists():
         raise FileNotFoundError(f"{root}: committed shard {shard_id} is missing ({path})")
     if store_format == "zarr":

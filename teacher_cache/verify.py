@@ -21,6 +21,7 @@ from geovr.teacher_cache.store import (
     read_store_json,
     sha256_file,
     shard_files,
+    shard_path,
 )
 
 
@@ -81,7 +82,7 @@ def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str
     try:
         marker = read_marker(root, shard_id)
     except (OSError, ValueError) as err:
-        return [str(err)], shard_id
+        return [str(err)], shard_path(root, store_format, shard_id).name
     expected = {
         "shard_id": shard_id,
         "format": store_format,
@@ -92,7 +93,7 @@ def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str
     problems = [
         f"marker {k} is {marker.get(k)!r}, expected {v!r}" for k, v in expected.items() if marker.get(k) != v
     ]
-    path = committed_shard_path(root, store_format, {**marker, "shard_id": shard_id})
+    path = committed_shard_path(root, store_format, shard_id, marker)
     if not path.exists():
         return [*problems, f"shard data {path.name} is missing"], path.name
     listed: dict[str, dict[str, Any]] = marker.get("files", {})

@@ -31,8 +31,8 @@ Labels per clip (S frames, teacher image Ht x Wt, patch grid gh x gw = Ht/14 x W
   or with fewer than `metric_min_pixels` such pixels.
 
 Precision: bf16 autocast (`dtype: bfloat16`, the GPU default) for VGGT and the metric model, with
-VGGT's linear and convolution weights stored in bf16 (bit-identical under autocast, half the
-memory). VGGT keeps its residual stream and camera head in fp32; the DPT depth head runs under the
+VGGT's linear and convolution weights stored in bf16 (bit-identical under autocast; VGGT-1B's
+weights take 2.56 instead of 4.31 GiB). VGGT keeps its residual stream and camera head in fp32; the DPT depth head runs under the
 autocast too (`dpt_head_autocast`, default on; its last 1x1 convolution and activations in fp32:
 per-pixel depth differences about 0.1% median, 0.3% worst on the tiny models) or, switched off,
 in fp32 as the official model. Labels come out fp32. `dtype: float32` runs everything in fp32.

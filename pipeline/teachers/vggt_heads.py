@@ -273,9 +273,9 @@ class DPTHead(nn.Module):
         out = chunked_interpolate(out, out_size)
         if self.use_pos_embed:
             out = self._add_pos_embed(out, image_hw)
-        hidden = scratch.output_conv2[1](scratch.output_conv2[0](out))
+        hidden = scratch.output_conv2[:-1](out)  # conv, ReLU; the last 1x1 conv in float32 below
         with torch.autocast(hidden.device.type, enabled=False):
-            out = scratch.output_conv2[2](hidden.float()).permute(0, 2, 3, 1)  # (N, H, W, output_dim)
+            out = scratch.output_conv2[-1](hidden.float()).permute(0, 2, 3, 1)  # (N, H, W, output_dim)
 
         values, conf = out[..., :-1], out[..., -1]
         if self.activation == "exp":
