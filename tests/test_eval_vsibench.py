@@ -196,7 +196,9 @@ def test_resume_asks_only_unanswered_questions(generator, model_dir, data_dir, t
     with pytest.raises(ValueError, match="frames"):
         run_vsibench(model_dir, data_dir, out, VSIBenchConfig(frames=8), generator=third)
     with pytest.raises(ValueError, match="--frame-pairing"):
-        run_vsibench(model_dir, data_dir, out, VSIBenchConfig(frames=4, frame_pairing="consecutive"))
+        run_vsibench(model_dir, data_dir, out, VSIBenchConfig(frames=4, frame_pairing="repeat"))
+    with pytest.raises(ValueError, match="--profile"):
+        run_vsibench(model_dir, data_dir, out, VSIBenchConfig(profile="geovr", frames=4))
 
 
 def test_consecutive_frame_pairing_halves_the_temporal_tokens(model_dir, corpus):
