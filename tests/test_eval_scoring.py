@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from geovr.eval import scoring
 from geovr.eval.scoring import aggregate, extract_number, score_prediction, score_rows
+from geovr.pipeline import commands  # noqa: F401  (registers the CLI commands)
+from geovr.pipeline.cli import app
 
 # The lmms-eval profile's parsers: the reference cases were scored by lmms-eval's own code.
 LMMS_EVAL_PARSERS = ("original", "extract_number")
-from geovr.pipeline import commands  # noqa: F401  (registers the CLI commands)
-from geovr.pipeline.cli import app
 
 
 def _cases(reference_dir: Path) -> list[dict]:
