@@ -29,7 +29,7 @@ install: $(STAMP)
 
 # The same transformers as the main venv; the project itself without its dependencies (the
 # processor tests import only the student's video inputs and the tiny checkpoint writer).
-$(PROCESSOR_STAMP): $(STAMP)
+$(PROCESSOR_STAMP): pyproject.toml | $(STAMP)
 	$(PYTHON) -m venv $(PROCESSOR_VENV)
 	$(PROCESSOR_PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
 	$(PROCESSOR_PY) -m pip install "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" \
