@@ -3,9 +3,17 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# A second venv only for the tests that compare our video preprocessing with transformers' own
+# Qwen3-VL video processor, which needs torchvision: torch 2.14.1 + torchvision 0.29.1 (a CUDA build
+# that runs on CPU, 5.2 GB, about 1.5 min to install from this machine's disk). The main venv keeps
+# the 2.13 CPU build, so the rest of the suite does not load the CUDA libraries.
+PROCESSOR_VENV := .venv-processor
+PROCESSOR_PY := $(PROCESSOR_VENV)/bin/python
+PROCESSOR_STAMP := $(PROCESSOR_VENV)/.installed
+PROCESSOR_TESTS := tests/test_student_vision_inputs.py tests/test_repeat_timestamps.py
 DEMO_OUT ?= demo-out
 
-.PHONY: install demo test lint clean
+.PHONY: install install-processor demo test test-processor lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +27,18 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+# The same transformers as the main venv; the project itself without its dependencies (the
+# processor tests import only the student's video inputs and the tiny checkpoint writer).
+$(PROCESSOR_STAMP): pyproject.toml | $(STAMP)
+	$(PYTHON) -m venv $(PROCESSOR_VENV)
+	$(PROCESSOR_PY) -m pip install "torch==2.14.1" "torchvision==0.29.1"
+	$(PROCESSOR_PY) -m pip install "transformers==$$($(PY) -c 'import transformers; print(transformers.__version__)')" \
+		pillow "pytest>=8" "pytest-timeout>=2.3"
+	$(PROCESSOR_PY) -m pip install --no-deps -e .
+	touch $(PROCESSOR_STAMP)
+
+install-processor: $(PROCESSOR_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/geovr-pipeline demo --out $(DEMO_OUT)
 
@@ -26,8 +46,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The processor tests are skipped in the main venv (no torchvision) and run, required, in the second.
 test: $(STAMP) lint
 	$(VENV)/bin/python -m pytest -q tests
+	$(MAKE) test-processor
+
+test-processor: $(PROCESSOR_STAMP)
+	GEOVR_REQUIRE_TORCHVISION=1 $(PROCESSOR_PY) -m pytest -q -m processor $(PROCESSOR_TESTS)
 
 clean:
-	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache
+	rm -rf $(VENV) $(PROCESSOR_VENV) $(DEMO_OUT) .pytest_cache

@@ -2,7 +2,8 @@
 
 The VSI-Bench summary (written by `eval vsibench` and `eval score` alike):
 
-    {"benchmark": "VSI-Bench", "parser": "original" | "extract_number", "model": str | null,
+    {"benchmark": "VSI-Bench", "profile": "lmms-eval" | "geovr" | null,
+     "parser": "original" | "extract_number" | "geovr", "model": str | null,
      "frames": int | null, "frame_pairing": "repeat" | "consecutive" | null,
      "num_scored": int, "num_errors": int,
      "scores": {<8 task keys as lmms-eval names them>: fraction, ..., "overall": fraction},
@@ -31,8 +32,10 @@ def vsibench_summary(
     model: str | None = None,
     frames: int | None = None,
     frame_pairing: str | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
-    """Summary of scored rows (each with `question_type` and `score`); see the module docstring."""
+    """Summary of scored rows (each with `question_type` and `score`); see the module docstring.
+    `profile` is the evaluation protocol the answers were made with (`eval.vsibench.PROFILES`)."""
     per_type: dict[str, dict[str, Any]] = {}
     for row in scored:
         entry = per_type.setdefault(row["question_type"], {"total": 0.0, "count": 0})
@@ -40,13 +43,14 @@ def vsibench_summary(
         entry["count"] += 1
     return {
         "benchmark": "VSI-Bench",
+        "profile": profile,
         "parser": parser,
         "model": model,
         "frames": frames,
         "frame_pairing": frame_pairing,
         "num_scored": len(scored),
         "num_errors": len(errors),
-        "scores": aggregate((row["question_type"], row["score"]) for row in scored),
+        "scores": aggregate(((row["question_type"], row["score"]) for row in scored), parser),
         "per_type": {
             qtype: {"score": entry["total"] / entry["count"], "count": entry["count"]}
             for qtype, entry in sorted(per_type.items())
@@ -63,7 +67,8 @@ def vsibench_table(summary: dict[str, Any]) -> str:
     rule = "|---|" + "---:|" * len(columns)
     values = " | ".join(f"{100 * scores[key]:.1f}" if key in scores else "-" for key, _ in columns)
     lines = [
-        f"# VSI-Bench ({summary['parser']} parser, frames: {summary['frames'] or '-'}, "
+        f"# VSI-Bench (profile: {summary.get('profile') or '-'}, {summary['parser']} parser, "
+        f"frames: {summary['frames'] or '-'}, "
         f"frame pairing: {summary.get('frame_pairing') or '-'})",
         "",
         header,

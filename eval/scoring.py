@@ -1,6 +1,8 @@
-"""VSI-Bench scoring, equal to lmms-eval 0.7.3 `lmms_eval/tasks/vsibench/utils.py` (answers are parsed, never executed as code).
+"""VSI-Bench scoring: lmms-eval 0.7.3's (`lmms_eval/tasks/vsibench/utils.py`) with the parsers
+`original` and `extract_number`, or GeoVR's (`metric_result.py`) with the parser `geovr`. Answers
+are parsed, never executed as code.
 
-Ten raw question types, scored per sample:
+lmms-eval: ten raw question types, scored per sample:
 - multiple choice (`MCA_QUESTION_TYPES`): the first space-separated word of the prediction, trailing
   '.' stripped, then surrounding whitespace stripped, compared case-insensitively with the letter.
   A leading space therefore makes the first word empty and scores 0, as in the benchmark.
@@ -18,6 +20,16 @@ Aggregation: mean score per raw type; the three relative-direction types average
 
 Where lmms-eval would crash (a subset without all three direction types, a numerical ground truth of
 0), this module averages over the direction types present and reports the row as malformed instead.
+
+GeoVR (`geovr`), on the answer stripped of surrounding whitespace as its `eval_vsi.py` stores it:
+- multiple choice: the answer's first character equals the option letter (case-sensitive); an empty
+  answer scores 0 (GeoVR's `pred[0]` would stop the run there);
+- numerical: `float()` of the whole answer (0 if that fails); relative error |pred - gt| / gt (0 when
+  both are 0, infinite when only gt is); MRA counts the thresholds round(0.5 + 0.05 i, 2), i < 10,
+  with relative error strictly below 1 - t (lmms-eval: at most);
+- aggregation: the three direction types pooled into one task (the mean over all their questions,
+  not of the three type means); `overall` is the sum of the 8 task scores over 8, a task without
+  questions counting 0 (all 8 are reported).
 """
 
 from __future__ import annotations
@@ -45,7 +57,7 @@ NA_QUESTION_TYPES = (
 )
 QUESTION_TYPES = MCA_QUESTION_TYPES + NA_QUESTION_TYPES
 DIRECTION_TYPES = MCA_QUESTION_TYPES[:3]
-PARSERS = ("original", "extract_number")
+PARSERS = ("original", "extract_number", "geovr")
 
 MRA_SUFFIX = "MRA:.5:.95:.05"
 # The 8 tasks in the benchmark's table order, as (summary key, short label for tables and charts).
@@ -61,6 +73,8 @@ TASKS: tuple[tuple[str, str], ...] = (
 )
 # MRA thresholds exactly as lmms-eval builds them: linspace(.5, .95, int((.95 - .5) / .05 + 2)) = 10 points.
 MRA_THRESHOLDS = np.linspace(0.5, 0.95, int((0.95 - 0.5) / 0.05 + 2))
+# GeoVR's metric_result.py: round(0.5 + i * 0.05, 2) for i < 10, compared strictly.
+GEOVR_THRESHOLDS = tuple(round(0.5 + i * 0.05, 2) for i in range(10))
 
 
 class ScoringError(ValueError):
@@ -173,6 +187,28 @@ def _numerical_target(ground_truth: Any) -> float:
     return target
 
 
+def score_geovr(question_type: str, prediction: str, ground_truth: Any) -> float:
+    """GeoVR's `metric_result.py` score of one answer (module docstring)."""
+    answer = prediction.strip()
+    if question_type in MCA_QUESTION_TYPES:
+        return 1.0 if answer[:1] == str(ground_truth).strip() else 0.0
+    if question_type not in NA_QUESTION_TYPES:
+        raise ScoringError(f"unknown question type {question_type!r}")
+    try:
+        target = float(ground_truth)
+    except (TypeError, ValueError):
+        raise ScoringError(f"numerical ground truth {ground_truth!r} is not a number") from None
+    try:
+        value = float(answer)
+    except ValueError:
+        return 0.0
+    if target == 0:
+        relative_error = 0.0 if value == 0 else math.inf
+    else:
+        relative_error = abs(value - target) / target
+    return sum(relative_error < 1.0 - t for t in GEOVR_THRESHOLDS) / 10.0
+
+
 def score_prediction(
     question_type: str, prediction: str, ground_truth: Any, parser: str = "original"
 ) -> float:
@@ -181,6 +217,8 @@ def score_prediction(
         raise ScoringError(f"unknown parser {parser!r}; choose one of {', '.join(PARSERS)}")
     if not isinstance(prediction, str):
         raise ScoringError(f"prediction must be a string, got {type(prediction).__name__}")
+    if parser == "geovr":
+        return score_geovr(question_type, prediction, ground_truth)
     if question_type in MCA_QUESTION_TYPES:
         if not isinstance(ground_truth, str) or not ground_truth:
             raise ScoringError(f"multiple-choice ground truth {ground_truth!r} is not an option letter")
@@ -192,16 +230,19 @@ def score_prediction(
     raise ScoringError(f"unknown question type {question_type!r}")
 
 
-def aggregate(scored: Iterable[tuple[str, float]]) -> dict[str, float]:
+def aggregate(scored: Iterable[tuple[str, float]], parser: str = "original") -> dict[str, float]:
     """(question_type, score) pairs to the 8 task scores and `overall`, keyed as lmms-eval.
 
-    Tasks without any scored row are left out (and do not count in `overall`).
+    lmms-eval's parsers: tasks without any scored row are left out (and do not count in `overall`).
+    `geovr`: GeoVR's aggregation (module docstring).
     """
     per_type: dict[str, list[float]] = {}
     for question_type, score in scored:
         if question_type not in QUESTION_TYPES:
             raise ScoringError(f"unknown question type {question_type!r}")
         per_type.setdefault(question_type, []).append(score)
+    if parser == "geovr":
+        return _aggregate_geovr(per_type)
     type_means = {qtype: float(np.mean(scores)) for qtype, scores in per_type.items()}
 
     tasks: dict[str, float] = {}
@@ -219,6 +260,20 @@ def aggregate(scored: Iterable[tuple[str, float]]) -> dict[str, float]:
     if ordered:
         ordered["overall"] = sum(ordered.values()) / len(ordered)
     return ordered
+
+
+def _aggregate_geovr(per_type: dict[str, list[float]]) -> dict[str, float]:
+    pooled = {
+        f"{qtype}_{MRA_SUFFIX}" if qtype in NA_QUESTION_TYPES else f"{qtype}_accuracy": scores
+        for qtype, scores in per_type.items()
+        if qtype not in DIRECTION_TYPES
+    }
+    pooled["object_rel_direction_accuracy"] = [
+        s for qtype in DIRECTION_TYPES for s in per_type.get(qtype, [])
+    ]
+    tasks = {key: float(np.mean(pooled[key])) if pooled.get(key) else 0.0 for key, _ in TASKS}
+    tasks["overall"] = sum(tasks.values()) / len(TASKS)
+    return tasks
 
 
 def score_rows(

@@ -4,31 +4,47 @@ Data directory: the annotations as `*.parquet` (the Hugging Face release) or, wh
 parquet, `*.jsonl` files (one VSI-Bench record a line: id, dataset, scene_name, question_type,
 question, options, ground_truth), and the videos at `<dataset>/<scene_name>.mp4`.
 
-Per question, as lmms-eval 0.7.3 runs VSI-Bench with Qwen3-VL:
-- frames: N frames sampled uniformly, indices round(linspace(0, total - 1, min(N, total))), decoded
-  with PyAV; resized to the student frame size (`teacher_cache.frames.student_frame_size`, at most
-  `max_frame_tokens` merged tokens) and preprocessed with `geovr.student.vision_inputs`. Frame
-  pairing (`--frame-pairing`): "repeat" (default) repeats each frame so that one temporal token
-  holds one frame, GeoVR's convention in training and evaluation; "consecutive" merges consecutive
-  frame pairs into one temporal token as the Qwen3-VL processor and lmms-eval's Qwen3-VL runs do,
-  for numbers comparable with published lmms-eval results (half the visual tokens);
-- prompt: the system message "You are a helpful assistant." (lmms-eval's Qwen3-VL default), then
-  the video and `build_prompt(row)` in the user turn, through the model directory's chat template;
-- greedy decoding, at most 16 new tokens, several questions per batch with left padding.
+Two evaluation profiles (`--profile`, `PROFILES`), the two published protocols:
+- `lmms-eval` (default), as lmms-eval 0.7.3 runs VSI-Bench with Qwen3-VL: 32 frames, the system
+  message "You are a helpful assistant.", the user text `build_prompt(row)` (its pre- and
+  post-prompts), greedy decoding of at most 16 new tokens, lmms-eval's scorer (`--parser original`
+  or `extract_number`), at most `max_frame_tokens` = 300 merged tokens per frame;
+- `geovr`, as GeoVR's `eval_vsi.py` and `metric_result.py` run it: 128 frames, no system message,
+  the user text `build_geovr_prompt(row)`, sampled decoding (top-p 0.8, top-k 20, temperature 0.7,
+  up to 32768 new tokens; the answer stripped), GeoVR's matching (`--parser geovr`), 384 merged
+  tokens per frame (its clip budget of 384 * frames * 32 * 32 pixels). GeoVR seeds 42 only in its
+  parent process (the question shuffle); its spawned workers sample from torch's default seed, so
+  its answers cannot be reproduced from its seed. Here every batch samples from a generator seeded
+  by (`seed`, the batch's question ids): a rerun with the same batch size gives the same answers.
+`--frames`, `--parser`, `--max-new-tokens` and `--max-frame-tokens` override a profile's value.
+
+Per question:
+- frames: N frames sampled uniformly, indices round(linspace(0, total - 1, n)), decoded with PyAV,
+  n = min(N, total) for lmms-eval (qwen-vl-utils), n = N for geovr (transformers' sampler repeats
+  frames of a video shorter than N); resized to the student frame size
+  (`teacher_cache.frames.student_frame_size`, at most `max_frame_tokens` merged tokens) and
+  preprocessed with `geovr.student.vision_inputs`. Frame pairing (`--frame-pairing`): "consecutive"
+  (default) puts consecutive frame pairs into one temporal token, as the plain Qwen3-VL processor
+  does and as both GeoVR's `eval_vsi.py` and lmms-eval feed it; "repeat" repeats each frame so that
+  one temporal token holds one frame, the layout GeoVR trains on (twice the visual tokens);
+- prompt: the profile's system message, then the video and the profile's user text in the user
+  turn, through the model directory's chat template; several questions per batch, left padding.
 
 Output directory: `predictions.jsonl` gets one row per answered question (the record plus
-`prediction`, `frames` and `frame_pairing`) as soon as its batch is answered; a rerun resumes from it and asks only the questions
-not in it. `errors.jsonl` lists this run's questions that could not be asked or scored (missing
+`prediction`, `frames`, `frame_pairing` and `profile`) as soon as its batch is answered; a rerun
+resumes from it and asks only the questions not in it, and refuses to mix frames, pairings or
+profiles. `errors.jsonl` lists this run's questions that could not be asked or scored (missing
 video, unknown question type, malformed row), by id; the run goes on without them. Then
-`summary.json`, `summary.md` and `scores.png` (see `geovr.eval.report`).
+`summary.json`, `summary.md` and `scores.png` (see `geovr.eval.report`), naming the profile.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -55,25 +71,102 @@ PRE_PROMPT = "These are frames of a video."
 NA_POST_PROMPT = "Please answer the question using a single word or phrase."
 MCA_POST_PROMPT = "Answer with the option's letter from the given choices directly."
 SYSTEM_PROMPT = "You are a helpful assistant."
+GEOVR_NA_POST_PROMPT = "Please answer the question ONLY using a single Arabic numeral."
+GEOVR_MCA_POST_PROMPT = "Answer with ONLY the option's letter directly."
 RECORD_FIELDS = ("id", "dataset", "scene_name", "question_type", "question", "options", "ground_truth")
 
 console = Console(stderr=True)
 
 
+def build_prompt(row: dict[str, Any]) -> str:
+    """The benchmark's user text for one record (lmms-eval's `vsibench_doc_to_text` defaults)."""
+    if row["question_type"] in NA_QUESTION_TYPES:
+        return f"{PRE_PROMPT}\n{row['question']}\n{NA_POST_PROMPT}"
+    if row["question_type"] in MCA_QUESTION_TYPES:
+        options = "Options:\n" + "\n".join(row["options"])
+        return "\n".join([PRE_PROMPT, row["question"], options, MCA_POST_PROMPT])
+    raise ValueError(f"unknown question type {row['question_type']!r}")
+
+
+def build_geovr_prompt(row: dict[str, Any]) -> str:
+    """GeoVR's `eval_vsi.py` user text: numerical when the record has no options (its rule)."""
+    if row["options"] is None:
+        return f"{row['question']}\n{GEOVR_NA_POST_PROMPT}"
+    return "\n".join([row["question"], *row["options"], GEOVR_MCA_POST_PROMPT])
+
+
+@dataclass(frozen=True)
+class EvalProfile:
+    """A published VSI-Bench protocol (module docstring): defaults of the run and its decoding.
+
+    Attributes:
+        frames / max_frame_tokens / parser / max_new_tokens: defaults of the `VSIBenchConfig` fields.
+        system_prompt: the system message, or None for none. prompt: record -> user text.
+        do_sample, temperature, top_p, top_k: decoding (greedy when `do_sample` is False).
+        cap_frames: sample at most the video's frame count (else N indices, repeating frames).
+        strip_answer: answers are stored stripped of surrounding whitespace.
+    """
+
+    frames: int
+    max_frame_tokens: int
+    parser: str
+    max_new_tokens: int
+    system_prompt: str | None
+    prompt: Callable[[dict[str, Any]], str]
+    do_sample: bool
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    cap_frames: bool = True
+    strip_answer: bool = False
+
+
+PROFILES: dict[str, EvalProfile] = {
+    "lmms-eval": EvalProfile(32, 300, "original", 16, SYSTEM_PROMPT, build_prompt, do_sample=False),
+    "geovr": EvalProfile(
+        128,
+        384,
+        "geovr",
+        32 * 1024,
+        None,
+        build_geovr_prompt,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.8,
+        top_k=20,
+        cap_frames=False,
+        strip_answer=True,
+    ),
+}
+
+
 @dataclass
 class VSIBenchConfig:
-    """How the benchmark is run (CLI options of `eval vsibench`)."""
+    """How the benchmark is run (CLI options of `eval vsibench`); None takes the profile's value."""
 
-    frames: int = 32
-    parser: str = "original"
+    profile: str = "lmms-eval"
+    frames: int | None = None
+    parser: str | None = None
     batch_size: int = 1
     limit: int | None = None
-    max_new_tokens: int = 16
-    max_frame_tokens: int = 300
-    frame_pairing: str = "repeat"
-    system_prompt: str = SYSTEM_PROMPT
+    max_new_tokens: int | None = None
+    max_frame_tokens: int | None = None
+    frame_pairing: str = "consecutive"
+    seed: int = 42
     device: str = "cpu"
     dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.profile not in PROFILES:
+            raise ValueError(f"unknown profile {self.profile!r}; choose one of {', '.join(PROFILES)}")
+        spec = PROFILES[self.profile]
+        for name in ("frames", "parser", "max_new_tokens", "max_frame_tokens"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(spec, name))
+
+    @property
+    def spec(self) -> EvalProfile:
+        return PROFILES[self.profile]
 
     def validate(self) -> None:
         if self.frames < 1:
@@ -90,20 +183,12 @@ class VSIBenchConfig:
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_new_tokens < 1 or self.max_frame_tokens < 1:
+            raise ValueError("max_new_tokens and max_frame_tokens must be at least 1")
 
 
 # ---------------------------------------------------------------------------------------------
 # Annotations
-
-
-def build_prompt(row: dict[str, Any]) -> str:
-    """The benchmark's user text for one record (lmms-eval's `vsibench_doc_to_text` defaults)."""
-    if row["question_type"] in NA_QUESTION_TYPES:
-        return f"{PRE_PROMPT}\n{row['question']}\n{NA_POST_PROMPT}"
-    if row["question_type"] in MCA_QUESTION_TYPES:
-        options = "Options:\n" + "\n".join(row["options"])
-        return "\n".join([PRE_PROMPT, row["question"], options, MCA_POST_PROMPT])
-    raise ValueError(f"unknown question type {row['question_type']!r}")
 
 
 def _row_problem(row: Any) -> str | None:
@@ -171,9 +256,10 @@ def load_annotations(data_dir: Path) -> tuple[list[dict[str, Any]], list[dict[st
 # Video frames
 
 
-def sample_indices(total_frames: int, num_frames: int) -> np.ndarray:
-    """Uniform frame indices as qwen-vl-utils samples them: round(linspace(0, total - 1, n))."""
-    count = min(num_frames, total_frames)
+def sample_indices(total_frames: int, num_frames: int, cap: bool = True) -> np.ndarray:
+    """Uniform frame indices round(linspace(0, total - 1, n)): n = min(N, total) as qwen-vl-utils
+    samples them (`cap`), else n = N as transformers' video processor does (repeating frames)."""
+    count = min(num_frames, total_frames) if cap else num_frames
     return np.round(np.linspace(0, total_frames - 1, count)).astype(np.int64)
 
 
@@ -185,13 +271,13 @@ def _count_frames(path: Path) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def read_video_frames(path: Path, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """`num_frames` uniformly sampled frames: (S, H, W, 3) uint8 RGB and (S,) seconds."""
+def read_video_frames(path: Path, num_frames: int, cap: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Uniformly sampled frames (`sample_indices`): (S, H, W, 3) uint8 RGB and (S,) seconds."""
     total = _count_frames(path)
     if total == 0:
         raise ValueError(f"{path}: video has no frames")
     for _ in range(2):  # a second pass when the container's frame count was wrong
-        wanted = sample_indices(total, num_frames)
+        wanted = sample_indices(total, num_frames, cap)
         keep = set(wanted.tolist())
         frames, times, decoded = {}, {}, 0
         with av.open(str(path)) as container:
@@ -204,8 +290,7 @@ def read_video_frames(path: Path, num_frames: int) -> tuple[np.ndarray, np.ndarr
                     frames[index] = frame.to_ndarray(format="rgb24")
                     times[index] = float(frame.time) if frame.time is not None else index / fps
         if len(frames) == len(keep):
-            order = sorted(frames)
-            return np.stack([frames[i] for i in order]), np.array([times[i] for i in order])
+            return np.stack([frames[i] for i in wanted]), np.array([times[i] for i in wanted])
         total = decoded
     raise ValueError(f"{path}: could not decode the sampled frames")
 
@@ -228,7 +313,8 @@ class Generator(Protocol):
 
 
 class Qwen3VLGenerator:
-    """Greedy answers of a Qwen3-VL-format directory (base model or exported student), batched."""
+    """Answers of a Qwen3-VL-format directory (base model or exported student), batched, decoded
+    as the profile says (greedy, or sampled from torch's global generator)."""
 
     def __init__(self, model_dir: str | Path, cfg: VSIBenchConfig) -> None:
         from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
@@ -251,10 +337,11 @@ class Qwen3VLGenerator:
 
     def _encode(self, request: VideoQuestion) -> tuple[list[int], dict[str, torch.Tensor]]:
         vision = video_inputs(request.frames, request.timestamps, self.preprocess, self.cfg.frame_pairing)
-        messages = [
-            {"role": "system", "content": self.cfg.system_prompt},
-            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": request.prompt}]},
-        ]
+        system = self.cfg.spec.system_prompt
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        messages.append(
+            {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": request.prompt}]}
+        )
         text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         if text.count(VIDEO_TOKEN) != 1:
             raise ValueError("the model's chat template does not render one video placeholder")
@@ -286,15 +373,19 @@ class Qwen3VLGenerator:
         inputs = self.batch_inputs(requests)
         length = inputs["input_ids"].shape[1]
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
+        spec = self.cfg.spec
+        sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k}
         output = self.model.generate(
             **{key: value.to(self.model.device) for key, value in inputs.items()},
             max_new_tokens=self.cfg.max_new_tokens,
-            do_sample=False,
+            do_sample=spec.do_sample,
             num_beams=1,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            **(sampling if spec.do_sample else {}),
         )
-        return self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+        answers = self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
+        return [answer.strip() for answer in answers] if spec.strip_answer else answers
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +418,7 @@ class _FrameCache:
         if path not in self.items:
             if not path.is_file():
                 raise FileNotFoundError(f"video {path} not found")
-            frames, times = read_video_frames(path, self.cfg.frames)
+            frames, times = read_video_frames(path, self.cfg.frames, self.cfg.spec.cap_frames)
             frames = resize_frames(frames, student_frame_size(*frames.shape[1:3], self.cfg.max_frame_tokens))
             self.items[path] = (frames, times)
             while len(self.items) > self.size:
@@ -361,13 +452,18 @@ def run_vsibench(
             f"{predictions_path}: answered with {sorted(other_frames, key=str)} frames, this run uses "
             f"{cfg.frames}; resume with the same --frames or choose another --out"
         )
-    # Rows written before the option existed were answered with "repeat".
-    other_pairing = {row.get("frame_pairing", "repeat") for row in answered.values()} - {cfg.frame_pairing}
-    if other_pairing:
-        raise ValueError(
-            f"{predictions_path}: answered with frame pairing {sorted(other_pairing)}, this run uses "
-            f"{cfg.frame_pairing!r}; resume with the same --frame-pairing or choose another --out"
-        )
+    # Rows written before these options existed were answered with "repeat" and lmms-eval's protocol.
+    for key, option, legacy in (
+        ("frame_pairing", "--frame-pairing", "repeat"),
+        ("profile", "--profile", "lmms-eval"),
+    ):
+        used = getattr(cfg, key)
+        other = {row.get(key, legacy) for row in answered.values()} - {used}
+        if other:
+            raise ValueError(
+                f"{predictions_path}: answered with {key.replace('_', ' ')} {sorted(other)}, this run uses "
+                f"{used!r}; resume with the same {option} or choose another --out"
+            )
 
     pending = [row for row in rows if row["id"] not in answered]
     videos: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -392,12 +488,14 @@ def run_vsibench(
                 return
             if generator is None:
                 generator = Qwen3VLGenerator(model_dir, cfg)
+            torch.manual_seed(batch_seed(cfg.seed, [row["id"] for row, _ in batch]))
             answers = generator.generate([request for _, request in batch])
             for (row, _), answer in zip(batch, answers, strict=True):
                 record = {key: row[key] for key in RECORD_FIELDS} | {
                     "prediction": answer,
                     "frames": cfg.frames,
                     "frame_pairing": cfg.frame_pairing,
+                    "profile": cfg.profile,
                 }
                 out.write(json.dumps(record) + "\n")
                 answered[row["id"]] = record
@@ -410,7 +508,7 @@ def run_vsibench(
             video = data_dir / row["dataset"] / f"{row['scene_name']}.mp4"
             try:
                 frames, times = cache.get(video)
-                request = VideoQuestion(frames, times, build_prompt(row))
+                request = VideoQuestion(frames, times, cfg.spec.prompt(row))
             except (OSError, ValueError, av.error.FFmpegError) as err:
                 errors.append({"id": row["id"], "reason": str(err)})
                 progress.advance(task)
@@ -429,10 +527,22 @@ def run_vsibench(
     for error in errors:
         console.print(f"[yellow]skipped[/] question {error['id']}: {error['reason']}", highlight=False)
     summary = vsibench_summary(
-        scored, errors, cfg.parser, model=str(model_dir), frames=cfg.frames, frame_pairing=cfg.frame_pairing
+        scored,
+        errors,
+        cfg.parser,
+        model=str(model_dir),
+        frames=cfg.frames,
+        frame_pairing=cfg.frame_pairing,
+        profile=cfg.profile,
     )
     write_vsibench_report(out_dir, summary)
     return summary
+
+
+def batch_seed(seed: int, ids: Sequence[Any]) -> int:
+    """The sampling seed of a batch: a hash of the run's seed and the batch's question ids."""
+    digest = hashlib.sha256(json.dumps([seed, [str(i) for i in ids]]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFFFFFFFFFFFFFF
 
 
 def score_file(predictions: str | Path, parser: str, out_dir: str | Path) -> dict[str, Any]:
@@ -456,15 +566,10 @@ def score_file(predictions: str | Path, parser: str, out_dir: str | Path) -> dic
     with (out_dir / "scores.jsonl").open("w") as f:
         for row in scored:
             f.write(json.dumps(row) + "\n")
-    frames = {row.get("frames") for row in rows} - {None}
-    pairings = {row.get("frame_pairing") for row in rows} - {None}
-    summary = vsibench_summary(
-        scored,
-        errors,
-        parser,
-        model=None,
-        frames=frames.pop() if len(frames) == 1 else None,
-        frame_pairing=pairings.pop() if len(pairings) == 1 else None,
-    )
+    recorded = {
+        key: {row.get(key) for row in rows} - {None} for key in ("frames", "frame_pairing", "profile")
+    }
+    single = {key: values.pop() if len(values) == 1 else None for key, values in recorded.items()}
+    summary = vsibench_summary(scored, errors, parser, model=None, **single)
     write_vsibench_report(out_dir, summary)
     return summary

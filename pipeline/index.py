@@ -1,12 +1,16 @@
 """`geovr-pipeline index`: the clip manifest (Parquet) that the precompute consumes.
 
-Sources are video folders (searched recursively for `VIDEO_EXTENSIONS`) or QA files in the
-VSI-590K / LLaVA conversation style: a JSON list of rows or JSONL, one row per line, each naming its
-video in `"video"` (a path, or a list of paths) or `"videos"`; rows without a video (image or text
-only) are counted and skipped. Video paths are taken relative to the corpus root.
+Sources are video folders (searched recursively for `VIDEO_EXTENSIONS`) or QA files (VSI-590K /
+LLaVA rows naming a `"video"`, VLM-3R rows naming `"data_source"` and `"scene_name"`), read by the
+QA contract of both stages, `geovr.teacher_cache.qa`: its file formats (JSON Lines, a JSON list, a
+`{"data": [...]}` wrapper; streamed, never held whole), the video of a row and its normalised,
+corpus-relative path. Rows without a video (image or text only) are counted; rows the contract
+refuses (not valid JSON, several videos, a path outside the corpus root) are counted and listed in
+`IndexReport.bad_rows`, and the run goes on.
 
 Teacher labels depend only on the video and the sampling policy, so QA rows that name the same
-video share one clip: `clip_id = schema.clip_id_for(relative video path, sampling.policy())`.
+video share one clip: `clip_id = qa.clip_id_of(video, sampling.policy(), corpus_root)`, the id the
+training join computes for the same row.
 
 Probing runs in a local process pool, not in Ray: it is a metadata pass (demux packet headers and
 decode one frame per video, tens of milliseconds each), so one node's cores saturate the file
@@ -46,6 +50,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from geovr.pipeline.video import SamplingConfig, VideoError, is_video_file, probe_video
+from geovr.teacher_cache.qa import QARowError, normalise_video, read_rows, video_of
 from geovr.teacher_cache.schema import clip_id_for
 
 MANIFEST_FORMAT_VERSION = 1
@@ -96,36 +101,52 @@ class IndexReport:
     rows_without_video: int
     bad: list[dict[str, str]]  # {"video", "status", "reason"}
     status_counts: dict[str, int]
+    bad_rows: list[str] = field(default_factory=list)  # "<file>:<line>: <problem>" per refused QA row
 
 
 def shard_id(index: int) -> str:
     return f"{index:06d}"
 
 
-def collect_videos(sources: list[Path], corpus_root: Path) -> tuple[Counter[str], int, int]:
-    """Relative video paths named by the sources, with the number of QA rows naming each.
+@dataclass
+class CollectedVideos:
+    """What the sources name: video -> number of QA rows naming it (0 for folder sources), QA rows
+    read, rows without a video, and the refused rows ("<file>:<line>: <problem>")."""
 
-    Returns (videos -> QA row count (0 for folder sources), QA rows read, QA rows without a video).
-    """
-    videos: Counter[str] = Counter()
-    qa_rows = rows_without_video = 0
+    videos: Counter[str] = field(default_factory=Counter)
+    qa_rows: int = 0
+    rows_without_video: int = 0
+    bad_rows: list[str] = field(default_factory=list)
+
+
+def collect_videos(sources: list[Path], corpus_root: Path) -> CollectedVideos:
+    """Relative video paths named by the sources (folders walked, QA files streamed row by row)."""
+    found = CollectedVideos()
     for source in sources:
         if source.is_dir():
             for path in sorted(source.rglob("*")):
                 if path.is_file() and is_video_file(path):
-                    videos[_relative(path, corpus_root)] += 0
+                    found.videos[_relative(path, corpus_root)] += 0
         elif source.is_file():
-            for row in _read_qa_rows(source):
-                qa_rows += 1
-                named = _videos_of_row(row, source)
-                if not named:
-                    rows_without_video += 1
-                for video in named:
-                    path = Path(video)
-                    videos[_relative(path if path.is_absolute() else corpus_root / path, corpus_root)] += 1
+            _collect_qa_file(source, corpus_root, found)
         else:
             raise FileNotFoundError(f"index source {source} does not exist")
-    return videos, qa_rows, rows_without_video
+    return found
+
+
+def _collect_qa_file(source: Path, corpus_root: Path, found: CollectedVideos) -> None:
+    for row in read_rows(source):
+        found.qa_rows += 1
+        try:
+            if row.error is not None:
+                raise QARowError(row.error)
+            video = video_of(row.value)
+            if video is None:
+                found.rows_without_video += 1
+                continue
+            found.videos[normalise_video(video, corpus_root)] += 1
+        except QARowError as err:
+            found.bad_rows.append(f"{row.where}: {err}")
 
 
 def _relative(path: Path, corpus_root: Path) -> str:
@@ -136,45 +157,6 @@ def _relative(path: Path, corpus_root: Path) -> str:
         raise ValueError(
             f"video {path} is outside the corpus root {corpus_root}; pass --corpus-root"
         ) from None
-
-
-def _read_qa_rows(path: Path) -> list[dict[str, Any]]:
-    text = path.read_text()
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-    else:
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        if isinstance(rows, dict):  # {"data": [...]} style wrappers
-            rows = next((v for v in rows.values() if isinstance(v, list)), None)
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of QA rows (or JSONL)")
-    for number, row in enumerate(rows, start=1):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: row {number} is not an object")
-    return rows
-
-
-def _videos_of_row(row: dict[str, Any], source: Path) -> list[str]:
-    value = row.get("video", row.get("videos"))
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, str) for v in value):
-        return value
-    raise ValueError(
-        f"{source}: row {row.get('id', '?')} has a video field that is neither a path nor a list of paths"
-    )
 
 
 def _probe_row(args: tuple[str, str, dict[str, Any]]) -> dict[str, Any]:
@@ -268,7 +250,8 @@ def build_manifest(
             )
         previous = {row["clip_id"]: row["shard"] for row in old.rows}
 
-    videos, qa_rows, rows_without_video = collect_videos(sources, corpus_root)
+    found = collect_videos(sources, corpus_root)
+    videos = found.videos
     names = sorted(videos)
     probed = probe_all(names, corpus_root, policy, workers or min(os.cpu_count() or 1, 16))
     clip_ids = [clip_id_for(name, policy) for name in names]
@@ -300,10 +283,11 @@ def build_manifest(
     return IndexReport(
         num_clips=len(rows),
         num_shards=len(set(shards.values())),
-        num_qa_rows=qa_rows,
-        rows_without_video=rows_without_video,
+        num_qa_rows=found.qa_rows,
+        rows_without_video=found.rows_without_video,
         bad=sorted(bad, key=lambda b: b["video"]),
         status_counts=dict(Counter(r["status"] for r in rows)),
+        bad_rows=found.bad_rows,
     )
 
 

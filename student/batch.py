@@ -6,10 +6,11 @@ and the clip's teacher labels as training targets. The geometric tokens (camera,
 the sequence: `GeoVRStudent` inserts them, so the same batch feeds the plain model too.
 
 Conversation: a list of turns `{"from" | "role": ..., "value" | "content": str}` with roles
-human/user, gpt/assistant or system (LLaVA / VSI-590K style). The video goes first in the first
-user turn; `<image>` / `<video>` placeholders and the "These are frames of a video." line are
-removed from it (as GeoVR's data code does). Labels cover each assistant answer, its `<|im_end|>`
-and the newline after it (GeoVR's masking); everything else is IGNORE_INDEX.
+human/user, gpt/assistant or system (LLaVA / VSI-590K style), read by the QA contract
+(`teacher_cache.qa.parse_turns`, `chat_messages`: the one role map of both stages). The video goes
+first in the first user turn; `<image>` / `<video>` placeholders and the "These are frames of a
+video." line are removed from it (as GeoVR's data code does). Labels cover each assistant answer,
+its `<|im_end|>` and the newline after it (GeoVR's masking); everything else is IGNORE_INDEX.
 
 `StudentBatch` (right-padded, B clips, L tokens, S = most frames of a clip, Hd x Wd = largest
 depth map, h x w = largest feature grid):
@@ -45,10 +46,8 @@ from geovr.student.losses import IGNORE_INDEX
 from geovr.student.vision_inputs import VideoPreprocess, build_video_prompt, video_inputs
 from geovr.teacher_cache.frames import decode_jpeg
 from geovr.teacher_cache.geometry import encode_pose, relative_to_first
+from geovr.teacher_cache.qa import chat_messages, parse_turns
 from geovr.teacher_cache.schema import ClipLabels
-
-_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_DROPPED_FROM_PROMPT = ("<image>\n", "<video>\n", "<image>", "<video>", "These are frames of a video.\n")
 
 
 class SequenceTooLong(ValueError):
@@ -114,28 +113,6 @@ class StudentBatch:
         return StudentBatch(**moved)
 
 
-def normalize_conversation(conversation: Sequence[dict]) -> list[dict]:
-    """LLaVA-style turns -> chat messages, the video as the first item of the first user turn."""
-    messages, video_placed = [], False
-    for turn in conversation:
-        role = _ROLES.get(str(turn.get("role", turn.get("from", ""))).lower())
-        text = turn.get("content", turn.get("value"))
-        if role is None or not isinstance(text, str):
-            raise ValueError(
-                f"conversation turn {turn!r}: needs a known role/from and a string content/value"
-            )
-        if role == "user" and not video_placed:
-            for piece in _DROPPED_FROM_PROMPT:
-                text = text.replace(piece, "")
-            messages.append({"role": role, "content": [{"type": "video"}, {"type": "text", "text": text}]})
-            video_placed = True
-        else:
-            messages.append({"role": role, "content": text})
-    if not video_placed:
-        raise ValueError("conversation has no user turn to attach the video to")
-    return messages
-
-
 def assistant_labels(input_ids: Tensor, header_ids: Sequence[int], end_id: int) -> Tensor:
     """Labels for the answers: tokens after each `header_ids` (`<|im_start|>assistant\\n`) up to and
     including the next `end_id` (`<|im_end|>`) and the token after it; IGNORE_INDEX elsewhere."""
@@ -196,7 +173,7 @@ def make_sample(
     grid = video["video_grid_thw"][0]
     merge = (preprocess or VideoPreprocess()).merge_size
 
-    text = tokenizer.apply_chat_template(normalize_conversation(conversation), tokenize=False)
+    text = tokenizer.apply_chat_template(chat_messages(parse_turns(conversation)), tokenize=False)
     text = build_video_prompt(text, grid, video["frame_timestamps"], merge)
     input_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
     if max_length is not None and input_ids.numel() > max_length:

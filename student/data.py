@@ -1,16 +1,21 @@
 """Training data: QA conversations joined with the teacher cache, batched for the student.
 
-A QA file holds rows in the VSI-590K / LLaVA conversation style (JSON Lines, or one JSON list):
+A QA file holds rows in the VSI-590K / LLaVA conversation style, or VLM-3R rows; how files are
+read, which video a row names and how it becomes a clip id is the QA contract of both stages,
+`geovr.teacher_cache.qa` (the same as `index` uses):
 
     {"id": "scene0000_00_q17", "video": "scannet/scene0000_00.mp4",
      "conversations": [{"from": "human", "value": "<video>\\nHow many chairs are in the room?"},
                        {"from": "gpt", "value": "4"}]}
+    {"data_source": "scannetpp", "scene_name": "0a5c013435", "conversations": [...]}   (VLM-3R)
 
-Only video rows are used (rows with an "image" or without a "video" are counted as `not_video`).
-Each row is joined with the cache by clip id: `clip_id_for(video, store.fingerprint.sampling)`,
-so many rows share one cached clip. Rows whose clip is missing from the store, whose clip failed
-in precompute, or whose conversation is malformed are counted in a `JoinReport` and skipped, or
-raise `DataError` naming the file and line (`DataConfig.on_missing_clip`, `on_bad_row`).
+Only video rows are used (rows without a video, image or text only, are counted as `not_video`).
+Each row is joined with the cache by clip id: `qa.clip_id_of(video, store.fingerprint.sampling,
+data.corpus_root)`, so many rows share one cached clip; absolute video paths need
+`data.corpus_root` (the `--corpus-root` that `index` used). Rows whose clip is missing from the
+store, whose clip failed in precompute, or whose row or conversation is malformed are counted in a
+`JoinReport` and skipped, or raise `DataError` naming the file and line (`DataConfig.on_missing_clip`,
+`on_bad_row`).
 
 Two access paths give the trainer the same stream of micro-batches per rank:
 
@@ -37,7 +42,6 @@ after another; samples above `max_seq_len` are an error or are dropped and count
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -50,10 +54,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from geovr.teacher_cache.codecs import EncodedClip, decode_clip
 from geovr.teacher_cache.config import require
-from geovr.teacher_cache.schema import ClipLabels, clip_id_for
-
-VIDEO_PLACEHOLDER = "<video>"
-ROLE_OF = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+from geovr.teacher_cache.qa import (
+    QAFileError,
+    QARowError,
+    Turn,
+    clip_id_of,
+    parse_conversation,
+    read_rows,
+    video_of,
+)
+from geovr.teacher_cache.schema import ClipLabels
 
 
 class DataError(ValueError):
@@ -82,6 +92,8 @@ class DataConfig:
         pin_memory: pin batches in page-locked memory (only used with a CUDA device).
         on_missing_clip: "skip" (count) or "error" for rows whose clip is absent or failed in the store.
         on_bad_row: "skip" (count) or "error" for malformed rows and conversations.
+        corpus_root: the folder `index` took video paths relative to (its `--corpus-root`); needed
+            only for rows that name their video by an absolute path.
     """
 
     access: Literal["auto", "random", "stream"] = "auto"
@@ -97,6 +109,7 @@ class DataConfig:
     pin_memory: bool = True
     on_missing_clip: Literal["skip", "error"] = "skip"
     on_bad_row: Literal["skip", "error"] = "skip"
+    corpus_root: str = ""
 
     def validate(self) -> None:
         require(self.micro_batch >= 1, f"data.micro_batch must be >= 1, got {self.micro_batch}")
@@ -121,25 +134,17 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class Turn:
-    """One conversation turn: role "system", "user" or "assistant"; text with at most one `<video>`."""
-
-    role: str
-    text: str
-
-
-@dataclass(frozen=True)
 class QASample:
     """One usable QA row: its conversation and the cached clip it is joined with."""
 
     row_id: str
-    line: int
+    where: str
     video: str
     clip_id: str
     turns: tuple[Turn, ...]
 
     def messages(self) -> list[dict[str, str]]:
-        """The conversation as chat-template messages [{"role", "content"}]."""
+        """The conversation as chat turns [{"role", "content"}] (`make_sample` places the video)."""
         return [{"role": t.role, "content": t.text} for t in self.turns]
 
 
@@ -190,74 +195,6 @@ class JoinReport:
         )
 
 
-def read_qa_rows(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed row) for a JSON Lines file, or (index + 1, row) for a JSON list file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"QA file {path} does not exist")
-    with path.open() as handle:
-        head = handle.read(1)
-        while head and head.isspace():
-            head = handle.read(1)
-        handle.seek(0)
-        if head == "[":
-            try:
-                rows = json.load(handle)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: not valid JSON ({err})") from None
-            yield from enumerate(rows, start=1)
-            return
-        for number, text in enumerate(handle, start=1):
-            if not text.strip():
-                continue
-            try:
-                yield number, json.loads(text)
-            except json.JSONDecodeError as err:
-                yield number, DataError(f"not valid JSON ({err.msg} at column {err.colno})")
-
-
-def parse_conversation(conversations: Any) -> tuple[Turn, ...]:
-    """LLaVA turns [{"from": "human"|"gpt"|..., "value": str}] -> `Turn`s, validated.
-
-    A valid conversation: an optional system turn, then user and assistant turns alternating,
-    starting with the user and ending with the assistant; exactly one `<video>` placeholder, in the
-    first user turn (prepended there when the row has none, as LLaVA does). Raises `DataError`.
-    """
-    if not isinstance(conversations, list) or not conversations:
-        raise DataError("'conversations' must be a non-empty list of turns")
-    turns = []
-    for i, turn in enumerate(conversations):
-        if not isinstance(turn, dict):
-            raise DataError(f"turn {i} is not an object")
-        speaker = turn.get("from", turn.get("role"))
-        text = turn.get("value", turn.get("content"))
-        if speaker not in ROLE_OF:
-            raise DataError(f"turn {i} has speaker {speaker!r}; expected one of {', '.join(ROLE_OF)}")
-        if not isinstance(text, str):
-            raise DataError(f"turn {i} has no text ('value' must be a string)")
-        turns.append(Turn(ROLE_OF[speaker], text))
-    body = turns[1:] if turns[0].role == "system" else turns
-    if not body:
-        raise DataError("conversation has no user turn")
-    for i, turn in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if turn.role != expected:
-            raise DataError(f"turn {i} is a {turn.role} turn where a {expected} turn was expected")
-    if body[-1].role != "assistant":
-        raise DataError("conversation ends without an assistant answer")
-    if any(not t.text.strip() for t in body if t.role == "assistant"):
-        raise DataError("an assistant turn is empty")
-    placeholders = sum(t.text.count(VIDEO_PLACEHOLDER) for t in turns)
-    if placeholders > 1:
-        raise DataError(f"conversation has {placeholders} {VIDEO_PLACEHOLDER} placeholders; expected one")
-    if placeholders == 1 and VIDEO_PLACEHOLDER not in body[0].text:
-        raise DataError(f"the {VIDEO_PLACEHOLDER} placeholder is not in the first user turn")
-    if placeholders == 0:
-        first = len(turns) - len(body)
-        turns[first] = Turn("user", f"{VIDEO_PLACEHOLDER}\n{body[0].text}")
-    return tuple(turns)
-
-
 class StoreLike(Protocol):
     """The part of `teacher_cache.store.StoreReader` the data pipeline uses."""
 
@@ -276,7 +213,7 @@ def join_qa(qa_path: str | Path, store: StoreLike, config: DataConfig) -> tuple[
     """Parse `qa_path` and keep the video rows whose clip is in `store`, in file order.
 
     Raises `DataError` at the first bad row when the matching policy is "error"; otherwise the row
-    is counted in the report. A file with no usable row at all is always an error.
+    is counted in the report. A file with no usable row at all, or one that cannot be read, is an error.
     """
     report = JoinReport(qa_file=str(qa_path))
     sampling = store.fingerprint.sampling
@@ -284,54 +221,49 @@ def join_qa(qa_path: str | Path, store: StoreLike, config: DataConfig) -> tuple[
     failed = {row.get("clip_id"): row.get("reason", "") for row in store.failures()}
     samples: list[QASample] = []
 
-    def reject(category: str, policy: str, line: int, message: str) -> None:
+    def reject(category: str, policy: str, where: str, message: str) -> None:
         if policy == "error":
-            raise DataError(f"{qa_path}:{line}: {message}")
-        report.note(category, f"line {line}: {message}")
+            raise DataError(f"{where}: {message}")
+        report.note(category, f"{where}: {message}")
 
-    for line, row in read_qa_rows(qa_path):
-        report.rows += 1
-        if isinstance(row, DataError):
-            reject("malformed", config.on_bad_row, line, str(row))
-            continue
-        if not isinstance(row, dict):
-            reject("malformed", config.on_bad_row, line, "row is not a JSON object")
-            continue
-        if "video" not in row or "image" in row:
-            report.note("not_video", f"line {line}: no video (image or text-only row)")
-            continue
-        video = row["video"]
-        if not isinstance(video, str) or not video:
-            reject("malformed", config.on_bad_row, line, "'video' must be a non-empty relative path")
-            continue
-        try:
-            turns = parse_conversation(row.get("conversations"))
-        except DataError as err:
-            reject("malformed", config.on_bad_row, line, f"row {row.get('id', '?')}: {err}")
-            continue
-        clip_id = clip_id_for(video, sampling)
-        if clip_id not in cached:
-            if clip_id in failed:
-                reject(
-                    "failed_clip",
-                    config.on_missing_clip,
-                    line,
-                    f"clip {clip_id} of video {video} failed in precompute: {failed[clip_id]}",
-                )
-            else:
-                reject(
-                    "missing_clip",
-                    config.on_missing_clip,
-                    line,
-                    f"clip {clip_id} of video {video} is not in the cache (wrong corpus root or sampling?)",
-                )
-            continue
-        samples.append(QASample(str(row.get("id", line)), line, video, clip_id, turns))
+    try:
+        for row in read_rows(qa_path):
+            report.rows += 1
+            try:
+                video = _row_video(row.value, row.error)
+                if video is None:
+                    report.note("not_video", f"{row.where}: no video (image or text-only row)")
+                    continue
+                clip_id = clip_id_of(video, sampling, config.corpus_root)
+                turns = parse_conversation(row.value.get("conversations"))
+            except QARowError as err:
+                name = row.value.get("id", "?") if isinstance(row.value, dict) else "?"
+                reject("malformed", config.on_bad_row, row.where, f"row {name}: {err}")
+                continue
+            if clip_id not in cached:
+                if clip_id in failed:
+                    why = f"clip {clip_id} of video {video} failed in precompute: {failed[clip_id]}"
+                    reject("failed_clip", config.on_missing_clip, row.where, why)
+                else:
+                    why = f"clip {clip_id} of video {video} is not in the cache (wrong corpus root or sampling?)"
+                    reject("missing_clip", config.on_missing_clip, row.where, why)
+                continue
+            row_id = row.value.get("id", row.number)
+            samples.append(QASample(str(row_id), row.where, video, clip_id, turns))
+    except QAFileError as err:
+        raise DataError(str(err)) from None
     report.joined = len(samples)
     report.clips = len({s.clip_id for s in samples})
     if not samples:
         raise DataError(f"{qa_path}: no QA row could be used ({report.summary()})")
     return samples, report
+
+
+def _row_video(value: object, error: str | None) -> str | None:
+    """The row's video (None: not a video row); `QARowError` for an unreadable or malformed row."""
+    if error is not None:
+        raise QARowError(error)
+    return video_of(value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,7 +528,7 @@ class StudentSampleBuilder:
             return make_sample(labels, sample.messages(), self._tokenizer, self._preprocess, self.max_seq_len)
         except SequenceTooLong as err:
             if self.on_bad_row == "error":
-                raise DataError(f"QA row {sample.row_id} (line {sample.line}): {err}") from None
+                raise DataError(f"QA row {sample.row_id} ({sample.where}): {err}") from None
             return SkippedSample(sample.row_id, str(err))
 
     def __getstate__(self) -> dict[str, Any]:

@@ -7,12 +7,20 @@ frame's `<|vision_end|>`). Each inserted token takes the 3D (M-RoPE) position of
 it (the camera token: its frame's last patch), so text positions are unchanged. DeepStack adds
 nothing at the inserted tokens.
 
-Hidden states: index 0 is the input embeddings, index k the residual stream after decoder layer k
-including the DeepStack addition of that layer, index N (= number of layers) before the final norm
-(GeoVR's convention, which transformers 4.57 also had; 5.x records layer outputs before DeepStack
-and the last one after the norm, so the student runs the decoder layers itself). Teacher layer l
-maps to index round((l + 1) / teacher_depth * N): [4, 11, 17, 23] of 24 -> [6, 14, 21, 28] for 28
-layers, [1, 2, 3, 4] for the tiny 4-layer model. Camera and scale tokens are read at index N.
+Hidden states (the student runs the decoder layers itself): index 0 is the input embeddings, index
+k (0 < k < N, N = number of layers) the residual stream after decoder layer k including the
+DeepStack addition of that layer, index N the output of the final norm (`last_hidden_state`).
+GeoVR reads transformers 5.5.0's `output_hidden_states`, recorded by `capture_outputs`: entry 0 is
+the input of layer 0, entry k the output of decoder layer k taken by a hook on the layer, so before
+the DeepStack addition the text model applies after layers 0..D-1 (D = DeepStack levels: 3 in
+Qwen3-VL-2B, 1 in the tiny model), and the last entry is replaced by `last_hidden_state`, after the
+norm. So index N and every index above D are GeoVR's exactly; indices 1..D hold the DeepStack
+addition here (transformers 4.57's and GeoVR's own loop's convention), which no level of the recipe
+reads (6, 14, 21 of 28). The installed transformers 5.x records the same for
+`output_hidden_states=True` (it adds index selection and a per-config `tie_last_hidden_states`).
+Teacher layer l maps to index round((l + 1) / teacher_depth * N): [4, 11, 17, 23] of 24 ->
+[6, 14, 21, 28] for 28 layers, [1, 2, 3, 4] for the tiny 4-layer model. The camera and scale heads
+read index N, and so do the depth and distillation heads at their deepest level, as in GeoVR.
 
 Checkpoint format (`save_pretrained` / `from_pretrained`), one directory:
     config.json, model.safetensors (or shards), generation_config.json   the base Qwen3-VL, plain
@@ -87,6 +95,8 @@ class StudentConfig:
         *_weight: weights of the five losses in `total`.
         camera_part_weights: translation, rotation, FoV weights inside the camera loss.
         max_frame_tokens: merged tokens per frame at most (frames are resized beyond it).
+        train_deepstack_mergers: also train the vision tower's DeepStack mergers (GeoVR freezes
+            them: it unfreezes only `visual.merger`); they then train at the LLM rate.
     """
 
     base_model: str = ""
@@ -114,6 +124,7 @@ class StudentConfig:
     depth_grad_scales: int = 4
     depth_grad_clamp: float = 100.0
     max_frame_tokens: int = 300
+    train_deepstack_mergers: bool = False
 
     def validate(self) -> None:
         require(len(self.teacher_layers) > 0, "student.teacher_layers: at least one layer")
@@ -329,13 +340,12 @@ class GeoVRStudent(nn.Module):
     # ----------------------------------------------------------------- parameters
 
     def freeze_vision_tower(self) -> None:
-        """Freeze the vision blocks, patch and position embeddings; keep the mergers trainable."""
+        """Freeze the vision tower except its merger (GeoVR's `set_model`); the DeepStack mergers
+        train only with `train_deepstack_mergers`."""
         visual = self.base.model.visual
-        for p in visual.parameters():
-            p.requires_grad_(False)
-        for module in (visual.merger, visual.deepstack_merger_list):
-            for p in module.parameters():
-                p.requires_grad_(True)
+        visual.requires_grad_(False)
+        visual.merger.requires_grad_(True)
+        visual.deepstack_merger_list.requires_grad_(self.config.train_deepstack_mergers)
 
     def geometry_modules(self) -> dict[str, nn.Module]:
         """The parts added to Qwen3-VL (dropped at export), by state-dict prefix."""
@@ -345,7 +355,7 @@ class GeoVRStudent(nn.Module):
     def param_groups(
         self, lr_llm: float = 2e-5, lr_heads: float = 1e-4, weight_decay: float = 0.0
     ) -> list[dict]:
-        """Optimizer groups: {"name": "llm"} LLM + mergers at `lr_llm`, {"name": "heads"} heads and
+        """Optimizer groups: {"name": "llm"} LLM + trained mergers at `lr_llm`, {"name": "heads"} heads and
         new tokens at `lr_heads` (DESIGN defaults). Frozen and tied (shared) parameters appear once."""
         seen: set[int] = set()
 
@@ -423,7 +433,8 @@ class GeoVRStudent(nn.Module):
     def _decoder(
         self, embeds: Tensor, layout: GeometryLayout, deepstack: list[Tensor], wanted: set[int]
     ) -> tuple[Tensor, dict[int, Tensor]]:
-        """Run the text decoder; returns the normed last hidden state and the hidden states in `wanted`."""
+        """Run the text decoder; returns the normed last hidden state and the hidden states in
+        `wanted` (index N is the normed state itself; see the module docstring)."""
         lm = self.base.model.language_model
         mask = create_causal_mask(
             config=lm.config,
@@ -441,7 +452,10 @@ class GeoVRStudent(nn.Module):
                 hidden = lm._deepstack_process(hidden, layout.visual_mask, deepstack[i])
             if i + 1 in wanted:
                 kept[i + 1] = hidden
-        return lm.norm(hidden), kept
+        last = lm.norm(hidden)
+        if len(lm.layers) in wanted:
+            kept[len(lm.layers)] = last
+        return last, kept
 
     def _run(self, batch: StudentBatch) -> tuple[Tensor, GeometryLayout, list[Tensor], GeometryPredictions]:
         """Normed last hidden state, layout, distilled features per layer (B, S, h, w, C) and the

@@ -6,11 +6,11 @@ same frames (proved in tests/test_student_vision_inputs.py where torchvision is 
 1. Frames: the cached frames are already at the student's size (`teacher_cache.frames.student_frame_size`,
    sides multiples of patch_size * merge_size = 32), so no resize happens; frames of another size are
    resized there first (bicubic, PIL).
-2. Frame pairing (`frame_pairing`): "repeat" (GeoVR's convention, training and the default) repeats
-   each sampled frame twice, so that with temporal_patch_size = 2 one temporal token is one frame:
-   S frames give grid_t = S. "consecutive" (what the processor itself does, and lmms-eval's Qwen3-VL
-   runs) puts consecutive pairs of frames into one temporal token, the last frame repeated when S is
-   odd: grid_t = ceil(S / 2).
+2. Frame pairing (`frame_pairing`): "repeat" (GeoVR's training convention, the default here)
+   repeats each sampled frame twice, so that with temporal_patch_size = 2 one temporal token is one
+   frame: S frames give grid_t = S. "consecutive" (what the processor itself does, and what GeoVR's
+   `eval_vsi.py` and lmms-eval's Qwen3-VL runs feed) puts consecutive pairs of frames into one
+   temporal token, the last frame repeated when S is odd: grid_t = ceil(S / 2).
 3. Rescale and normalise in float32 exactly as the processor's fused path: (x - 255 mean) / (255 std),
    mean/std read from the model directory's `video_preprocessor_config.json`.
 4. Patchify into (grid_t * grid_h * grid_w, C * T * P * P) rows in the processor's order: temporal
@@ -21,7 +21,16 @@ The prompt: the chat template renders a video as `<|vision_start|><|video_pad|><
 processor replaces the inner `<|video_pad|>` by, per frame, `<{t:.1f} seconds>` + `<|vision_start|>`
 + grid_h * grid_w / merge^2 `<|video_pad|>` + `<|vision_end|>` (the outer wrapper stays, as in
 transformers 5.x). The timestamp of a temporal token is the mean of its first and last frame's times
-(the processor's rule): with "repeat", the frame's own presentation time.
+(the processor's rule, `_calculate_timestamps`, the same in transformers 5.5.0 and the installed 5.x).
+
+With "consecutive" that is the pair's mean presentation time. With "repeat" the times are the ones
+GeoVR's `get_repeat_video_inputs` gets (`repeated_clip_times`), not the frames' own: it reads the
+clip's duration D back from the plain clip's prompt (its last `<t seconds>`, rounded to 0.1 s, the
+plain clip padded to whole temporal patches), then gives the processor the 2 * S' repeated frames
+(S' = S rounded up to even) as an array with fps 2 * S' / D (2 when D = 0), so token j is at
+D * (j + 0.25) / S'. This spreads the clip over [D / (4 S'), D (S' - 0.75) / S'] instead of its
+frames' times: 32 frames at 2 fps from t = 0 end at "14.8 seconds" instead of "15.5 seconds"; 32
+frames over a 120 s video, at 115.3 instead of 120.0.
 """
 
 from __future__ import annotations
@@ -132,12 +141,12 @@ def video_inputs(
     video = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (S, C, H, W)
     if frame_pairing == "repeat":
         video = video.repeat_interleave(tp, dim=0)
-        timestamps = np.repeat(timestamps, tp)
-    elif num_frames % tp:
-        video = torch.cat((video, video[-1:].expand(tp - num_frames % tp, -1, -1, -1)))
-        timestamps = np.concatenate((timestamps, np.full(tp - num_frames % tp, timestamps[-1])))
+        token_times = repeated_clip_times(timestamps, tp)
+    else:
+        if num_frames % tp:
+            video = torch.cat((video, video[-1:].expand(tp - num_frames % tp, -1, -1, -1)))
+        token_times = pair_times(timestamps, tp)
     grid_t = video.shape[0] // tp
-    token_times = (timestamps[::tp] + timestamps[tp - 1 :: tp]) / 2
     mean = torch.tensor(cfg.image_mean) * (1.0 / cfg.rescale_factor)
     std = torch.tensor(cfg.image_std) * (1.0 / cfg.rescale_factor)
     video = (video.to(torch.float32) - mean[:, None, None]) / std[:, None, None]
@@ -153,6 +162,32 @@ def video_inputs(
         "video_grid_thw": torch.tensor([[grid_t, grid_h, grid_w]], dtype=torch.int64),
         "frame_timestamps": torch.from_numpy(token_times),
     }
+
+
+def pair_times(timestamps: np.ndarray, temporal_patch_size: int = 2) -> np.ndarray:
+    """(ceil(S / tp),) seconds of the temporal tokens of a plain clip: the mean of each token's first
+    and last frame, the last frame repeated up to a whole token (the processor's rule)."""
+    pad = -len(timestamps) % temporal_patch_size
+    padded = np.concatenate((timestamps, np.full(pad, timestamps[-1])))
+    return (padded[::temporal_patch_size] + padded[temporal_patch_size - 1 :: temporal_patch_size]) / 2
+
+
+def repeated_clip_times(timestamps: np.ndarray, temporal_patch_size: int = 2) -> np.ndarray:
+    """(S,) seconds of the temporal tokens of a clip of S frames each repeated twice, as GeoVR's
+    `get_repeat_video_inputs` makes transformers 5.5.0's processor compute them (module docstring).
+
+    Args:
+        timestamps: (S,) presentation times of the frames in seconds.
+    """
+    plain = pair_times(timestamps, temporal_patch_size)
+    duration = float(f"{plain[-1]:.1f}")  # GeoVR parses the last "<t seconds>" of the plain prompt
+    repeated = 2 * len(plain) * temporal_patch_size  # the recovered (padded) clip, each frame twice
+    fps = repeated / duration if duration != 0 else 2.0
+    frame_times = np.arange(repeated) / fps
+    token_times = (
+        frame_times[::temporal_patch_size] + frame_times[temporal_patch_size - 1 :: temporal_patch_size]
+    ) / 2
+    return token_times[: len(timestamps)]
 
 
 def video_placeholder(grid_thw: Sequence[int], timestamps: Sequence[float], merge_size: int = 2) -> str:

@@ -27,9 +27,9 @@ from geovr.student.data import (
     TokenBudgetCollator,
     TrainLoader,
     join_qa,
-    parse_conversation,
 )
 from geovr.teacher_cache.frames import encode_jpeg
+from geovr.teacher_cache.qa import QARowError, parse_conversation
 from geovr.teacher_cache.schema import ClipLabels, SchemaError, StoreFingerprint, clip_id_for
 from geovr.teacher_cache.store import open_store, open_writer
 
@@ -199,7 +199,7 @@ def test_parse_conversation_rules():
         [{"from": "human", "value": "Q"}, {"from": "gpt", "value": " "}],
     ]
     for conversation in bad:
-        with pytest.raises(DataError):
+        with pytest.raises(QARowError):
             parse_conversation(conversation)
 
 

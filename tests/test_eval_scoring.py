@@ -10,9 +10,12 @@ import pytest
 from typer.testing import CliRunner
 
 from geovr.eval import scoring
-from geovr.eval.scoring import PARSERS, aggregate, extract_number, score_prediction, score_rows
+from geovr.eval.scoring import aggregate, extract_number, score_prediction, score_rows
 from geovr.pipeline import commands  # noqa: F401  (registers the CLI commands)
 from geovr.pipeline.cli import app
+
+# The lmms-eval profile's parsers: the reference cases were scored by lmms-eval's own code.
+LMMS_EVAL_PARSERS = ("original", "extract_number")
 
 
 def _cases(reference_dir: Path) -> list[dict]:
@@ -21,7 +24,7 @@ def _cases(reference_dir: Path) -> list[dict]:
     ]
 
 
-@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize("parser", LMMS_EVAL_PARSERS)
 def test_per_sample_scores_match_reference(reference_dir, parser):
     cases = _cases(reference_dir)
     assert len(cases) == 60
@@ -30,7 +33,7 @@ def test_per_sample_scores_match_reference(reference_dir, parser):
         assert got == pytest.approx(case[f"score_{parser}"], abs=1e-9), case
 
 
-@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize("parser", LMMS_EVAL_PARSERS)
 def test_aggregates_match_reference(reference_dir, parser):
     cases = _cases(reference_dir)
     expected = json.loads((reference_dir / "vsibench" / "aggregate.json").read_text())[parser]
@@ -106,7 +109,7 @@ def test_no_eval_in_scorer():
     assert not called & {"eval", "exec"}
 
 
-@pytest.mark.parametrize("parser", PARSERS)
+@pytest.mark.parametrize("parser", LMMS_EVAL_PARSERS)
 def test_cli_score_writes_scores_and_summary(reference_dir, tmp_path, parser):
     cases = _cases(reference_dir)
     predictions = tmp_path / "predictions.jsonl"
@@ -134,3 +137,41 @@ def test_cli_score_writes_scores_and_summary(reference_dir, tmp_path, parser):
     table = (out / "summary.md").read_text()
     assert f"{100 * expected['overall']:.1f}" in table and parser in table
     assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("question_type", "prediction", "ground_truth", "geovr", "lmms_eval"),
+    [
+        ("route_planning", "A. Turn left", "A", 1.0, 1.0),  # first character / first word
+        ("route_planning", "a", "A", 0.0, 1.0),  # GeoVR compares case-sensitively
+        ("route_planning", "  B ", "B", 1.0, 0.0),  # GeoVR strips; lmms-eval's first word is ""
+        ("route_planning", "", "A", 0.0, 0.0),
+        ("object_counting", "3", 3, 1.0, 1.0),
+        ("object_counting", "3 chairs", 3, 0.0, 1.0),  # float() of the whole answer
+        ("object_counting", "5", 10, 0.0, 0.1),  # relative error 0.5: strictly below 1 - 0.5 fails
+        ("object_counting", "0", 0, 1.0, None),  # GeoVR scores a ground truth of 0
+        ("object_counting", "1", 0, 0.0, None),
+    ],
+)
+def test_geovr_matching_on_hand_built_cases(question_type, prediction, ground_truth, geovr, lmms_eval):
+    assert score_prediction(question_type, prediction, ground_truth, "geovr") == pytest.approx(geovr)
+    if lmms_eval is not None:
+        assert score_prediction(question_type, prediction, ground_truth, "original") == pytest.approx(
+            lmms_eval
+        )
+
+
+def test_geovr_aggregation_pools_directions_and_divides_by_eight():
+    scored = [
+        ("object_rel_direction_easy", 1.0),
+        ("object_rel_direction_easy", 1.0),
+        ("object_rel_direction_medium", 0.0),
+        ("object_counting", 0.5),
+    ]
+    geovr = aggregate(scored, "geovr")
+    assert geovr["object_rel_direction_accuracy"] == pytest.approx(2 / 3)  # lmms-eval: (1 + 0) / 2
+    assert geovr["route_planning_accuracy"] == 0.0 and len(geovr) == 9
+    assert geovr["overall"] == pytest.approx((2 / 3 + 0.5) / 8)
+    lmms = aggregate(scored)
+    assert lmms["object_rel_direction_accuracy"] == pytest.approx(0.5) and len(lmms) == 3
+    assert lmms["overall"] == pytest.approx((0.5 + 0.5) / 2)

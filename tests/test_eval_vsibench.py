@@ -14,9 +14,11 @@ from typer.testing import CliRunner
 
 from geovr.eval.questions import QuestionConfig, write_vsi_dataset
 from geovr.eval.vsibench import (
+    PROFILES,
     Qwen3VLGenerator,
     VideoQuestion,
     VSIBenchConfig,
+    build_geovr_prompt,
     build_prompt,
     load_annotations,
     read_video_frames,
@@ -196,7 +198,9 @@ def test_resume_asks_only_unanswered_questions(generator, model_dir, data_dir, t
     with pytest.raises(ValueError, match="frames"):
         run_vsibench(model_dir, data_dir, out, VSIBenchConfig(frames=8), generator=third)
     with pytest.raises(ValueError, match="--frame-pairing"):
-        run_vsibench(model_dir, data_dir, out, VSIBenchConfig(frames=4, frame_pairing="consecutive"))
+        run_vsibench(model_dir, data_dir, out, VSIBenchConfig(frames=4, frame_pairing="repeat"))
+    with pytest.raises(ValueError, match="--profile"):
+        run_vsibench(model_dir, data_dir, out, VSIBenchConfig(profile="geovr", frames=4))
 
 
 def test_consecutive_frame_pairing_halves_the_temporal_tokens(model_dir, corpus):
@@ -215,3 +219,75 @@ def test_consecutive_frame_pairing_halves_the_temporal_tokens(model_dir, corpus)
         assert torch.isfinite(generator.model(**inputs["consecutive"]).logits).all()
     with pytest.raises(ValueError, match="frame pairing"):
         VSIBenchConfig(frame_pairing="pairs").validate()
+
+
+def test_geovr_profile_prompts_are_eval_vsi_py():
+    numerical = {"question_type": "object_counting", "question": "How many chair(s)?", "options": None}
+    assert build_geovr_prompt(numerical) == (
+        "How many chair(s)?\nPlease answer the question ONLY using a single Arabic numeral."
+    )
+    choice = {"question_type": "route_planning", "question": "Where?", "options": ["A. Left", "B. Back"]}
+    assert (
+        build_geovr_prompt(choice)
+        == "Where?\nA. Left\nB. Back\nAnswer with ONLY the option's letter directly."
+    )
+    assert PROFILES["geovr"].prompt is build_geovr_prompt and PROFILES["lmms-eval"].prompt is build_prompt
+
+
+def test_profiles_set_the_run_and_overrides_win():
+    lmms, geovr = VSIBenchConfig(), VSIBenchConfig(profile="geovr")
+    assert (lmms.profile, lmms.frames, lmms.parser, lmms.max_new_tokens, lmms.max_frame_tokens) == (
+        "lmms-eval",
+        32,
+        "original",
+        16,
+        300,
+    )
+    assert (geovr.frames, geovr.parser, geovr.max_new_tokens, geovr.max_frame_tokens) == (
+        128,
+        "geovr",
+        32768,
+        384,
+    )
+    assert lmms.frame_pairing == geovr.frame_pairing == "consecutive"
+    spec = geovr.spec
+    assert (spec.do_sample, spec.top_p, spec.temperature, spec.top_k, spec.system_prompt) == (
+        True,
+        0.8,
+        0.7,
+        20,
+        None,
+    )
+    assert not lmms.spec.do_sample and lmms.spec.system_prompt == "You are a helpful assistant."
+    assert VSIBenchConfig(profile="geovr", frames=8, parser="extract_number").frames == 8
+    with pytest.raises(ValueError, match="unknown profile"):
+        VSIBenchConfig(profile="paper")
+    # GeoVR's sampler always takes N indices (repeating frames of a short video); lmms-eval caps at the length.
+    assert sample_indices(3, 5, cap=False).tolist() == [0, 0, 1, 2, 2] and sample_indices(3, 5).tolist() == [
+        0,
+        1,
+        2,
+    ]
+
+
+def test_geovr_profile_end_to_end_names_its_profile(model_dir, data_dir, tmp_path):
+    out = tmp_path / "geovr"
+    args = ["eval", "vsibench", "--model", str(model_dir), "--data", str(data_dir), "--out", str(out)]
+    args += ["--profile", "geovr", "--frames", "4", "--max-new-tokens", "4", "--batch-size", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == NUM_QUESTIONS
+    assert all(p["profile"] == "geovr" and p["frame_pairing"] == "consecutive" for p in predictions)
+    assert all(p["prediction"] == p["prediction"].strip() for p in predictions)
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["profile"], summary["parser"], summary["frames"]) == ("geovr", "geovr", 4)
+    assert "profile: geovr" in (out / "summary.md").read_text()
+    assert len(summary["scores"]) == 9  # GeoVR reports all 8 tasks (0 without questions) and the mean
+
+    # Sampled answers come from a generator seeded by (seed, the batch's ids): a rerun repeats them.
+    again = tmp_path / "again"
+    result = CliRunner().invoke(app, [*args[:7], str(again), *args[8:]])
+    assert result.exit_code == 0, result.output
+    rerun = [json.loads(line) for line in (again / "predictions.jsonl").read_text().splitlines()]
+    assert [p["prediction"] for p in rerun] == [p["prediction"] for p in predictions]

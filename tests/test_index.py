@@ -97,10 +97,14 @@ def test_qa_files_dedupe_and_report_missing(corpus: Path, tmp_path: Path) -> Non
         {"video": "gone/missing.mp4", "status": "missing", "reason": by_video["gone/missing.mp4"]["reason"]}
     ]
 
+    # Rows the QA contract refuses are counted with their file and line; the run goes on.
     broken = tmp_path / "broken.jsonl"
-    broken.write_text('{"video": "a.mp4"}\n{not json\n')
-    with pytest.raises(ValueError, match=r"broken.jsonl:2"):
-        build_manifest([broken], out, TINY, corpus_root=corpus, workers=1)
+    broken.write_text('{"video": "scene_0002.mp4"}\n{not json\n{"video": ["a.mp4", "b.mp4"]}\n')
+    report = build_manifest([broken], out, TINY, corpus_root=corpus, workers=1)
+    assert [r["video"] for r in read_manifest(out).rows] == ["scene_0002.mp4"]
+    assert len(report.bad_rows) == 2 and report.num_qa_rows == 3
+    assert report.bad_rows[0].startswith(f"{broken}:2: not valid JSON")
+    assert report.bad_rows[1] == f"{broken}:3: 'video' names 2 videos; a row may name exactly one"
 
 
 def test_extend_keeps_existing_shards(corpus: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -111,7 +112,9 @@ def test_batch_from_the_cache(batch, tiny_dir):
     assert batch.scale_valid.tolist() == [True, False] and torch.isnan(batch.scale[1])
     tokenizer = AutoTokenizer.from_pretrained(tiny_dir)
     text = tokenizer.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
-    assert "These are frames" not in text and "<image>" not in text and "<0.5 seconds>" in text
+    assert "These are frames" not in text and "<image>" not in text
+    # Frames at 0, 0.5, 1, 1.5 s, repeated as GeoVR does: D = "1.2", token j at (4j + 1) * 1.2 / 16 s.
+    assert re.findall(r"<([0-9.]+) seconds>", text) == ["0.1", "0.4", "0.7", "1.0"]
     answer = tokenizer.decode(batch.labels[0][batch.labels[0] >= 0])
     assert answer == "Two.<|im_end|>\n"
     assert int((batch.mm_token_type_ids[0] == 2).sum()) == 4 * 6
@@ -128,13 +131,63 @@ def test_forward_backward_gives_five_finite_losses_and_freezes_vision(student, b
     assert cfg.camera_weight == 2.5 and losses["total"].item() == pytest.approx(expected.item(), rel=1e-6)
     losses["total"].backward()
     visual = student.base.model.visual
-    frozen = [
-        p for n, p in visual.named_parameters() if not n.startswith(("merger.", "deepstack_merger_list."))
-    ]
+    frozen = [p for n, p in visual.named_parameters() if not n.startswith("merger.")]
     assert frozen and all(p.grad is None and not p.requires_grad for p in frozen)
     assert visual.merger.linear_fc2.weight.grad.abs().sum() > 0
-    assert visual.deepstack_merger_list[0].linear_fc2.weight.grad.abs().sum() > 0
     student.zero_grad(set_to_none=True)
+
+
+LAYER_PARAMS = (
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "self_attn.q_norm.weight",
+    "self_attn.k_norm.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+)
+MERGER_PARAMS = (
+    "norm.weight",
+    "norm.bias",
+    "linear_fc1.weight",
+    "linear_fc1.bias",
+    "linear_fc2.weight",
+    "linear_fc2.bias",
+)
+
+
+def test_trainable_parameters_are_geovrs(tiny_dir):
+    """GeoVR's `set_model`: the vision tower frozen except `visual.merger`; the DeepStack mergers train
+    only with `student.train_deepstack_mergers`. The tied LM head is the embedding (listed once)."""
+    llm = {"base.model.language_model.embed_tokens.weight", "base.model.language_model.norm.weight"} | {
+        f"base.model.language_model.layers.{i}.{name}" for i in range(4) for name in LAYER_PARAMS
+    }
+    merger = {f"base.model.visual.merger.{name}" for name in MERGER_PARAMS}
+    deepstack = {f"base.model.visual.deepstack_merger_list.0.{name}" for name in MERGER_PARAMS}
+    for train_deepstack, expected_visual in ((False, merger), (True, merger | deepstack)):
+        config = load_section(
+            StudentConfig, "student", "tiny", train_deepstack_mergers=train_deepstack
+        ).matched_to(FINGERPRINT)
+        student = GeoVRStudent.from_base(tiny_dir, config)
+        heads = {
+            f"{prefix}.{name}"
+            for prefix, module in student.geometry_modules().items()
+            for name, _ in module.named_parameters()
+        }
+        assert heads and all(
+            name.split(".")[0]
+            in {"camera_token", "camera_head", "scale_token", "scale_head", "dense_head", "distill_heads"}
+            for name in heads
+        )
+        trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+        assert trainable == llm | expected_visual | heads
+        groups = {g["name"]: {id(p) for p in g["params"]} for g in student.param_groups()}
+        ds_param = student.base.model.visual.deepstack_merger_list[0].linear_fc1.weight
+        assert (id(ds_param) in groups["llm"]) is train_deepstack
 
 
 def test_each_geometric_loss_reaches_its_head_and_the_llm(student, batch):
@@ -290,33 +343,61 @@ def test_language_loss_equals_plain_qwen3vl_with_geometry_off(tiny_dir, batch):
     assert ours["total"].item() == pytest.approx(reference.item(), rel=1e-5)
 
 
-def test_hidden_states_include_deepstack_and_precede_the_final_norm(tiny_dir, batch):
-    """transformers 5.x records decoder-layer outputs before the DeepStack addition and the last one
-    after the final norm; the student's hidden states follow GeoVR (after DeepStack, before the norm)."""
-    off = load_section(
-        StudentConfig, "student", "tiny", camera=False, depth=False, scale=False, distill=False
-    )
-    student = GeoVRStudent.from_base(tiny_dir, off).eval()
+def test_hidden_states_and_head_inputs_follow_transformers_5_5(tiny_dir, batch):
+    """Checks the student's hidden states against transformers' own `Qwen3VLTextModel.forward` with
+    `output_hidden_states=True` on the same embeddings, positions and DeepStack features. Under
+    `capture_outputs` (5.5.0, as GeoVR runs it; the installed 5.x records the same) entry 0 is the
+    input of layer 0, entry k the output of decoder layer k before the DeepStack addition, and entry
+    N the final-norm output. Asserted: indices 0 and N, and every index above the D DeepStack levels,
+    equal transformers'; indices 1..D are transformers' plus the DeepStack addition (the student's
+    kept convention). Then: the camera and scale heads read index N, and the dense head's and the
+    distillation head's deepest level (index N of N) is index N, the normed state."""
+    student = GeoVRStudent.from_base(
+        tiny_dir, load_section(StudentConfig, "student", "tiny").matched_to(FINGERPRINT)
+    ).eval()
+    lm = student.base.model.language_model
+    layers = len(lm.layers)
     with torch.no_grad():
         layout = student._layout(batch)
         embeds, deepstack = student._input_embeddings(batch, layout)
-        last, ours = student._decoder(embeds, layout, deepstack, {0, 1, 4})
-        hf = student.base(
-            input_ids=batch.input_ids,
-            attention_mask=batch.attention_mask,
-            pixel_values_videos=batch.pixel_values_videos,
-            video_grid_thw=batch.video_grid_thw,
-            mm_token_type_ids=batch.mm_token_type_ids,
+        _, ours = student._decoder(embeds, layout, deepstack, set(range(layers + 1)))
+        hf = lm(
+            inputs_embeds=embeds,
+            attention_mask=layout.attention_mask,
+            position_ids=layout.position_ids,
+            visual_pos_masks=layout.visual_mask,
+            deepstack_visual_embeds=deepstack,
             output_hidden_states=True,
-        ).hidden_states
-    real = batch.attention_mask.bool()
-    torch.testing.assert_close(ours[0][real], hf[0][real])
-    with_deepstack = hf[1].clone()
-    with_deepstack[layout.visual_mask] += deepstack[0]  # the tiny model adds DeepStack after layer 0
+        )
+    real = layout.attention_mask.bool()
+    assert len(hf.hidden_states) == layers + 1 and len(deepstack) == 1  # the tiny model: D = 1
+    torch.testing.assert_close(hf.hidden_states[layers], hf.last_hidden_state)
+    for k in (0, layers, *range(len(deepstack) + 1, layers)):
+        torch.testing.assert_close(ours[k][real], hf.hidden_states[k][real])
+    with_deepstack = hf.hidden_states[1].clone()
+    with_deepstack[layout.visual_mask] += deepstack[0]
     torch.testing.assert_close(ours[1][real], with_deepstack[real])
-    assert not torch.allclose(ours[1][real], hf[1][real])
-    torch.testing.assert_close(student.base.model.language_model.norm(ours[4])[real], hf[4][real])
-    torch.testing.assert_close(last[real], hf[4][real])
+
+    seen = {}
+    heads = {"camera": student.camera_head, "scale": student.scale_head, "dense": student.dense_head}
+    heads["distill"] = student.distill_heads[student.layer_indices.index(layers)]
+    hooks = [
+        module.register_forward_pre_hook(lambda _, args, name=name: seen.setdefault(name, []).append(args[0]))
+        for name, module in heads.items()
+    ]
+    with torch.no_grad():
+        student(batch)
+    for hook in hooks:
+        hook.remove()
+    normed = hf.last_hidden_state
+    merge = student.base.config.vision_config.spatial_merge_size
+    for b, grid in enumerate(batch.video_grid_thw.tolist()):
+        torch.testing.assert_close(seen["camera"][b], normed[b, layout.camera_positions[b]])
+        video = normed[b, layout.patch_positions[b]].unflatten(1, (grid[1] // merge, grid[2] // merge))
+        torch.testing.assert_close(seen["dense"][b][-1], video)
+        torch.testing.assert_close(seen["distill"][b], video)
+    rows = torch.arange(len(batch.clip_ids))
+    torch.testing.assert_close(seen["scale"][0], normed[rows, layout.scale_positions])
 
 
 def test_param_groups(student):

@@ -13,7 +13,10 @@ eval_app = typer.Typer(
 )
 app.add_typer(eval_app, name="eval", rich_help_panel=EVALUATION)
 
-PARSER_HELP = "numerical answer parser: original (first word) or extract_number (lmms-eval 0.7.3)"
+PARSER_HELP = (
+    "answer matching: original (first word) or extract_number (lmms-eval 0.7.3), or geovr "
+    "(GeoVR's metric_result.py)"
+)
 
 
 def _print_scores(summary: dict) -> None:
@@ -32,29 +35,41 @@ def vsibench(
         ..., "--data", help="VSI-Bench directory: *.parquet or *.jsonl + <dataset>/<scene>.mp4"
     ),
     out: Path = typer.Option(..., "--out", help="output directory (resumes from its predictions.jsonl)"),
-    frames: int = typer.Option(32, help="frames sampled uniformly per video"),
-    parser: str = typer.Option("original", help=PARSER_HELP),
+    profile: str = typer.Option(
+        "lmms-eval",
+        help="lmms-eval (32 frames, its prompts, greedy, 16 new tokens, its scorer) or geovr (128 "
+        "frames, GeoVR's eval_vsi.py prompts, top-p 0.8 / temperature 0.7 sampling, its matching)",
+    ),
+    frames: int | None = typer.Option(None, help="frames sampled uniformly per video [profile: 32 / 128]"),
+    parser: str | None = typer.Option(None, help=PARSER_HELP + " [profile: original / geovr]"),
     batch_size: int = typer.Option(1, help="questions per generate call (left padding)"),
     limit: int | None = typer.Option(None, help="only the first N questions"),
-    max_frame_tokens: int = typer.Option(300, help="merged visual tokens per frame at most"),
-    frame_pairing: str = typer.Option(
-        "repeat",
-        help="repeat: one temporal token per frame (GeoVR); consecutive: frame pairs per token "
-        "(Qwen3-VL processor / lmms-eval, comparable with published numbers)",
+    max_new_tokens: int | None = typer.Option(None, help="answer length at most [profile: 16 / 32768]"),
+    max_frame_tokens: int | None = typer.Option(
+        None, help="merged visual tokens per frame at most [profile: 300 / 384]"
     ),
+    frame_pairing: str = typer.Option(
+        "consecutive",
+        help="consecutive: frame pairs per temporal token, as the Qwen3-VL processor, GeoVR's "
+        "eval_vsi.py and lmms-eval feed it; repeat: one frame per token, GeoVR's training layout",
+    ),
+    seed: int = typer.Option(42, help="sampling seed (geovr profile): each batch samples from (seed, ids)"),
     device: str = typer.Option("cpu", help="torch device"),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
 ) -> None:
-    """Answer VSI-Bench with a model (greedy, 16 new tokens) and score it as lmms-eval does."""
+    """Answer VSI-Bench with a model under a published protocol (--profile) and score it."""
     from geovr.eval.vsibench import VSIBenchConfig, run_vsibench
 
     cfg = VSIBenchConfig(
+        profile=profile,
         frames=frames,
         parser=parser,
         batch_size=batch_size,
         limit=limit,
+        max_new_tokens=max_new_tokens,
         max_frame_tokens=max_frame_tokens,
         frame_pairing=frame_pairing,
+        seed=seed,
         device=device,
         dtype=dtype,
     )

@@ -54,6 +54,10 @@ def index(
         f"indexed {report.num_clips} clips into {report.num_shards} shards -> {out} "
         f"({report.num_qa_rows} QA rows, {report.rows_without_video} without a video)"
     )
+    for line in report.bad_rows[:20]:
+        console.print(f"[yellow]skipped QA row[/] {line}", highlight=False, soft_wrap=True)
+    if len(report.bad_rows) > 20:
+        console.print(f"... and {len(report.bad_rows) - 20} more skipped QA rows", highlight=False)
     if report.bad:
         table = Table(title=f"{len(report.bad)} unusable videos", header_style="bold")
         for column in ("video", "status", "reason"):

@@ -29,6 +29,11 @@ def train_command(
     ),
     out: Path = typer.Option(..., "--out", help="Run directory: checkpoints, metrics.jsonl, TensorBoard."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last complete checkpoint."),
+    corpus_root: Path | None = typer.Option(
+        None,
+        "--corpus-root",
+        help="The --corpus-root of `index` (data.corpus_root): needed for QA rows with absolute video paths.",
+    ),
     overrides: list[str] = typer.Option(
         [], "--set", help="Override a preset value: train.steps=100, data.num_workers=2, student.depth=false."
     ),
@@ -47,7 +52,8 @@ def train_command(
     from geovr.teacher_cache.config import load_section
 
     train_cfg = load_section(TrainConfig, "train", preset, overrides)
-    data_cfg = load_section(DataConfig, "data", preset, overrides)
+    root = str(corpus_root) if corpus_root is not None else None
+    data_cfg = load_section(DataConfig, "data", preset, overrides, corpus_root=root)
     student_cfg = load_section(StudentConfig, "student", preset, overrides, base_model=str(model))
     if not model.is_dir():
         raise FileNotFoundError(f"model directory {model} does not exist")
