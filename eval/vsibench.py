@@ -6,8 +6,10 @@ question, options, ground_truth), and the videos at `<dataset>/<scene_name>.mp4`
 
 Per question, as lmms-eval 0.7.3 runs VSI-Bench with Qwen3-VL:
 - frames: N frames sampled uniformly, indices round(linspace(0, total - 1, min(N, total))), decoded
-  with PyAV; resized to the student frame size (`teacher_cache.frames.student_frame_size`, at most
-  `max_frame_tokens` merged tokens) and preprocessed with `geovr.student.vision_inputs`. Frame
+  with PyAV and rotated as players show them (the stream's display matrix); resized as the Qwen3-VL
+  processor sizes the whole clip (`teacher_cache.frames.student_frame_size`: the clip pixel budget
+  `video_max_pixels` over the N frames, for the frame pairing used) and preprocessed with
+  `geovr.student.vision_inputs`. Frame
   pairing (`--frame-pairing`): "repeat" (default) repeats each frame so that one temporal token
   holds one frame, GeoVR's convention in training and evaluation; "consecutive" merges consecutive
   frame pairs into one temporal token as the Qwen3-VL processor and lmms-eval's Qwen3-VL runs do,
@@ -49,7 +51,13 @@ from geovr.student.vision_inputs import (
     build_video_prompt,
     video_inputs,
 )
-from geovr.teacher_cache.frames import resize_frames, student_frame_size
+from geovr.teacher_cache.frames import (
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    display_rotated,
+    resize_frames,
+    student_frame_size,
+)
 
 PRE_PROMPT = "These are frames of a video."
 NA_POST_PROMPT = "Please answer the question using a single word or phrase."
@@ -69,7 +77,8 @@ class VSIBenchConfig:
     batch_size: int = 1
     limit: int | None = None
     max_new_tokens: int = 16
-    max_frame_tokens: int = 300
+    video_max_pixels: int = VIDEO_MAX_PIXELS
+    video_min_pixels: int = VIDEO_MIN_PIXELS
     frame_pairing: str = "repeat"
     system_prompt: str = SYSTEM_PROMPT
     device: str = "cpu"
@@ -87,6 +96,11 @@ class VSIBenchConfig:
         if self.frame_pairing not in FRAME_PAIRINGS:
             raise ValueError(
                 f"frame pairing must be one of {', '.join(FRAME_PAIRINGS)}, got {self.frame_pairing!r}"
+            )
+        if not 0 < self.video_min_pixels <= self.video_max_pixels:
+            raise ValueError(
+                f"video min pixels ({self.video_min_pixels}) must be in (0, video max pixels "
+                f"({self.video_max_pixels})]"
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
@@ -186,7 +200,7 @@ def _count_frames(path: Path) -> int:
 
 
 def read_video_frames(path: Path, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """`num_frames` uniformly sampled frames: (S, H, W, 3) uint8 RGB and (S,) seconds."""
+    """`num_frames` uniformly sampled frames as displayed: (S, H, W, 3) uint8 RGB and (S,) seconds."""
     total = _count_frames(path)
     if total == 0:
         raise ValueError(f"{path}: video has no frames")
@@ -201,7 +215,7 @@ def read_video_frames(path: Path, num_frames: int) -> tuple[np.ndarray, np.ndarr
             for index, frame in enumerate(container.decode(stream)):
                 decoded = index + 1
                 if index in keep:
-                    frames[index] = frame.to_ndarray(format="rgb24")
+                    frames[index] = display_rotated(frame.to_ndarray(format="rgb24"), frame.rotation)
                     times[index] = float(frame.time) if frame.time is not None else index / fps
         if len(frames) == len(keep):
             order = sorted(frames)
@@ -242,7 +256,9 @@ class Qwen3VLGenerator:
         )
         self.model.to(cfg.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.preprocess = VideoPreprocess.from_model_dir(model_dir, cfg.max_frame_tokens)
+        self.preprocess = VideoPreprocess.from_model_dir(
+            model_dir, cfg.video_max_pixels, cfg.video_min_pixels
+        )
         self.cfg = cfg
         self.video_token_id = self.model.config.video_token_id
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -328,7 +344,11 @@ class _FrameCache:
             if not path.is_file():
                 raise FileNotFoundError(f"video {path} not found")
             frames, times = read_video_frames(path, self.cfg.frames)
-            frames = resize_frames(frames, student_frame_size(*frames.shape[1:3], self.cfg.max_frame_tokens))
+            cfg = self.cfg
+            size_hw = student_frame_size(
+                *frames.shape[:3], cfg.video_max_pixels, cfg.video_min_pixels, cfg.frame_pairing
+            )
+            frames = resize_frames(frames, size_hw)
             self.items[path] = (frames, times)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)

@@ -36,7 +36,11 @@ def vsibench(
     parser: str = typer.Option("original", help=PARSER_HELP),
     batch_size: int = typer.Option(1, help="questions per generate call (left padding)"),
     limit: int | None = typer.Option(None, help="only the first N questions"),
-    max_frame_tokens: int = typer.Option(300, help="merged visual tokens per frame at most"),
+    video_max_pixels: int = typer.Option(
+        32 * 300 * 32 * 32,
+        help="pixel budget of the whole clip, as the Qwen3-VL video processor applies it (GeoVR's)",
+    ),
+    video_min_pixels: int = typer.Option(4 * 16 * 32 * 32, help="minimum pixels of the whole clip (GeoVR's)"),
     frame_pairing: str = typer.Option(
         "repeat",
         help="repeat: one temporal token per frame (GeoVR); consecutive: frame pairs per token "
@@ -53,7 +57,8 @@ def vsibench(
         parser=parser,
         batch_size=batch_size,
         limit=limit,
-        max_frame_tokens=max_frame_tokens,
+        video_max_pixels=video_max_pixels,
+        video_min_pixels=video_min_pixels,
         frame_pairing=frame_pairing,
         device=device,
         dtype=dtype,
