@@ -11,8 +11,9 @@ GeoVR trains on repeated frames (`utils/preprocess.py`, `get_repeat_video_inputs
 sizes the S sampled frames as above, the result is read back with the processor's temporal padding
 (2 * ceil(S / 2) frames), every frame is repeated twice and the processor runs again with twice the
 budget and the same minimum. `student_frame_size(..., frame_pairing="repeat")` composes exactly these
-two passes; for even S the second pass changes nothing, for odd S it can take one more step of 32
-off a side (the padding frame counts against the budget). "consecutive" is the plain processor.
+two passes; for even S the second pass changes nothing, for odd S where the budget binds it
+shrinks the sides by about sqrt((S + 1) / S) (the padding frame counts against the budget: 9 frames
+of 1080p get 736x1312 instead of 768x1376). "consecutive" is the plain processor.
 
 The student's frames are stored at this size in the cache, so training feeds them without resizing.
 """

@@ -434,3 +434,76 @@ def test_4k_decode_task_memory_follows_the_output_sizes(tmp_path: Path) -> None:
         f"peak {clip['peak'] / 1e6:.0f} MB > bound {bound / 1e6:.0f} MB (decoder {decoder / 1e6:.0f} MB, "
         f"outputs {outputs / 1e6:.0f} MB)"
     )
+
+
+def _write_rotated(path: Path, frames: np.ndarray, degrees: float, hflip: bool = False) -> Path:
+    """Encode frames (stored as given) with a display matrix rotating them `degrees` counterclockwise."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=4)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.set_display_rotation(degrees, hflip=hflip)
+        for image in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+# PyAV's rotation (counterclockwise degrees) -> (recorded rotation, where the stored top-left corner is shown).
+ROTATIONS = {
+    0: (0, "top-left"),
+    90: (90, "bottom-left"),
+    -90: (270, "top-right"),  # a phone's portrait video (90 degrees clockwise)
+    180: (180, "bottom-right"),
+    270: (270, "top-right"),
+}
+
+
+@pytest.mark.parametrize("degrees", list(ROTATIONS))
+def test_display_rotation_is_applied_at_decode_and_recorded(tmp_path: Path, degrees: int) -> None:
+    from geovr.eval.vsibench import read_video_frames
+    from geovr.pipeline.precompute import decode_clip
+    from geovr.pipeline.teachers.labeler import teacher_size
+
+    stored = smooth_frames(10, 96, 160)
+    stored[:, :24, :24] = 255  # a white stored top-left corner shows where the picture went
+    _write_rotated(tmp_path / "r.mp4", stored, degrees)
+    rotation, corner = ROTATIONS[degrees]
+    shown = np.rot90(stored, rotation // 90, axes=(1, 2))
+    height, width = shown.shape[1:3]
+
+    info = probe_video(tmp_path / "r.mp4")
+    assert (info.width, info.height, info.rotation) == (width, height, rotation)
+    decoded = decode_frames(tmp_path / "r.mp4", np.array([0, 4, 9]))
+    (frames,) = decoded.outputs
+    assert decoded.rotation == rotation and decoded.source_hw == (height, width) == frames.shape[1:3]
+    assert np.abs(frames.astype(np.float64) - shown[[0, 4, 9]]).mean() < 3.0  # codec noise
+    rows = slice(0, 16) if corner.startswith("top") else slice(height - 16, height)
+    cols = slice(0, 16) if corner.endswith("left") else slice(width - 16, width)
+    assert frames[:, rows, cols].min() > 200, corner
+    eval_frames, _ = read_video_frames(tmp_path / "r.mp4", 3)
+    assert np.array_equal(eval_frames, frames)
+
+    policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=8).policy()
+    status, teacher, clip = decode_clip("r.mp4", str(tmp_path), policy, *BUDGET, 90, teacher_resize=(112, 28))
+    assert status["ok"] and clip["meta"]["rotation"] == rotation
+    assert clip["meta"]["source_size"] == [width, height]
+    student_hw = student_frame_size(len(teacher), height, width)
+    assert clip["meta"]["student_size"] == [student_hw[1], student_hw[0]]
+    _, full, _ = decode_clip("r.mp4", str(tmp_path), policy, *BUDGET, 90)
+    expected = resize_frames(full, teacher.shape[1:3])  # rotate, then resize
+    assert teacher.shape[1:3] == teacher_size(height, width, 112, 28)
+    # Resized before the rotation: PIL resamples rows, rounds, then columns, so a quarter turn changes
+    # the rounding (measured: mean 0.12, at most 5 levels, at the white corner's edges).
+    error = np.abs(teacher.astype(np.int64) - expected)
+    assert error.mean() < 0.5 and error.max() <= 8
+
+
+@pytest.mark.parametrize(("degrees", "hflip"), [(45, False), (90, True)])
+def test_display_matrices_that_are_not_quarter_turns_are_refused(tmp_path: Path, degrees, hflip) -> None:
+    path = _write_rotated(tmp_path / "m.mp4", smooth_frames(4, 64, 96), degrees, hflip=hflip)
+    for call in (lambda: probe_video(path), lambda: decode_frames(path, np.arange(2))):
+        with pytest.raises(VideoError) as err:
+            call()
+        assert err.value.reason == "unsupported-rotation" and "m.mp4" in str(err.value)
