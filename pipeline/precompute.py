@@ -201,16 +201,16 @@ def decode_clip(
             at the displayed source size or at the teacher size (`teacher_resize`).
         info: frame_indices (S,) int64, timestamps (S,) float64, frames_jpeg (S student JPEGs), meta.
     """
-    from geovr.pipeline.teachers.labeler import teacher_size
-
     started = time.perf_counter()
     path = Path(corpus_root) / video
     cfg = SamplingConfig.from_policy(policy)
 
     def output_sizes(height: int, width: int) -> list[tuple[int, int]]:
-        teacher_hw = (
-            (height, width) if teacher_resize is None else teacher_size(height, width, *teacher_resize)
-        )
+        teacher_hw = (height, width)
+        if teacher_resize is not None:
+            from geovr.pipeline.teachers.labeler import teacher_size
+
+            teacher_hw = teacher_size(height, width, *teacher_resize)
         return [teacher_hw, student_frame_size(keep, height, width, video_max_pixels, video_min_pixels)]
 
     try:

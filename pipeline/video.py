@@ -331,9 +331,11 @@ OutputSizes = Callable[[int, int], Sequence[tuple[int, int]]]
 def _frame_outputs(
     frame: av.VideoFrame, coded_wh: tuple[int, int], rotation: int, sizes: Sequence[tuple[int, int]]
 ) -> list[np.ndarray]:
-    """One decoded frame converted to RGB at the first frame's coded size, resized to each output
-    size (PIL bicubic, the displayed (h, w) given) and rotated for display. Holds one source-size
-    image (RGBX, 4 bytes per pixel) at a time: swscale writes it and PIL resizes it in place of a copy."""
+    """One decoded frame converted to RGB, resized to each output size (PIL bicubic; the displayed
+    (h, w) given) and rotated for display. The conversion is at the first frame's coded size: gray,
+    10-bit, yuv444 and odd sizes all become RGB, and a stream whose resolution changes mid-way keeps
+    its first size. One source-size image is held (RGBX, 4 bytes a pixel): swscale writes it and PIL
+    reads it without a copy."""
     rgbx = np.ascontiguousarray(frame.to_ndarray(width=coded_wh[0], height=coded_wh[1], format="rgba"))
     image = Image.frombuffer("RGBX", coded_wh, rgbx, "raw", "RGBX", 0, 1)
     outputs = []

@@ -559,7 +559,11 @@ def check_frame_budget(fingerprint: StoreFingerprint, max_pixels: int, min_pixel
         return
     stored = (frames.get("video_max_pixels"), frames.get("video_min_pixels"))
     if stored != (max_pixels, min_pixels):
-        budget = f"{stored[0]}/{stored[1]}" if None not in stored else f"a per-frame cap ({frames})"
+        budget = (
+            f"{stored[0]}/{stored[1]}"
+            if None not in stored
+            else f"a per-frame cap of {frames.get('max_tokens')} tokens"
+        )
         raise DataError(
             f"the store's student frames were sized for video_max_pixels/video_min_pixels {budget}, the "
             f"student's are {max_pixels}/{min_pixels}: set student.video_max_pixels/video_min_pixels to the "
