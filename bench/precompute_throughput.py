@@ -49,6 +49,7 @@ from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler, teach
 from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
 from geovr.pipeline.video import SamplingConfig
 from geovr.teacher_cache.config import load_section, to_dict
+from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("GEOVR_SHARED", REPO.parent / "shared")) / "reference"
@@ -164,7 +165,8 @@ def main() -> None:
             row["video"],
             str(videos),
             sampling.policy(),
-            300,
+            VIDEO_MAX_PIXELS,
+            VIDEO_MIN_PIXELS,
             90,
             (teacher.image_long_side, teacher.size_multiple),
         )

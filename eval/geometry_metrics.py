@@ -187,7 +187,9 @@ def load_student(model: str | Path, device: str = "cpu"):
     checkpoint = resolve_checkpoint(Path(model))
     student = GeoVRStudent.from_pretrained(checkpoint, dtype=torch.float32).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
-    preprocess = VideoPreprocess.from_model_dir(checkpoint, student.config.max_frame_tokens)
+    preprocess = VideoPreprocess.from_model_dir(
+        checkpoint, student.config.video_max_pixels, student.config.video_min_pixels
+    )
     return student, tokenizer, preprocess
 
 

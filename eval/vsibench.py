@@ -8,7 +8,7 @@ Two evaluation profiles (`--profile`, `PROFILES`), the two published protocols:
 - `lmms-eval` (default), as lmms-eval 0.7.3 runs VSI-Bench with Qwen3-VL: 32 frames, the system
   message "You are a helpful assistant.", the user text `build_prompt(row)` (its pre- and
   post-prompts), greedy decoding of at most 16 new tokens, lmms-eval's scorer (`--parser original`
-  or `extract_number`), at most `max_frame_tokens` = 300 merged tokens per frame;
+  or `extract_number`), `max_frame_tokens` = 300 merged tokens per frame;
 - `geovr`, as GeoVR's `eval_vsi.py` and `metric_result.py` run it: 128 frames, no system message,
   the user text `build_geovr_prompt(row)`, sampled decoding (top-p 0.8, top-k 20, temperature 0.7,
   up to 32768 new tokens; the answer stripped), GeoVR's matching (`--parser geovr`), 384 merged
@@ -19,10 +19,12 @@ Two evaluation profiles (`--profile`, `PROFILES`), the two published protocols:
 `--frames`, `--parser`, `--max-new-tokens` and `--max-frame-tokens` override a profile's value.
 
 Per question:
-- frames: N frames sampled uniformly, indices round(linspace(0, total - 1, n)), decoded with PyAV,
-  n = min(N, total) for lmms-eval (qwen-vl-utils), n = N for geovr (transformers' sampler repeats
-  frames of a video shorter than N); resized to the student frame size
-  (`teacher_cache.frames.student_frame_size`, at most `max_frame_tokens` merged tokens) and
+- frames: N frames sampled uniformly, indices round(linspace(0, total - 1, n)), decoded with PyAV
+  and rotated as players show them (the stream's display matrix), n = min(N, total) for lmms-eval
+  (qwen-vl-utils), n = N for geovr (transformers' sampler repeats frames of a video shorter than
+  N); resized as the Qwen3-VL processor sizes a whole clip (`teacher_cache.frames.student_frame_size`)
+  under the clip budget `max_frame_tokens` * 32 * 32 * t_bar pixels (t_bar: n rounded up to even)
+  and `video_min_pixels`, for the frame pairing used, then
   preprocessed with `geovr.student.vision_inputs`. Frame pairing (`--frame-pairing`): "consecutive"
   (default) puts consecutive frame pairs into one temporal token, as the plain Qwen3-VL processor
   does and as both GeoVR's `eval_vsi.py` and lmms-eval feed it; "repeat" repeats each frame so that
@@ -42,6 +44,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -65,7 +68,12 @@ from geovr.student.vision_inputs import (
     build_video_prompt,
     video_inputs,
 )
-from geovr.teacher_cache.frames import resize_frames, student_frame_size
+from geovr.teacher_cache.frames import (
+    VIDEO_MIN_PIXELS,
+    display_rotated,
+    resize_frames,
+    student_frame_size,
+)
 
 PRE_PROMPT = "These are frames of a video."
 NA_POST_PROMPT = "Please answer the question using a single word or phrase."
@@ -151,6 +159,7 @@ class VSIBenchConfig:
     limit: int | None = None
     max_new_tokens: int | None = None
     max_frame_tokens: int | None = None
+    video_min_pixels: int = VIDEO_MIN_PIXELS
     frame_pairing: str = "consecutive"
     seed: int = 42
     device: str = "cpu"
@@ -168,6 +177,11 @@ class VSIBenchConfig:
     def spec(self) -> EvalProfile:
         return PROFILES[self.profile]
 
+    def clip_max_pixels(self, num_frames: int) -> int:
+        """The clip pixel budget of `num_frames` frames: `max_frame_tokens` merged 32x32 tokens per
+        frame of the processor's t_bar (`num_frames` rounded up to even)."""
+        return self.max_frame_tokens * 32 * 32 * 2 * math.ceil(num_frames / 2)
+
     def validate(self) -> None:
         if self.frames < 1:
             raise ValueError(f"frames must be at least 1, got {self.frames}")
@@ -180,6 +194,11 @@ class VSIBenchConfig:
         if self.frame_pairing not in FRAME_PAIRINGS:
             raise ValueError(
                 f"frame pairing must be one of {', '.join(FRAME_PAIRINGS)}, got {self.frame_pairing!r}"
+            )
+        if not 0 < self.video_min_pixels <= self.clip_max_pixels(1):
+            raise ValueError(
+                f"video min pixels ({self.video_min_pixels}) must be in (0, the clip budget of one "
+                f"frame pair ({self.clip_max_pixels(1)})]"
             )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
@@ -272,7 +291,7 @@ def _count_frames(path: Path) -> int:
 
 
 def read_video_frames(path: Path, num_frames: int, cap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Uniformly sampled frames (`sample_indices`): (S, H, W, 3) uint8 RGB and (S,) seconds."""
+    """Uniformly sampled frames (`sample_indices`) as displayed: (S, H, W, 3) uint8 RGB and (S,) seconds."""
     total = _count_frames(path)
     if total == 0:
         raise ValueError(f"{path}: video has no frames")
@@ -287,7 +306,7 @@ def read_video_frames(path: Path, num_frames: int, cap: bool = True) -> tuple[np
             for index, frame in enumerate(container.decode(stream)):
                 decoded = index + 1
                 if index in keep:
-                    frames[index] = frame.to_ndarray(format="rgb24")
+                    frames[index] = display_rotated(frame.to_ndarray(format="rgb24"), frame.rotation)
                     times[index] = float(frame.time) if frame.time is not None else index / fps
         if len(frames) == len(keep):
             return np.stack([frames[i] for i in wanted]), np.array([times[i] for i in wanted])
@@ -328,7 +347,9 @@ class Qwen3VLGenerator:
         )
         self.model.to(cfg.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-        self.preprocess = VideoPreprocess.from_model_dir(model_dir, cfg.max_frame_tokens)
+        self.preprocess = VideoPreprocess.from_model_dir(
+            model_dir, cfg.clip_max_pixels(cfg.frames), cfg.video_min_pixels
+        )
         self.cfg = cfg
         self.video_token_id = self.model.config.video_token_id
         self.pad_token_id = self.tokenizer.pad_token_id
@@ -419,7 +440,11 @@ class _FrameCache:
             if not path.is_file():
                 raise FileNotFoundError(f"video {path} not found")
             frames, times = read_video_frames(path, self.cfg.frames, self.cfg.spec.cap_frames)
-            frames = resize_frames(frames, student_frame_size(*frames.shape[1:3], self.cfg.max_frame_tokens))
+            cfg = self.cfg
+            size_hw = student_frame_size(
+                *frames.shape[:3], cfg.clip_max_pixels(len(frames)), cfg.video_min_pixels, cfg.frame_pairing
+            )
+            frames = resize_frames(frames, size_hw)
             self.items[path] = (frames, times)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)

@@ -283,7 +283,9 @@ def measure_student(
     per held-out clip (`eval geometry`'s prediction path) its depth (S, Hd, Wd), and the unweighted
     parts of its camera loss {translation, rotation, fov} averaged over the clips."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    preprocess = VideoPreprocess.from_model_dir(model_dir, student.config.max_frame_tokens)
+    preprocess = VideoPreprocess.from_model_dir(
+        model_dir, student.config.video_max_pixels, student.config.video_min_pixels
+    )
     student.eval()
     totals: dict[str, float] = {}
     with _progress(console) as progress:

@@ -87,7 +87,7 @@ from geovr.pipeline.video import (
 )
 from geovr.teacher_cache import __version__
 from geovr.teacher_cache.config import from_dict, require, to_dict
-from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame_size
+from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, encode_jpeg, student_frame_size
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
 
 # Batches queued per teacher actor (and its threads): the next batch's frames are fetched, and the
@@ -112,7 +112,9 @@ class PrecomputeConfig:
         max_failure_ratio: exit non-zero when failed / all clips of the store is above this.
         max_teacher_frames: clips with more frames are labelled as overlapping halves (0: never;
             out-of-memory splits happen regardless).
-        student_max_tokens: the student frame size rule (`frames.student_frame_size`).
+        video_max_pixels, video_min_pixels: the student frames' clip pixel budget, as the Qwen3-VL video
+            processor applies it (`frames.student_frame_size`; GeoVR: 32 * 300 * 32 * 32 and
+            4 * 16 * 32 * 32): the cache stores the frames at the size the student feeds.
         jpeg_quality: quality of the stored student frames.
         max_actor_restarts: Ray restarts of a crashed teacher actor before its batches fail.
     """
@@ -127,7 +129,8 @@ class PrecomputeConfig:
     max_inflight_shards: int = 0
     max_failure_ratio: float = 0.01
     max_teacher_frames: int = 0
-    student_max_tokens: int = 300
+    video_max_pixels: int = VIDEO_MAX_PIXELS
+    video_min_pixels: int = VIDEO_MIN_PIXELS
     jpeg_quality: int = 90
     max_actor_restarts: int = 2
 
@@ -150,6 +153,11 @@ class PrecomputeConfig:
             "precompute.max_teacher_frames must be 0 (no limit) or at least 3",
         )
         require(
+            0 < self.video_min_pixels <= self.video_max_pixels,
+            f"precompute.video_min_pixels ({self.video_min_pixels}) must be in (0, video_max_pixels "
+            f"({self.video_max_pixels})]",
+        )
+        require(
             1 <= self.jpeg_quality <= 100,
             f"precompute.jpeg_quality must be in [1, 100], got {self.jpeg_quality}",
         )
@@ -167,59 +175,75 @@ def decode_clip(
     video: str,
     corpus_root: str,
     policy: dict[str, Any],
-    student_max_tokens: int,
+    video_max_pixels: int,
+    video_min_pixels: int,
     jpeg_quality: int,
     teacher_resize: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any] | None]:
     """Sample and decode one clip; the body of the `decode_clip` Ray task.
 
-    `teacher_resize` = (long side, multiple): also resize the teacher's frames to the teacher size
-    here, on a CPU worker, with the labeler's own rule and resampling (`teacher_size`, PIL bicubic
-    from uint8). The labeler then finds them at its size and PIL leaves same-size images untouched,
-    so the labels are bit-identical, the GPU actor skips the resize, and the object store carries
-    teacher-size frames instead of source-size ones (10x less for 1080p). Not used with a metric
-    teacher, which reads the source frames.
+    Every frame is resized as it is decoded (`video.decode_frames`), to the student size and the
+    teacher size, so the task's memory follows those sizes (bound in `decode_frames`): the student
+    frames at `frames.student_frame_size` of the clip's kept frames under the clip budget
+    (`video_max_pixels`, `video_min_pixels`: GeoVR's processor settings), PIL bicubic, JPEG-encoded.
+
+    `teacher_resize` = (long side, multiple): the teacher's frames at the teacher size, with the
+    labeler's own rule and resampling (`teacher_size`, PIL bicubic from uint8). The labeler then finds
+    them at its size and PIL leaves same-size images untouched, so the labels are bit-identical, the
+    GPU actor skips the resize, and the object store carries teacher-size frames instead of
+    source-size ones (10x less for 1080p). Not used with a metric teacher, which reads the source
+    frames: then the task also holds the S source-size frames.
 
     Returns (status, frames, info):
         status: {"ok": True, "frames": S decoded, "keep": frames to keep, "decode_s"} or a failure
             {"ok": False, "stage", "reason"}.
         frames: (S, H, W, 3) uint8 RGB for the teacher (the candidates for space-aware sampling),
-            at the source size or at the teacher size (`teacher_resize`).
+            at the displayed source size or at the teacher size (`teacher_resize`).
         info: frame_indices (S,) int64, timestamps (S,) float64, frames_jpeg (S student JPEGs), meta.
     """
     started = time.perf_counter()
     path = Path(corpus_root) / video
     cfg = SamplingConfig.from_policy(policy)
+
+    def output_sizes(height: int, width: int) -> list[tuple[int, int]]:
+        teacher_hw = (height, width)
+        if teacher_resize is not None:
+            from geovr.pipeline.teachers.labeler import teacher_size
+
+            teacher_hw = teacher_size(height, width, *teacher_resize)
+        return [teacher_hw, student_frame_size(keep, height, width, video_max_pixels, video_min_pixels)]
+
     try:
         pts, seconds = read_timestamps(path)
         indices = sample_indices(seconds, cfg, video)
-        frames, times = decode_frames(path, indices, (pts, seconds))
+        keep = len(indices)
+        if cfg.method == "space_aware":
+            keep = num_sampled_frames(duration_of(seconds), len(seconds), cfg)
+        decoded = decode_frames(path, indices, (pts, seconds), output_sizes)
     except VideoError as err:
         return _failure(err.stage, str(err)), None, None
     except Exception as err:  # an unexpected decoder error must not stop the run
         return _failure("decode", f"{type(err).__name__}: {err}"), None, None
-    num, height, width = frames.shape[:3]
-    keep = num
-    if cfg.method == "space_aware":
-        keep = num_sampled_frames(duration_of(seconds), len(seconds), cfg)
-    student_hw = student_frame_size(height, width, student_max_tokens)
-    jpegs = [encode_jpeg(f, jpeg_quality) for f in resize_frames(frames, student_hw)]
-    if teacher_resize is not None:
-        from geovr.pipeline.teachers.labeler import teacher_size
-
-        frames = resize_frames(frames, teacher_size(height, width, *teacher_resize))
+    frames, student_frames = decoded.outputs
+    height, width = decoded.source_hw
     info = {
         "frame_indices": indices.astype(np.int64),
-        "timestamps": times.astype(np.float64),
-        "frames_jpeg": jpegs,
+        "timestamps": decoded.seconds.astype(np.float64),
+        "frames_jpeg": [encode_jpeg(f, jpeg_quality) for f in student_frames],
         "meta": {
             "source_size": [int(width), int(height)],
+            "rotation": decoded.rotation,
             "source_frames": len(seconds),
             "source_fps": (len(seconds) - 1) / float(seconds[-1]) if seconds[-1] > 0 else 0.0,
-            "student_size": [int(student_hw[1]), int(student_hw[0])],
+            "student_size": [int(student_frames.shape[2]), int(student_frames.shape[1])],
         },
     }
-    status = {"ok": True, "frames": int(num), "keep": int(keep), "decode_s": time.perf_counter() - started}
+    status = {
+        "ok": True,
+        "frames": len(indices),
+        "keep": int(keep),
+        "decode_s": time.perf_counter() - started,
+    }
     return status, frames, info
 
 
@@ -578,8 +602,10 @@ class Precompute:
     def fingerprint(self, parts: dict[str, Any]) -> StoreFingerprint:
         preprocess = dict(parts["preprocess"])
         preprocess["student_frames"] = {
-            "max_tokens": self.cfg.student_max_tokens,
-            "rule": "frames.student_frame_size, PIL bicubic, JPEG",
+            "video_max_pixels": self.cfg.video_max_pixels,
+            "video_min_pixels": self.cfg.video_min_pixels,
+            "rule": "frames.student_frame_size of the kept frames (clip budget, repeat pairing), "
+            "displayed orientation, PIL bicubic at decode, JPEG",
             "jpeg_quality": self.cfg.jpeg_quality,
         }
         return StoreFingerprint(
@@ -719,7 +745,8 @@ class Precompute:
                         clip.row["video"],
                         str(self.manifest.corpus_root),
                         self.manifest.sampling,
-                        cfg.student_max_tokens,
+                        cfg.video_max_pixels,
+                        cfg.video_min_pixels,
                         cfg.jpeg_quality,
                         teacher_resize,
                     )

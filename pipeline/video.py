@@ -12,25 +12,37 @@ Three steps, each usable on its own:
    nearest each target time is taken, so a burst of frames does not get over-sampled).
    `select_space_aware(...)` is the optional Spatial-MLLM policy: from a denser candidate set,
    greedy maximum coverage of the voxels of the teacher's reconstruction.
-3. `decode_frames(path, indices) -> (frames, timestamps)`: decodes once, front to back, keeping only
-   the wanted frames, converted to RGB at the stream's first-frame size (grayscale, 10-bit, odd
-   sizes and mid-stream size changes all come out as (S, H, W, 3) uint8).
+3. `decode_frames(path, indices, sizes=...) -> DecodedFrames`: decodes once, front to back, keeping
+   only the wanted frames, each converted to RGB and resized to the requested output sizes as soon
+   as it is decoded (grayscale, 10-bit, odd sizes and mid-stream size changes all come out as
+   (S, h, w, 3) uint8), so memory follows the output sizes, not the source (bound in its docstring).
+
+Rotation: a stream whose display matrix rotates the picture (phones store portrait video as
+landscape plus a 90-degree matrix) is decoded as players show it. Sizes are those of the displayed
+frames everywhere (`VideoInfo`, `DecodedFrames.source_hw`, output sizes), and the applied rotation
+is reported (counterclockwise degrees, 0/90/180/270, as PyAV's `VideoFrame.rotation` counts them).
+A matrix that is not a multiple of 90 degrees, or that mirrors the picture, is refused
+(`unsupported-rotation`).
 
 Errors are `VideoError(stage, reason, detail)` with a short machine-readable `reason`
-(`missing`, `empty`, `corrupt`, `no-video-stream`, `too-short`) so failure records can be grouped.
+(`missing`, `empty`, `corrupt`, `no-video-stream`, `too-short`, `unsupported-rotation`) so failure
+records can be grouped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import av
 import numpy as np
+from PIL import Image
 
 from geovr.teacher_cache.config import require
+from geovr.teacher_cache.frames import display_rotated
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -53,13 +65,15 @@ class VideoInfo:
     """What the index stores per video.
 
     Attributes:
-        width, height: size of the decoded frames in pixels (the first frame's).
+        width, height: size of the displayed frames in pixels (the first frame's, after `rotation`).
         num_frames: frames in presentation order (demuxed packets that carry a timestamp).
         fps: average frame rate, (num_frames - 1) / (last - first timestamp); the nominal rate
             for a single-frame video.
         duration_s: last - first timestamp + one average frame interval, seconds.
         variable_frame_rate: whether frame intervals vary by more than 5%.
         codec, pix_fmt: the stream's codec and pixel format names.
+        rotation: counterclockwise degrees (0, 90, 180, 270) the display matrix rotates the stored
+            frames by (a phone's portrait video: 270, i.e. 90 degrees clockwise).
     """
 
     width: int
@@ -70,6 +84,7 @@ class VideoInfo:
     variable_frame_rate: bool
     codec: str
     pix_fmt: str
+    rotation: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +165,28 @@ def _video_stream(container: av.container.InputContainer, path: Path, stage: str
     return container.streams.video[0]
 
 
+def frame_rotation(frame: av.VideoFrame, path: Path, stage: str) -> int:
+    """Counterclockwise degrees (0, 90, 180, 270) that show `frame` as players do, from its display
+    matrix. Raises `VideoError(reason="unsupported-rotation")` for other angles and for mirroring."""
+    for side_data in frame.side_data:
+        if side_data.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            # 3x3 row-major int32; the 2x2 part a b / c d (16.16 fixed point) mirrors when its determinant < 0.
+            a, b, _, c, d = np.frombuffer(bytes(side_data), dtype="<i4", count=5).astype(np.int64)
+            if a * d - b * c < 0:
+                raise VideoError(
+                    stage, "unsupported-rotation", f"{path}: the display matrix mirrors the picture"
+                )
+    angle = frame.rotation
+    quarter = round(angle / 90)
+    if abs(angle - 90 * quarter) > 1:
+        raise VideoError(
+            stage,
+            "unsupported-rotation",
+            f"{path}: display rotation of {angle} degrees is not a multiple of 90",
+        )
+    return 90 * (quarter % 4)
+
+
 def read_timestamps(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Presentation timestamps of every frame, by demuxing only (no decoding).
 
@@ -191,7 +228,10 @@ def probe_video(path: str | Path) -> VideoInfo:
             raise VideoError("probe", "corrupt", f"{path}: the first frame does not decode ({err})") from None
         if first is None:
             raise VideoError("probe", "corrupt", f"{path}: no frame decodes")
+        rotation = frame_rotation(first, path, "probe")
         width, height, pix_fmt = first.width, first.height, first.format.name
+        if rotation in (90, 270):
+            width, height = height, width
         nominal = float(stream.average_rate) if stream.average_rate else 0.0
     num_frames = len(seconds)
     if num_frames > 1:
@@ -210,6 +250,7 @@ def probe_video(path: str | Path) -> VideoInfo:
         variable_frame_rate=variable,
         codec=codec,
         pix_fmt=pix_fmt,
+        rotation=rotation,
     )
 
 
@@ -266,16 +307,75 @@ def sample_indices(seconds: np.ndarray, cfg: SamplingConfig, path: str | Path = 
     return uniform_in_time(seconds, count)
 
 
+@dataclass
+class DecodedFrames:
+    """The sampled frames of a clip, as players show them, at the requested output sizes.
+
+    Attributes:
+        outputs: one (S, h, w, 3) uint8 RGB array per requested size, in the order of `sizes`.
+        seconds: (S,) float64 presentation times from the first frame.
+        source_hw: (H, W) of the displayed source frames (after `rotation`; the first frame's).
+        rotation: counterclockwise degrees (0, 90, 180, 270) applied to the stored frames.
+    """
+
+    outputs: list[np.ndarray]
+    seconds: np.ndarray
+    source_hw: tuple[int, int]
+    rotation: int
+
+
+# (H, W) of the displayed source frame -> the (h, w) of every output, in order.
+OutputSizes = Callable[[int, int], Sequence[tuple[int, int]]]
+
+
+def _frame_outputs(
+    frame: av.VideoFrame, coded_wh: tuple[int, int], rotation: int, sizes: Sequence[tuple[int, int]]
+) -> list[np.ndarray]:
+    """One decoded frame converted to RGB, resized to each output size (PIL bicubic; the displayed
+    (h, w) given) and rotated for display. The conversion is at the first frame's coded size: gray,
+    10-bit, yuv444 and odd sizes all become RGB, and a stream whose resolution changes mid-way keeps
+    its first size. One source-size image is held (RGBX, 4 bytes a pixel): swscale writes it and PIL
+    reads it without a copy."""
+    rgbx = np.ascontiguousarray(frame.to_ndarray(width=coded_wh[0], height=coded_wh[1], format="rgba"))
+    image = Image.frombuffer("RGBX", coded_wh, rgbx, "raw", "RGBX", 0, 1)
+    outputs = []
+    for height, width in sizes:
+        coded_out = (width, height) if rotation in (0, 180) else (height, width)
+        if coded_out == coded_wh:
+            resized = rgbx[..., :3]
+        else:  # rgba -> RGBX -> RGB resizes bit-identically to rgb24 -> RGB (the alpha byte is a pad)
+            resized = np.asarray(image.resize(coded_out, Image.Resampling.BICUBIC).convert("RGB"))
+        outputs.append(display_rotated(resized, rotation))
+    return outputs
+
+
 def decode_frames(
-    path: str | Path, indices: np.ndarray, timestamps: tuple[np.ndarray, np.ndarray] | None = None
-) -> tuple[np.ndarray, np.ndarray]:
+    path: str | Path,
+    indices: np.ndarray,
+    timestamps: tuple[np.ndarray, np.ndarray] | None = None,
+    sizes: OutputSizes | None = None,
+) -> DecodedFrames:
     """Decode the frames at `indices` (positions in presentation order, as `read_timestamps` counts them).
 
     `timestamps`: `read_timestamps(path)` when the caller has it already (saves a demux pass).
+    `sizes`: maps the displayed source (H, W) to the output sizes; None gives one output at (H, W).
 
-    Returns:
-        frames: (S, H, W, 3) uint8 RGB at the first frame's size.
-        seconds: (S,) float64 their presentation times from the first frame.
+    Memory: each frame is converted and resized as soon as it is decoded, into output arrays
+    allocated once, so the decode holds at most, in bytes, with (H, W) the source size and
+    (h_k, w_k) the output sizes:
+
+        S * sum_k 3 * h_k * w_k      the outputs
+        + 8 * H * W                  one source-size frame: RGBX (4 * H * W) and swscale's buffers
+        + 8 * H * max_k w_k          PIL's resampling of it: the horizontal pass at the source
+                                     height, then the result (W and h_k for a 90/270 rotation)
+        + the decoder's own frames   reference and frame-thread buffers: per stream, independent of
+                                     S and of the outputs (measured: 96 MB, 4K H.264, 2 threads)
+
+    A 32-frame 4K clip for the 504-pixel teacher and GeoVR's student budget: 41 MB of outputs +
+    66 MB + 13 MB + the decoder's, where full-size frames took 32 * 25 MB (plus a stacked copy).
+    tests/test_precompute_video.py measures it (peak RSS of a 4K decode task).
+
+    Returns `DecodedFrames`. Raises `VideoError` ("corrupt", "unsupported-rotation", ...).
     """
     path = Path(path)
     pts, seconds = timestamps if timestamps is not None else read_timestamps(path)
@@ -283,10 +383,12 @@ def decode_frames(
     if indices.size == 0 or indices.min() < 0 or indices.max() >= len(pts):
         raise ValueError(f"{path}: frame indices out of range [0, {len(pts)})")
     position_of = {int(p): i for i, p in enumerate(pts)}
-    wanted = {int(i) for i in indices}
-    last_wanted = int(indices.max())
-    kept: dict[int, np.ndarray] = {}
-    size: tuple[int, int] | None = None
+    wanted, slot_of = np.unique(indices, return_inverse=True)
+    slot = {int(position): k for k, position in enumerate(wanted)}
+    filled = np.zeros(len(wanted), dtype=bool)
+    outputs: list[np.ndarray] = []
+    out_sizes: list[tuple[int, int]] | None = None
+    coded_wh, source_hw, rotation = (0, 0), (0, 0), 0
     with _open(path, "decode") as container:
         stream = _video_stream(container, path, "decode")
         stream.thread_type = "AUTO"
@@ -295,27 +397,35 @@ def decode_frames(
             for frame in container.decode(stream):
                 position = position_of.get(frame.pts, counter) if frame.pts is not None else counter
                 counter = position + 1
-                if size is None:
-                    size = (frame.width, frame.height)
-                if position in wanted and position not in kept:
-                    # rgb24 at a fixed size: converts gray/10-bit/yuv444 and odd sizes, and keeps a
-                    # stream whose resolution changes mid-way at its first size.
-                    kept[position] = frame.to_ndarray(width=size[0], height=size[1], format="rgb24")
-                if position >= last_wanted and len(kept) == len(wanted):
+                if out_sizes is None:  # the first frame fixes the size, rotation and output buffers
+                    rotation = frame_rotation(frame, path, "decode")
+                    coded_wh = (frame.width, frame.height)
+                    source_hw = coded_wh if rotation in (90, 270) else coded_wh[::-1]
+                    out_sizes = list(sizes(*source_hw)) if sizes is not None else [source_hw]
+                    outputs = [np.empty((len(wanted), h, w, 3), dtype=np.uint8) for h, w in out_sizes]
+                k = slot.get(position)
+                if k is not None and not filled[k]:
+                    for output, image in zip(
+                        outputs, _frame_outputs(frame, coded_wh, rotation, out_sizes), strict=True
+                    ):
+                        output[k] = image
+                    filled[k] = True
+                if position >= wanted[-1] and filled.all():
                     break
         except av.FFmpegError as err:
             raise VideoError(
                 "decode", "corrupt", f"{path}: decoding failed after {counter} frames ({err})"
             ) from None
-    missing = sorted(wanted - set(kept))
-    if missing:
+    if not filled.all():
+        missing = wanted[~filled]
         raise VideoError(
             "decode",
             "corrupt",
             f"{path}: {len(missing)} of {len(wanted)} sampled frames did not decode (first missing: {missing[0]})",
         )
-    frames = np.stack([kept[int(i)] for i in indices])
-    return frames, seconds[indices]
+    if len(wanted) != len(indices) or not np.array_equal(wanted, indices):
+        outputs = [output[slot_of] for output in outputs]
+    return DecodedFrames(outputs, seconds[indices], source_hw, rotation)
 
 
 def select_space_aware(

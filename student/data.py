@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from geovr.teacher_cache.codecs import EncodedClip, decode_clip
 from geovr.teacher_cache.config import require
+from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 from geovr.teacher_cache.qa import (
     QAFileError,
     QARowError,
@@ -63,7 +64,7 @@ from geovr.teacher_cache.qa import (
     read_rows,
     video_of,
 )
-from geovr.teacher_cache.schema import ClipLabels
+from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
 
 
 class DataError(ValueError):
@@ -481,6 +482,27 @@ class StreamingDataset(IterableDataset):
 # Building samples and collating them under a token budget
 
 
+def check_frame_budget(fingerprint: StoreFingerprint, max_pixels: int, min_pixels: int) -> None:
+    """Refuse a store whose student frames were sized under another clip budget than the student's
+    (the student would feed frames of another size than the processor gives, without a word).
+    A store whose fingerprint records no student frame policy (synthetic test stores) is not checked."""
+    frames = fingerprint.preprocess.get("student_frames")
+    if frames is None:
+        return
+    stored = (frames.get("video_max_pixels"), frames.get("video_min_pixels"))
+    if stored != (max_pixels, min_pixels):
+        budget = (
+            f"{stored[0]}/{stored[1]}"
+            if None not in stored
+            else f"a per-frame cap of {frames.get('max_tokens')} tokens"
+        )
+        raise DataError(
+            f"the store's student frames were sized for video_max_pixels/video_min_pixels {budget}, the "
+            f"student's are {max_pixels}/{min_pixels}: set student.video_max_pixels/video_min_pixels to the "
+            "store's or precompute the store with the student's"
+        )
+
+
 @dataclass(frozen=True)
 class SkippedSample:
     """Placeholder for a sample the builder refused under the "skip" policy (e.g. too long)."""
@@ -497,11 +519,17 @@ class StudentSampleBuilder:
     `SkippedSample` that the collator drops and counts.
     """
 
-    def __init__(self, model_dir: str | Path, max_seq_len: int, on_bad_row: str, max_frame_tokens: int = 300):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        max_seq_len: int,
+        on_bad_row: str,
+        video_pixels: tuple[int, int] = (VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS),
+    ):
         self.model_dir = str(model_dir)
         self.max_seq_len = max_seq_len
         self.on_bad_row = on_bad_row
-        self.max_frame_tokens = max_frame_tokens
+        self.video_pixels = video_pixels  # (max, min) pixels of a clip: the student's frame budget
         self._tokenizer: Any = None
         self._preprocess: Any = None
 
@@ -511,7 +539,7 @@ class StudentSampleBuilder:
         from geovr.student.vision_inputs import VideoPreprocess
 
         self._tokenizer = AutoTokenizer.from_pretrained(self.model_dir, local_files_only=True)
-        self._preprocess = VideoPreprocess.from_model_dir(self.model_dir, self.max_frame_tokens)
+        self._preprocess = VideoPreprocess.from_model_dir(self.model_dir, *self.video_pixels)
 
     @property
     def pad_token_id(self) -> int:

@@ -94,7 +94,9 @@ class StudentConfig:
         depth_shuffle: pixel-shuffle factor from the teacher patch grid to the cached depth.
         *_weight: weights of the five losses in `total`.
         camera_part_weights: translation, rotation, FoV weights inside the camera loss.
-        max_frame_tokens: merged tokens per frame at most (frames are resized beyond it).
+        video_max_pixels, video_min_pixels: the clip pixel budget of the student frames, as the
+            Qwen3-VL video processor applies it to a whole clip (`teacher_cache.frames.student_frame_size`;
+            GeoVR: 32 * 300 * 32 * 32 and 4 * 16 * 32 * 32). Must equal the store's (precompute's).
         train_deepstack_mergers: also train the vision tower's DeepStack mergers (GeoVR freezes
             them: it unfreezes only `visual.merger`); they then train at the LLM rate.
     """
@@ -123,7 +125,8 @@ class StudentConfig:
     depth_quantile_min_elements: int = 1000
     depth_grad_scales: int = 4
     depth_grad_clamp: float = 100.0
-    max_frame_tokens: int = 300
+    video_max_pixels: int = 32 * 300 * 32 * 32
+    video_min_pixels: int = 4 * 16 * 32 * 32
     train_deepstack_mergers: bool = False
 
     def validate(self) -> None:
@@ -138,7 +141,11 @@ class StudentConfig:
         require(len(self.dense_channels) == 4, "student.dense_channels: 4 values")
         require(len(self.camera_part_weights) == 3, "student.camera_part_weights: 3 values (T, q, FoV)")
         require(0.0 < self.depth_quantile <= 1.0, "student.depth_quantile must lie in (0, 1]")
-        require(self.depth_shuffle > 0 and self.max_frame_tokens > 0, "student: sizes must be positive")
+        require(self.depth_shuffle > 0, "student: sizes must be positive")
+        require(
+            0 < self.video_min_pixels <= self.video_max_pixels,
+            "student.video_min_pixels must be in (0, student.video_max_pixels]",
+        )
 
     def matched_to(self, fingerprint: StoreFingerprint) -> StudentConfig:
         """This config with the teacher fields taken from a cache store's fingerprint: the stored

@@ -750,6 +750,7 @@ def _train(
         LoaderState,
         StudentSampleBuilder,
         TrainLoader,
+        check_frame_budget,
         join_qa,
         student_collator,
     )
@@ -792,8 +793,12 @@ def _train(
     optimizer = build_optimizer(groups, cfg, env.device)
     param_list = [p for g in optimizer.param_groups for p in g["params"]]
 
+    check_frame_budget(store.fingerprint, student_cfg.video_max_pixels, student_cfg.video_min_pixels)
     builder = StudentSampleBuilder(
-        inputs.model, data_cfg.max_seq_len, data_cfg.on_bad_row, student_cfg.max_frame_tokens
+        inputs.model,
+        data_cfg.max_seq_len,
+        data_cfg.on_bad_row,
+        (student_cfg.video_max_pixels, student_cfg.video_min_pixels),
     )
     loader_state = None
     if resume_from is not None:

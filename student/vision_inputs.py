@@ -3,9 +3,10 @@
 Equal to what `Qwen3VLVideoProcessor` and `Qwen3VLProcessor` (transformers 5.x) produce for the
 same frames (proved in tests/test_student_vision_inputs.py where torchvision is installed):
 
-1. Frames: the cached frames are already at the student's size (`teacher_cache.frames.student_frame_size`,
-   sides multiples of patch_size * merge_size = 32), so no resize happens; frames of another size are
-   resized there first (bicubic, PIL).
+1. Frames: the cached frames are already at the student's size (`teacher_cache.frames.student_frame_size`:
+   the processor's clip-level pixel budget `video_max_pixels` over the clip's frames, sides multiples
+   of patch_size * merge_size = 32), so no resize happens; frames of another size, or above the
+   budget, are resized there first (bicubic, PIL).
 2. Frame pairing (`frame_pairing`): "repeat" (GeoVR's training convention, the default here)
    repeats each sampled frame twice, so that with temporal_patch_size = 2 one temporal token is one
    frame: S frames give grid_t = S. "consecutive" (what the processor itself does, and what GeoVR's
@@ -44,7 +45,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from geovr.teacher_cache.frames import resize_frames, student_frame_size
+from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, student_frame_size
 
 VIDEO_TOKEN = "<|video_pad|>"
 VISION_START = "<|vision_start|>"
@@ -54,7 +55,9 @@ FRAME_PAIRINGS = ("repeat", "consecutive")
 
 @dataclass(frozen=True)
 class VideoPreprocess:
-    """The video processor settings of a Qwen3-VL checkpoint (defaults: Qwen3-VL-2B-Instruct)."""
+    """The video processor settings of a Qwen3-VL checkpoint (defaults: Qwen3-VL-2B-Instruct), with the
+    clip pixel budget (the processor's `size`: longest_edge = video_max_pixels, shortest_edge =
+    video_min_pixels; GeoVR's by default)."""
 
     patch_size: int = 16
     temporal_patch_size: int = 2
@@ -62,10 +65,16 @@ class VideoPreprocess:
     image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     rescale_factor: float = 1 / 255
-    max_frame_tokens: int = 300
+    video_max_pixels: int = VIDEO_MAX_PIXELS
+    video_min_pixels: int = VIDEO_MIN_PIXELS
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | Path, max_frame_tokens: int = 300) -> VideoPreprocess:
+    def from_model_dir(
+        cls,
+        model_dir: str | Path,
+        video_max_pixels: int = VIDEO_MAX_PIXELS,
+        video_min_pixels: int = VIDEO_MIN_PIXELS,
+    ) -> VideoPreprocess:
         """Read `video_preprocessor_config.json` (or `preprocessor_config.json`) of a model directory."""
         model_dir = Path(model_dir)
         for name in ("video_preprocessor_config.json", "preprocessor_config.json"):
@@ -92,7 +101,8 @@ class VideoPreprocess:
             image_mean=tuple(float(v) for v in data.get("image_mean", cls.image_mean)),
             image_std=tuple(float(v) for v in data.get("image_std", cls.image_std)),
             rescale_factor=float(data.get("rescale_factor", cls.rescale_factor)),
-            max_frame_tokens=max_frame_tokens,
+            video_max_pixels=video_max_pixels,
+            video_min_pixels=video_min_pixels,
         )
 
     @property
@@ -110,7 +120,8 @@ def video_inputs(
     """Qwen3-VL video inputs for one clip.
 
     Args:
-        frames: (S, H, W, 3) uint8 RGB, normally already at the student size (sides multiples of 32).
+        frames: (S, H, W, 3) uint8 RGB, normally already at the student size (sides multiples of 32,
+            S * H * W within the budget); otherwise resized to `student_frame_size` for S frames.
         timestamps: (S,) presentation times in seconds (checked against S).
         preprocess: processor settings; default Qwen3-VL's (read yours with `VideoPreprocess.from_model_dir`).
         frame_pairing: "repeat" (each frame twice: one temporal token per frame, GeoVR) or
@@ -133,8 +144,11 @@ def video_inputs(
         raise ValueError(f"{num_frames} frames but timestamps of shape {timestamps.shape}")
     if frame_pairing not in FRAME_PAIRINGS:
         raise ValueError(f"frame_pairing must be one of {FRAME_PAIRINGS}, got {frame_pairing!r}")
-    if height % cfg.factor or width % cfg.factor:
-        frames = resize_frames(frames, student_frame_size(height, width, cfg.max_frame_tokens, cfg.factor))
+    if height % cfg.factor or width % cfg.factor or num_frames * height * width > cfg.video_max_pixels:
+        size_hw = student_frame_size(
+            num_frames, height, width, cfg.video_max_pixels, cfg.video_min_pixels, frame_pairing, cfg.factor
+        )
+        frames = resize_frames(frames, size_hw)
         height, width = frames.shape[1:3]
 
     tp = cfg.temporal_patch_size

@@ -42,10 +42,15 @@ class ClipLabels:
         scale: metric scale, metres per VGGT unit (metric_depth ≈ scale * depth); NaN if invalid.
         scale_valid: whether `scale` is usable (enough non-sky confident pixels, metric model run).
         features: (S, L, h, w, C) float32 pooled frame-attention features of the distilled layers.
-        meta: JSON-able clip metadata. Precompute writes `source_size` [W, H], `source_frames`,
-            `source_fps`, `student_size` [W, H] (of `frames_jpeg`), `teacher_size` [W, H] (the image
-            `intrinsic` refers to), and when they apply `space_aware` (candidate and selected frame
-            indices) and `split` (how a clip too long for the teacher was labelled in halves).
+        meta: JSON-able clip metadata. Precompute writes `source_size` [W, H], `rotation`,
+            `source_frames`, `source_fps`, `student_size` [W, H] (of `frames_jpeg`), `teacher_size`
+            [W, H] (the image `intrinsic` refers to), and when they apply `space_aware` (candidate and
+            selected frame indices) and `split` (how a clip too long for the teacher was labelled in
+            halves). Orientation: every frame, size and label is of the video *as players show it*:
+            `rotation` is the counterclockwise angle in degrees (0, 90, 180 or 270, PyAV's
+            `VideoFrame.rotation` convention) by which the stream's display matrix rotates the stored
+            frames, already applied at decode; `source_size` is the displayed size (a phone's
+            portrait 1920x1080 stream with rotation 270 has source_size [1080, 1920]).
     """
 
     clip_id: str

@@ -129,7 +129,7 @@ def ground_truth_clip(corpus: Path, scene: str) -> ClipLabels:
     """A clip labelled with the scene's exact ground truth, as precompute stores teacher labels."""
     gt = load_file(corpus / "gt" / scene / "frames.safetensors")
     frames, times = read_video_frames(corpus / "videos" / f"{scene}.mp4", FRAMES)
-    frames = resize_frames(frames, student_frame_size(SIZE, SIZE))
+    frames = resize_frames(frames, student_frame_size(FRAMES, SIZE, SIZE))
     extrinsic = relative_to_first(torch.from_numpy(gt["extrinsic"]))
     intrinsic = torch.from_numpy(gt["intrinsic"])
     rng = np.random.default_rng(0)

@@ -178,6 +178,11 @@ def test_whole_path_through_the_cli(cluster: str, work: Path) -> None:
     reader = open_store(store)
     assert sorted(reader.clip_ids()) == sorted(r["clip_id"] for r in manifest.rows)
     assert reader.fingerprint.sampling == TINY.policy() and reader.fingerprint.feature_layers == (0, 1, 2, 3)
+    student_frames = reader.fingerprint.preprocess["student_frames"]
+    assert (student_frames["video_max_pixels"], student_frames["video_min_pixels"]) == (
+        32 * 300 * 1024,
+        65536,
+    )
     for row in manifest.rows:
         clip = reader.read_clip(row["clip_id"])
         _, seconds = read_timestamps(manifest.corpus_root / row["video"])
@@ -185,9 +190,10 @@ def test_whole_path_through_the_cli(cluster: str, work: Path) -> None:
         assert clip.video == row["video"]
         assert clip.frame_indices.tolist() == expected.tolist()
         assert clip.timestamps.tolist() == pytest.approx(seconds[expected].tolist())
-        assert [decode_jpeg(j).shape for j in clip.frames_jpeg] == [(*student_frame_size(120, 160), 3)] * 5
+        assert [decode_jpeg(j).shape for j in clip.frames_jpeg] == [(*student_frame_size(5, 120, 160), 3)] * 5
         assert clip.depth.shape == (5, 42, 56) and clip.features.shape == (5, 4, 3, 4, 64)
         assert clip.meta["teacher_size"] == [112, 84] and clip.meta["source_size"] == [160, 120]
+        assert clip.meta["rotation"] == 0 and clip.meta["student_size"] == [160, 128]
 
     run = json.loads((store / "run.json").read_text())
     assert run["counts"]["clips_ok"] == 6 and run["counts"]["frames"] == 30 and run["exit_code"] == 0

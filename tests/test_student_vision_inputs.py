@@ -126,7 +126,13 @@ def test_consecutive_pairing_puts_frame_pairs_in_one_temporal_token():
 
 def test_frames_off_the_grid_are_resized_to_the_student_size():
     out = video_inputs(_frames(2, 70, 100), [0.0, 0.5])
-    assert out["video_grid_thw"].tolist() == [[2, 4, 6]]  # 64 x 96 after student_frame_size
+    # student_frame_size: 2 frames of 64 x 96 are below the clip minimum (4 * 16 * 32 * 32): 160 x 224
+    assert out["video_grid_thw"].tolist() == [[2, 10, 14]]
+    budget = VideoPreprocess(video_max_pixels=4 * 64 * 64, video_min_pixels=1024)
+    big = video_inputs(_frames(4, 128, 128), np.arange(4.0), budget, frame_pairing="consecutive")
+    assert big["video_grid_thw"].tolist() == [
+        [2, 4, 4]
+    ]  # multiples of 32, but above the clip budget: 64 x 64
     with pytest.raises(ValueError, match="timestamps"):
         video_inputs(_frames(2, 64, 64), [0.0])
     with pytest.raises(ValueError, match="uint8"):

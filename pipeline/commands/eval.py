@@ -46,8 +46,11 @@ def vsibench(
     limit: int | None = typer.Option(None, help="only the first N questions"),
     max_new_tokens: int | None = typer.Option(None, help="answer length at most [profile: 16 / 32768]"),
     max_frame_tokens: int | None = typer.Option(
-        None, help="merged visual tokens per frame at most [profile: 300 / 384]"
+        None,
+        help="merged visual tokens per frame under the clip pixel budget, as the Qwen3-VL video "
+        "processor sizes a whole clip [profile: 300 / 384]",
     ),
+    video_min_pixels: int = typer.Option(4 * 16 * 32 * 32, help="minimum pixels of the whole clip (GeoVR's)"),
     frame_pairing: str = typer.Option(
         "consecutive",
         help="consecutive: frame pairs per temporal token, as the Qwen3-VL processor, GeoVR's "
@@ -68,6 +71,7 @@ def vsibench(
         limit=limit,
         max_new_tokens=max_new_tokens,
         max_frame_tokens=max_frame_tokens,
+        video_min_pixels=video_min_pixels,
         frame_pairing=frame_pairing,
         seed=seed,
         device=device,
