@@ -233,8 +233,16 @@ def start_slurm(slurm: Slurm) -> None:
         f"--key-file={key}", f"--pid-file={root}/munge/munged.pid", f"--log-file={root}/log/munged.log",
         f"--seed-file={root}/munge/munged.seed",
     )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (root / "run" / "munge.socket").exists():
+        assert slurm.daemons["munged"].poll() is None, (root / "log" / "munged.out").read_text()
+        assert time.monotonic() < deadline, "munged did not create its socket"
+        time.sleep(0.1)
     hardware = slurm.run(shutil.which("slurmd", path=SEARCH_PATH), "-C").splitlines()[0]
-    hardware = " ".join(item for item in hardware.split() if not item.startswith(("NodeName=", "UpTime=")))
+    # The node as slurmd sees it (so it registers without a mismatch); memory is not scheduled here.
+    hardware = " ".join(
+        i for i in hardware.split() if not i.startswith(("NodeName=", "UpTime=", "RealMemory="))
+    )
     slurm.cpus = int(re.search(r"CPUs=(\d+)", hardware).group(1))
     conf = Path(slurm.env["SLURM_CONF"])
     conf.write_text(slurm_conf(root, hardware, free_port(), free_port()))
