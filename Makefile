@@ -13,7 +13,7 @@ PROCESSOR_STAMP := $(PROCESSOR_VENV)/.installed
 PROCESSOR_TESTS := tests/test_student_vision_inputs.py tests/test_repeat_timestamps.py
 DEMO_OUT ?= demo-out
 
-.PHONY: install install-processor demo test test-processor lint clean
+.PHONY: install install-processor demo test test-processor lint clean slurm-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,12 +47,24 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 # The processor tests are skipped in the main venv (no torchvision) and run, required, in the second.
-test: $(STAMP) lint
+test: $(STAMP) lint slurm-deps
 	$(VENV)/bin/python -m pytest -q tests
 	$(MAKE) test-processor
 
 test-processor: $(PROCESSOR_STAMP)
 	GEOVR_REQUIRE_TORCHVISION=1 $(PROCESSOR_PY) -m pytest -q -m processor $(PROCESSOR_TESTS)
+
+# slurm-wlm and munge (Debian packages) for tests/test_workflows_slurm.py's one-node Slurm. Installed
+# as root with apt (about 15 s; no service is started); without root or apt that test skips and says why.
+slurm-deps:
+	@if [ -x /usr/sbin/slurmctld ] && [ -x /usr/sbin/slurmd ] && [ -x /usr/sbin/munged ]; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+		echo "slurm-deps: not root or no apt-get: not installing slurm-wlm munge"; \
+	else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends slurm-wlm munge >/dev/null \
+		|| echo "slurm-deps: apt-get install slurm-wlm munge failed"; \
+	fi
 
 clean:
 	rm -rf $(VENV) $(PROCESSOR_VENV) $(DEMO_OUT) .pytest_cache

@@ -19,6 +19,10 @@ SHELL_SCRIPTS = sorted(
 ) + sorted((REPO / "bench" / "device").glob("*.sh"))
 
 
+# Resources, and requeue: automatic, on USR1 before the time limit, with the log of every attempt.
+SBATCH_DIRECTIVES = ("--nodes=", "--gpus-per-node=", "--requeue", "--signal=B:USR1@", "--open-mode=append")
+
+
 def _shellcheck() -> str:
     found = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
     if not Path(found).exists():
@@ -48,7 +52,7 @@ def test_shell_syntax_and_shellcheck(script: Path):
 def test_sbatch_scripts_request_resources_and_requeue():
     for name in ("precompute.sbatch", "train.sbatch"):
         text = (WORKFLOWS / "slurm" / name).read_text()
-        for directive in ("--nodes=", "--gpus-per-node=", "--requeue", "--signal=B:USR1@"):
+        for directive in SBATCH_DIRECTIVES:
             assert f"#SBATCH {directive}" in text, f"{name} lacks #SBATCH {directive}"
     assert "--resume" in (WORKFLOWS / "slurm" / "train.sbatch").read_text()
 

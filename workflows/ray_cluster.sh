@@ -9,15 +9,17 @@
 #   env      print the exports a driver needs to join: eval "$(ray_cluster.sh env)"
 #
 # Inside Slurm the head runs on the first node of $SLURM_JOB_NODELIST and one worker per other node is
-# started with `srun --overlap`. Outside Slurm (or with RAY_NODE_LAUNCH=local) every node runs on this
-# host on 127.0.0.1, which is how the tests run two Ray nodes on loopback. Each node runs in the
-# foreground of a background job whose PID is recorded, so `stop` can end it with SIGTERM.
+# started with `srun --overlap`; every node binds to its Slurm NodeAddr (the address slurmctld reaches
+# it on), not to whatever its hostname resolves to. Outside Slurm (or with RAY_NODE_LAUNCH=local) every
+# node runs on this host on 127.0.0.1, which is how the tests run two Ray nodes on loopback. A head on a
+# loopback address (a one-node test cluster whose NodeAddr is 127.0.0.1) keeps Ray on loopback. Each
+# node runs in the foreground of a background job whose PID is recorded, so `stop` can end it with SIGTERM.
 #
 # The cluster uses Ray's token authentication with a fresh token in $RAY_CLUSTER_DIR/auth_token
 # (the directory must be on a filesystem every node sees, as a Slurm job's working directory is).
 #
 # Environment (all optional):
-#   RAY_HEAD_IP            head address (default: first Slurm node's address, else 127.0.0.1)
+#   RAY_HEAD_IP            head address (default: first Slurm node's NodeAddr, else 127.0.0.1)
 #   RAY_PORT               GCS port of the head (default 6379)
 #   RAY_DASHBOARD_PORT     dashboard / Jobs API port of the head (default 8265)
 #   RAY_NODES              number of nodes (default $SLURM_JOB_NUM_NODES, else 1)
@@ -48,18 +50,29 @@ else
     launch=${RAY_NODE_LAUNCH:-local}
 fi
 
+# Ray keeps a loopback address as given only with this set (see ray_local_worker.py).
+keep_loopback() { export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; }
 if [[ $launch == local ]]; then
-    # One host, loopback only: Ray keeps 127.0.0.1 as given only with this set (see ray_local_worker.py).
-    export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    keep_loopback
 fi
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH="$cluster_dir/auth_token"
+# `stop` ends the whole cluster once its driver is done: no node drains first (Ray's SIGTERM handler
+# would wait up to 30 s for that, outlasting the SIGTERM-to-SIGKILL grace of `stop` and of Slurm).
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
+
+# The IPv4 address of Slurm node $1: its NodeAddr, resolved here when it is a name.
+node_ip() {
+    local node_addr
+    node_addr=$(scontrol show node --oneliner "$1" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
+    getent ahostsv4 "$node_addr" | awk 'NR == 1 {print $1}'
+}
 
 head_ip() {
     if [[ -n "${RAY_HEAD_IP:-}" ]]; then
         echo "$RAY_HEAD_IP"
     elif [[ $launch == srun ]]; then
-        srun --nodes=1 --ntasks=1 --overlap -w "${hosts[0]}" hostname --ip-address | awk '{print $1}'
+        node_ip "${hosts[0]}"
     else
         echo 127.0.0.1
     fi
@@ -97,6 +110,17 @@ start() {
     fi
     local ip address
     ip=$(head_ip)
+    if [[ -z $ip ]]; then
+        echo "ray_cluster: cannot resolve the head node's address; set RAY_HEAD_IP" >&2
+        return 1
+    fi
+    if [[ $ip == 127.* ]]; then
+        if ((nodes > 1)) && [[ $launch == srun ]]; then
+            echo "ray_cluster: the head address $ip is loopback, which other nodes cannot reach; set RAY_HEAD_IP" >&2
+            return 1
+        fi
+        keep_loopback
+    fi
     address="$ip:$port"
     echo "$address" >"$cluster_dir/address"
     # The dashboard serves the Jobs API (`ray job submit`) and the cluster web UI.
@@ -116,12 +140,14 @@ start() {
     fi
     echo $! >"$cluster_dir/head.pid"
     wait_for_nodes "$address" 1
+    ((nodes > 1)) || return 0
 
     for ((i = 1; i < nodes; i++)); do
         if [[ $launch == srun ]]; then
             srun --nodes=1 --ntasks=1 --overlap -w "${hosts[$i]}" --export=ALL \
-                "$python" -m ray.scripts.scripts start --address="$address" --num-cpus="$cpus" \
-                --num-gpus="$gpus" --disable-usage-stats --block >"$cluster_dir/worker-$i.log" 2>&1 &
+                "$python" -m ray.scripts.scripts start --address="$address" \
+                --node-ip-address="$(node_ip "${hosts[$i]}")" --num-cpus="$cpus" --num-gpus="$gpus" \
+                --disable-usage-stats --block >"$cluster_dir/worker-$i.log" 2>&1 &
         else
             "$python" "$script_dir/ray_local_worker.py" "$address" --num-cpus "$cpus" --num-gpus "$gpus" \
                 >"$cluster_dir/worker-$i.log" 2>&1 &
@@ -152,7 +178,7 @@ stop() {
 print_env() {
     echo "export RAY_AUTH_MODE=token"
     echo "export RAY_AUTH_TOKEN_PATH=$RAY_AUTH_TOKEN_PATH"
-    if [[ $launch == local ]]; then
+    if [[ $launch == local || $(cut -d: -f1 "$cluster_dir/address") == 127.* ]]; then
         echo "export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0"
     fi
     echo "export RAY_ADDRESS=$(cat "$cluster_dir/address")"
