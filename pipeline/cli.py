@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from geovr.teacher_cache.config import ConfigError
+from geovr.teacher_cache.lease import StoreLeaseError
 
 app = typer.Typer(
     name="geovr-pipeline",
@@ -40,6 +41,7 @@ class UsageError(Exception):
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     UsageError,
+    StoreLeaseError,
     FileNotFoundError,
     PermissionError,
     NotADirectoryError,
