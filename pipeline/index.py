@@ -1,6 +1,9 @@
 """`geovr-pipeline index`: the clip manifest (Parquet) that the precompute consumes.
 
-Sources are video folders (searched recursively for `VIDEO_EXTENSIONS`) or QA files in the
+Sources are video folders (searched recursively for `VIDEO_EXTENSIONS`, symlinked folders
+followed; every entry named like a video gets a row, so a dangling or looping symlink or a folder
+named `x.mp4` is listed as unusable with its reason; a symlinked folder that leads back to one of its
+ancestors and a folder that cannot be listed are listed too) or QA files in the
 VSI-590K / LLaVA conversation style: a JSON list of rows or JSONL, one row per line, each naming its
 video in `"video"` (a path, or a list of paths) or `"videos"`; rows without a video (image or text
 only) are counted and skipped. Video paths are taken relative to the corpus root.
@@ -24,8 +27,9 @@ Shard assignment (deterministic, append-stable):
   (Re-sorting everything instead would move clips between committed shards.)
 
 Manifest rows, one per clip (all probed fields null when the video failed):
-  clip_id, video (relative path), shard, status ("ok" | "missing" | "empty" | "corrupt" |
-  "no-video-stream" | "too-short"), reason (the detail message, "" when ok), width, height,
+  clip_id, video (relative path), shard, status ("ok" | "missing" | "broken-link" | "symlink-loop" |
+  "not-a-file" | "unreadable" | "empty" | "corrupt" | "no-video-stream" | "too-short"), reason (the
+  detail message, "" when ok), width, height,
   num_frames, fps, duration_s, variable_frame_rate, codec, pix_fmt, num_qa_rows.
 Parquet schema metadata key `geovr` (JSON): format_version, corpus_root (absolute), sampling
 (the policy dict), clips_per_shard, sources.
@@ -102,18 +106,21 @@ def shard_id(index: int) -> str:
     return f"{index:06d}"
 
 
-def collect_videos(sources: list[Path], corpus_root: Path) -> tuple[Counter[str], int, int]:
+def collect_videos(
+    sources: list[Path], corpus_root: Path
+) -> tuple[Counter[str], int, int, list[dict[str, str]]]:
     """Relative video paths named by the sources, with the number of QA rows naming each.
 
-    Returns (videos -> QA row count (0 for folder sources), QA rows read, QA rows without a video).
+    Returns (videos -> QA row count (0 for folder sources), QA rows read, QA rows without a video,
+    folder problems {"video": relative path, "status", "reason"} (see `walk_folder`)).
     """
     videos: Counter[str] = Counter()
+    problems: list[dict[str, str]] = []
     qa_rows = rows_without_video = 0
     for source in sources:
         if source.is_dir():
-            for path in sorted(source.rglob("*")):
-                if path.is_file() and is_video_file(path):
-                    videos[_relative(path, corpus_root)] += 0
+            for path in walk_folder(source, corpus_root, problems):
+                videos[_relative(path, corpus_root)] += 0
         elif source.is_file():
             for row in _read_qa_rows(source):
                 qa_rows += 1
@@ -125,7 +132,46 @@ def collect_videos(sources: list[Path], corpus_root: Path) -> tuple[Counter[str]
                     videos[_relative(path if path.is_absolute() else corpus_root / path, corpus_root)] += 1
         else:
             raise FileNotFoundError(f"index source {source} does not exist")
-    return videos, qa_rows, rows_without_video
+    return videos, qa_rows, rows_without_video, problems
+
+
+def walk_folder(folder: Path, corpus_root: Path, problems: list[dict[str, str]]) -> list[Path]:
+    """Every entry named like a video under `folder` (sorted, whatever its type: the probe lists a
+    dangling or looping symlink or a folder named `x.mp4` as unusable). Symlinked folders are
+    followed, except one leading back to its own ancestor (a loop); that one, and a folder that
+    cannot be listed, are appended to `problems`."""
+    found: list[Path] = []
+
+    def problem(path: Path, status: str, detail: str) -> None:
+        problems.append(
+            {"video": _relative(path, corpus_root), "status": status, "reason": f"{status}: {detail}"}
+        )
+
+    def walk(path: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as err:
+            problem(path, "unreadable", f"folder {path} cannot be listed ({err.strerror})")
+            return
+        for entry in entries:
+            child = Path(entry.path)
+            if is_video_file(child):
+                found.append(child)
+            try:
+                if not entry.is_dir():  # follows symlinks
+                    continue
+                stat = entry.stat()
+            except OSError:  # a symlink loop: listed by the probe when named like a video
+                continue
+            if (stat.st_dev, stat.st_ino) in ancestors:
+                detail = f"{child} leads back to its own folder {os.path.realpath(child)}; not followed"
+                problem(child, "symlink-loop", detail)
+                continue
+            walk(child, ancestors | {(stat.st_dev, stat.st_ino)})
+
+    root = folder.stat()
+    walk(folder, frozenset({(root.st_dev, root.st_ino)}))
+    return found
 
 
 def _relative(path: Path, corpus_root: Path) -> str:
@@ -268,7 +314,7 @@ def build_manifest(
             )
         previous = {row["clip_id"]: row["shard"] for row in old.rows}
 
-    videos, qa_rows, rows_without_video = collect_videos(sources, corpus_root)
+    videos, qa_rows, rows_without_video, folder_problems = collect_videos(sources, corpus_root)
     names = sorted(videos)
     probed = probe_all(names, corpus_root, policy, workers or min(os.cpu_count() or 1, 16))
     clip_ids = [clip_id_for(name, policy) for name in names]
@@ -292,7 +338,7 @@ def build_manifest(
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(out)
-    bad = [
+    bad = folder_problems + [
         {"video": r["video"], "status": r["status"], "reason": r["reason"]}
         for r in rows
         if r["status"] != "ok"
