@@ -46,8 +46,18 @@ the manifest; `open_writer` refuses a store written under another fingerprint an
 differs. Committed shards are skipped. `--retry-failed` re-runs only the clips a committed shard
 recorded as failed and rewrites that shard with the stored clips unchanged plus those now labelled.
 
+One run per store: `run_precompute` takes the store's lease (`teacher_cache.lease`) before it
+connects to Ray and gives it up at the end; another run on the store is refused with one line naming
+the holder, a lease whose run is gone is taken over with a warning, and the write tasks commit only
+while this run holds the lease (they check its token). The teacher settings are checked against the
+checkpoint's config in the driver, before any actor starts; an actor that still fails to start is
+reported in one line. `--ray-address local`: the in-process cluster ends with the driver, however it
+ends (`driver_watchdog`).
+
 Failures: a clip that cannot be used is recorded with its stage (`index`, `probe`, `sample`,
-`decode`, `teacher`, `encode`) and reason; the run goes on. `STORE/failures.jsonl` is rebuilt at the end of
+`decode`, `teacher`, `encode`) and reason; the run goes on. Non-finite teacher output (e.g. a zero
+field of view) is said once, at the first clip; the run stops when the teacher's first clips all have
+it (`Precompute._check_teacher_output` says why). `STORE/failures.jsonl` is rebuilt at the end of
 every run from the committed shards; the command exits non-zero only when failed / all clips of
 the store exceeds `max_failure_ratio`.
 
@@ -687,7 +697,15 @@ class Precompute:
 
         cfg = self.cfg
         num_actors = len(actors)
-        parts = ray.get(actors[0].fingerprint_parts.remote())
+        try:
+            parts = ray.get(actors[0].fingerprint_parts.remote())
+        except ray.exceptions.RayActorError as err:
+            if not getattr(err, "actor_init_failed", False):
+                raise
+            # The error's last line is the exception the teacher raised; the rest is Ray's traceback.
+            raise ValueError(
+                f"the teacher actor failed to start: {str(err).strip().splitlines()[-1]}"
+            ) from None
         self.timings["actor_startup_s"] = time.perf_counter() - started
         fingerprint = self.fingerprint(parts)
         # Refuses a different fingerprint; removes what killed writers left (under the run's lease).

@@ -33,6 +33,7 @@ from geovr.pipeline.cli import _register_commands, app
 from geovr.pipeline.index import build_manifest, read_manifest
 from geovr.pipeline.precompute import check_committed_shards
 from geovr.pipeline.synth import SynthConfig, write_corpus
+from geovr.pipeline.teachers.vggt import VGGT, CheckpointError
 from geovr.pipeline.video import SamplingConfig, read_timestamps, sample_indices
 from geovr.teacher_cache.frames import decode_jpeg, student_frame_size
 from geovr.teacher_cache.schema import ClipLabels
@@ -271,6 +272,24 @@ def test_a_teacher_that_does_not_fit_the_preset_is_refused_before_any_actor_star
         "layers (--set teacher.feature_layers=[...])"
     ]
     assert not store.exists()
+
+
+@pytest.mark.slow
+def test_a_teacher_actor_that_fails_to_start_is_one_line(cluster: str, work: Path, tmp_path: Path) -> None:
+    """tiny-a's weights under tiny-b's config.json: the config fits the settings, the weights do not."""
+    teacher = tmp_path / "mismatched"
+    teacher.mkdir()
+    shutil.copy(REFERENCE / "vggt" / "tiny-b" / "config.json", teacher / "config.json")
+    shutil.copy(work / "teacher" / "model.safetensors", teacher / "model.safetensors")
+    with pytest.raises(CheckpointError) as expected:
+        VGGT.from_pretrained(teacher, heads=("camera", "depth"))
+    result = precompute(
+        cluster, work / "m.parquet", tmp_path / "store", teacher, "--set", "teacher.feature_layers=[0,1,2]"
+    )
+    assert result.returncode == 2, output(result)
+    assert error_lines(result) == [
+        f"error: the teacher actor failed to start: geovr.pipeline.teachers.vggt.CheckpointError: {expected.value}"
+    ]
 
 
 def test_a_sampling_override_is_refused_naming_index(work: Path) -> None:

@@ -201,7 +201,9 @@ def test_a_paused_holder_loses_the_lease_and_commits_nothing_more(tmp_path):
         check, commit = ask(child)
         holder = f"new run on host {socket.gethostname()}, pid {os.getpid()}"
         assert check.startswith(f"check: {root}: this run lost the store lease to {holder}"), check
-        assert commit.startswith(f"commit: StoreLeaseError: {root}: this run lost the store lease to {holder}")
+        assert commit.startswith(
+            f"commit: StoreLeaseError: {root}: this run lost the store lease to {holder}"
+        )
         assert commit.endswith("; not committing"), commit
         assert open_store(root).shards() == []
         child.stdin.close()
