@@ -84,6 +84,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from geovr.pipeline.clip_split import SplitError, labels_to_dict, merge_halves, split_point
+from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
 from geovr.pipeline.index import Manifest, read_manifest
 from geovr.pipeline.progress import PrecomputeProgress, RunCounts, summary_table
 from geovr.pipeline.video import (
@@ -558,8 +559,6 @@ def connect_ray(address: str | None, cpus: int | None = None) -> bool:
         # there the driver must advertise an address the other nodes can reach.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address == "local":
-        from geovr.pipeline.driver_watchdog import start_watchdog
-
         start_watchdog()
         ray.init(
             address="local",
@@ -1048,6 +1047,7 @@ def run_precompute(
         finally:
             if started_ray:
                 ray.shutdown()
+                stop_watchdog()
 
 
 def warn_line(console: Console, message: str) -> None:

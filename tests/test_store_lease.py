@@ -226,3 +226,34 @@ def test_a_writer_of_another_process_needs_the_runs_token(tmp_path):
     with pytest.raises(StoreLeaseError, match="does not hold the store lease"):
         writer.write_shard("000001", [make_clip(1)], [])  # the run's lease is gone: no commit
     assert open_store(root).shards() == ["000000"]
+
+
+def test_cache_convert_into_a_store_another_run_writes_is_refused(tmp_path):
+    source, target = tmp_path / "source", tmp_path / "target"
+    with open_writer(source, FINGERPRINT, "wds") as writer:
+        writer.write_shard("000000", [make_clip(0)], [])
+    child = start_holder(target)
+    try:
+        started = read_lease(target)[0].started_at
+        cli = str(Path(sys.executable).parent / "geovr-pipeline")
+        result = subprocess.run(
+            [cli, "cache", "convert", str(source), str(target), "--format", "zarr"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert result.returncode == 2
+        (line,) = result.stderr.splitlines()
+        assert re.fullmatch(
+            re.escape(
+                f"error: {target} is being written by another run: holder on host {socket.gethostname()}, pid "
+                f"{child.pid}, started {started}, last heartbeat "
+            )
+            + r"\d+"
+            + re.escape(f" s ago (lease {target / LEASE_FILE}, stale after 120 s without a heartbeat)"),
+            line,
+        ), line
+        assert open_store(target).shards() == []
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
