@@ -1,11 +1,13 @@
 """The `geovr-pipeline` command line: wiring only; each command calls into its stage's module.
 
-Every command turns expected errors (bad config values, unreadable inputs, schema mismatches) into
-one `error: ...` line and a non-zero exit, without a traceback.
+Every command turns expected errors (bad config values, unreadable inputs, schema mismatches, a
+store another run is writing, a full disk) into one `error: ...` line and a non-zero exit, without a
+traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -14,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from geovr.teacher_cache.config import ConfigError
+from geovr.teacher_cache.lease import StoreLeaseError
 
 app = typer.Typer(
     name="geovr-pipeline",
@@ -40,6 +43,7 @@ class UsageError(Exception):
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError,
     UsageError,
+    StoreLeaseError,
     FileNotFoundError,
     PermissionError,
     NotADirectoryError,
@@ -67,12 +71,17 @@ def main() -> None:
     except typer.Abort:
         _print_error("aborted")
         sys.exit(1)
-    except (*EXPECTED_ERRORS, ValueError) as err:
-        # Schema and validation errors of the stages are ValueErrors whose message names the input.
-        # GEOVR_DEBUG=1 shows the traceback instead.
-        if os.environ.get("GEOVR_DEBUG"):
+    except (*EXPECTED_ERRORS, ValueError, OSError) as err:
+        # Schema and validation errors of the stages are ValueErrors whose message names the input;
+        # a full disk is expected too. GEOVR_DEBUG=1 shows the traceback instead.
+        disk_full = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+        expected = disk_full or isinstance(err, (*EXPECTED_ERRORS, ValueError))
+        if os.environ.get("GEOVR_DEBUG") or not expected:
             raise
-        _print_error(str(err))
+        if disk_full:  # the message without "[Errno 28]"
+            _print_error(err.strerror if err.filename is None else f"{err.strerror}: {err.filename}")
+        else:
+            _print_error(str(err))
         sys.exit(2)
     # Without standalone mode typer returns the exit code of `--help` and `typer.Exit` instead of exiting.
     sys.exit(status if isinstance(status, int) else 0)

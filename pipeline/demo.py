@@ -231,10 +231,10 @@ def copy_clips(source: Path, destination: Path, clip_ids: list[str], clips_per_s
     """Copy clips of a store into a new store with the same fingerprint and codecs, as encoded
     (no re-quantisation, so the copy decodes to exactly the same labels). Returns the clip count."""
     reader = open_store(source)
-    writer = open_writer(destination, reader.fingerprint, reader.format, codecs=reader.codecs)
-    for index in range(0, len(clip_ids), clips_per_shard):
-        encoded = [reader.read_encoded(c) for c in clip_ids[index : index + clips_per_shard]]
-        writer.write_encoded_shard(f"{index // clips_per_shard:06d}", encoded, [])
+    with open_writer(destination, reader.fingerprint, reader.format, codecs=reader.codecs) as writer:
+        for index in range(0, len(clip_ids), clips_per_shard):
+            encoded = [reader.read_encoded(c) for c in clip_ids[index : index + clips_per_shard]]
+            writer.write_encoded_shard(f"{index // clips_per_shard:06d}", encoded, [])
     return len(clip_ids)
 
 

@@ -1,8 +1,11 @@
 """`geovr-pipeline index`: the clip manifest (Parquet) that the precompute consumes.
 
-Sources are video folders (searched recursively for `VIDEO_EXTENSIONS`) or QA files (VSI-590K /
-LLaVA rows naming a `"video"`, VLM-3R rows naming `"data_source"` and `"scene_name"`), read by the
-QA contract of both stages, `geovr.teacher_cache.qa`: its file formats (JSON Lines, a JSON list, a
+Sources are video folders (searched recursively for `VIDEO_EXTENSIONS`, symlinked folders
+followed; every entry named like a video gets a row, so a dangling or looping symlink or a folder
+named `x.mp4` is listed as unusable with its reason; a symlinked folder that leads back to one of its
+ancestors and a folder that cannot be listed are listed too) or QA files (VSI-590K / LLaVA rows
+naming a `"video"`, VLM-3R rows naming `"data_source"` and `"scene_name"`), read by the QA contract
+of both stages, `geovr.teacher_cache.qa`: its file formats (JSON Lines, a JSON list, a
 `{"data": [...]}` wrapper; streamed, never held whole), the video of a row and its normalised,
 corpus-relative path. Rows without a video (image or text only) are counted; rows the contract
 refuses (not valid JSON, several videos, a path outside the corpus root) are counted and listed in
@@ -28,8 +31,9 @@ Shard assignment (deterministic, append-stable):
   (Re-sorting everything instead would move clips between committed shards.)
 
 Manifest rows, one per clip (all probed fields null when the video failed):
-  clip_id, video (relative path), shard, status ("ok" | "missing" | "empty" | "corrupt" |
-  "no-video-stream" | "too-short"), reason (the detail message, "" when ok), width, height,
+  clip_id, video (relative path), shard, status ("ok" | "missing" | "broken-link" | "symlink-loop" |
+  "not-a-file" | "unreadable" | "empty" | "corrupt" | "no-video-stream" | "too-short"), reason (the
+  detail message, "" when ok), width, height,
   num_frames, fps, duration_s, variable_frame_rate, codec, pix_fmt, num_qa_rows.
 Parquet schema metadata key `geovr` (JSON): format_version, corpus_root (absolute), sampling
 (the policy dict), clips_per_shard, sources.
@@ -111,12 +115,14 @@ def shard_id(index: int) -> str:
 @dataclass
 class CollectedVideos:
     """What the sources name: video -> number of QA rows naming it (0 for folder sources), QA rows
-    read, rows without a video, and the refused rows ("<file>:<line>: <problem>")."""
+    read, rows without a video, the refused rows ("<file>:<line>: <problem>"), and the folder
+    problems {"video": relative path, "status", "reason"} (see `walk_folder`)."""
 
     videos: Counter[str] = field(default_factory=Counter)
     qa_rows: int = 0
     rows_without_video: int = 0
     bad_rows: list[str] = field(default_factory=list)
+    folder_problems: list[dict[str, str]] = field(default_factory=list)
 
 
 def collect_videos(sources: list[Path], corpus_root: Path) -> CollectedVideos:
@@ -124,9 +130,8 @@ def collect_videos(sources: list[Path], corpus_root: Path) -> CollectedVideos:
     found = CollectedVideos()
     for source in sources:
         if source.is_dir():
-            for path in sorted(source.rglob("*")):
-                if path.is_file() and is_video_file(path):
-                    found.videos[_relative(path, corpus_root)] += 0
+            for path in walk_folder(source, corpus_root, found.folder_problems):
+                found.videos[_relative(path, corpus_root)] += 0
         elif source.is_file():
             _collect_qa_file(source, corpus_root, found)
         else:
@@ -147,6 +152,45 @@ def _collect_qa_file(source: Path, corpus_root: Path, found: CollectedVideos) ->
             found.videos[normalise_video(video, corpus_root)] += 1
         except QARowError as err:
             found.bad_rows.append(f"{row.where}: {err}")
+
+
+def walk_folder(folder: Path, corpus_root: Path, problems: list[dict[str, str]]) -> list[Path]:
+    """Every entry named like a video under `folder` (sorted, whatever its type: the probe lists a
+    dangling or looping symlink or a folder named `x.mp4` as unusable). Symlinked folders are
+    followed, except one leading back to its own ancestor (a loop); that one, and a folder that
+    cannot be listed, are appended to `problems`."""
+    found: list[Path] = []
+
+    def problem(path: Path, status: str, detail: str) -> None:
+        problems.append(
+            {"video": _relative(path, corpus_root), "status": status, "reason": f"{status}: {detail}"}
+        )
+
+    def walk(path: Path, ancestors: frozenset[tuple[int, int]]) -> None:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as err:
+            problem(path, "unreadable", f"folder {path} cannot be listed ({err.strerror})")
+            return
+        for entry in entries:
+            child = Path(entry.path)
+            if is_video_file(child):
+                found.append(child)
+            try:
+                if not entry.is_dir():  # follows symlinks
+                    continue
+                stat = entry.stat()
+            except OSError:  # a symlink loop: listed by the probe when named like a video
+                continue
+            if (stat.st_dev, stat.st_ino) in ancestors:
+                detail = f"{child} leads back to its own folder {os.path.realpath(child)}; not followed"
+                problem(child, "symlink-loop", detail)
+                continue
+            walk(child, ancestors | {(stat.st_dev, stat.st_ino)})
+
+    root = folder.stat()
+    walk(folder, frozenset({(root.st_dev, root.st_ino)}))
+    return found
 
 
 def _relative(path: Path, corpus_root: Path) -> str:
@@ -275,7 +319,7 @@ def build_manifest(
     tmp = out.with_name(out.name + ".tmp")
     pq.write_table(table, tmp)
     tmp.replace(out)
-    bad = [
+    bad = found.folder_problems + [
         {"video": r["video"], "status": r["status"], "reason": r["reason"]}
         for r in rows
         if r["status"] != "ok"

@@ -46,8 +46,18 @@ the manifest; `open_writer` refuses a store written under another fingerprint an
 differs. Committed shards are skipped. `--retry-failed` re-runs only the clips a committed shard
 recorded as failed and rewrites that shard with the stored clips unchanged plus those now labelled.
 
+One run per store: `run_precompute` takes the store's lease (`teacher_cache.lease`) before it
+connects to Ray and gives it up at the end; another run on the store is refused with one line naming
+the holder, a lease whose run is gone is taken over with a warning, and the write tasks commit only
+while this run holds the lease (they check its token). The teacher settings are checked against the
+checkpoint's config in the driver, before any actor starts; an actor that still fails to start is
+reported in one line. `--ray-address local`: the in-process cluster ends with the driver, however it
+ends (`driver_watchdog`).
+
 Failures: a clip that cannot be used is recorded with its stage (`index`, `probe`, `sample`,
-`decode`, `teacher`, `encode`) and reason; the run goes on. `STORE/failures.jsonl` is rebuilt at the end of
+`decode`, `teacher`, `encode`) and reason; the run goes on. Non-finite teacher output (e.g. a zero
+field of view) is said once, at the first clip; the run stops when the teacher's first clips all have
+it (`Precompute._check_teacher_output` says why). `STORE/failures.jsonl` is rebuilt at the end of
 every run from the committed shards; the command exits non-zero only when failed / all clips of
 the store exceeds `max_failure_ratio`.
 
@@ -71,8 +81,10 @@ from typing import Any, Literal
 import numpy as np
 import ray
 from rich.console import Console
+from rich.markup import escape
 
 from geovr.pipeline.clip_split import SplitError, labels_to_dict, merge_halves, split_point
+from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
 from geovr.pipeline.index import Manifest, read_manifest
 from geovr.pipeline.progress import PrecomputeProgress, RunCounts, summary_table
 from geovr.pipeline.video import (
@@ -87,12 +99,21 @@ from geovr.pipeline.video import (
 )
 from geovr.teacher_cache import __version__
 from geovr.teacher_cache.config import from_dict, require, to_dict
-from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, encode_jpeg, student_frame_size
+from geovr.teacher_cache.frames import (
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    encode_jpeg,
+    student_frame_size,
+)
+from geovr.teacher_cache.lease import StoreLease, acquire_lease
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
 
 # Batches queued per teacher actor (and its threads): the next batch's frames are fetched, and the
 # last batch's labels stored, while the current one runs.
 ACTOR_QUEUE = 2
+# The run stops when this many clips (or all, when fewer) come out of the teacher non-finite before
+# any comes out finite (`Precompute._check_teacher_output` says why).
+NONFINITE_STOP_CLIPS = 4
 
 
 @dataclass
@@ -306,10 +327,16 @@ class TeacherActor:
         statuses: list[dict[str, Any]] = []
         labels: list[dict[str, Any] | None] = []
         for result in results:
-            if isinstance(result, dict):
+            nonfinite = nonfinite_outputs(result) if isinstance(result, dict) else None
+            if isinstance(result, dict) and not nonfinite:
                 frames = int(result["extrinsic"].shape[0])
                 statuses.append({"ok": True, "frames": frames, "split": bool(result.get("split"))})
                 labels.append(result)
+            elif nonfinite:
+                statuses.append(
+                    {**_failure("teacher", f"non-finite teacher output {nonfinite}"), "nonfinite": True}
+                )
+                labels.append(None)
             else:
                 statuses.append(_failure("teacher", f"{type(result).__name__}: {result}"))
                 labels.append(None)
@@ -357,6 +384,27 @@ class TeacherActor:
             return merge_halves(first, second)  # type: ignore[arg-type]
         except SplitError as err:
             return err
+
+
+# Teacher outputs that must be finite for a clip to be stored (the scale may be NaN: not valid).
+LABEL_OUTPUTS = ("pose_enc", "extrinsic", "intrinsic", "depth", "depth_conf", "features")
+
+
+def nonfinite_outputs(labels: dict[str, Any]) -> str:
+    """The teacher outputs of one clip's labels that hold non-finite values, with the likely cause
+    where it is known ("" when all are finite), e.g. "intrinsic (the camera head's field of view is 0
+    in 5 of 5 frames: an infinite focal length)"."""
+    names = [name for name in LABEL_OUTPUTS if not np.isfinite(labels[name]).all()]
+    if not names:
+        return ""
+    zero_fov = int((labels["pose_enc"][:, 7:9] <= 0).any(axis=1).sum())
+    if "intrinsic" in names and zero_fov:
+        frames = len(labels["pose_enc"])
+        return (
+            f"{', '.join(names)} (the camera head's field of view is 0 in {zero_fov} of {frames} frames: "
+            "an infinite focal length)"
+        )
+    return ", ".join(names)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -431,18 +479,22 @@ def write_shard(
     encoded_refs: list[Any],
     failures: list[dict[str, Any]],
     keep_stored: bool,
+    lease_token: str,
 ) -> dict[str, Any]:
     """Body of the `write_shard` Ray task: commit one shard whole, clips in clip-id (manifest) order.
 
     `encoded_refs`: object refs of the shard's `EncodedClip`s, fetched here, not by the driver.
     `keep_stored` (retry-failed): the clips the store already holds for this shard are kept as
-    stored bytes (rewritten bit for bit) beside the newly labelled ones.
+    stored bytes (rewritten bit for bit) beside the newly labelled ones. `lease_token`: the run's
+    store lease (held by the driver), checked before the commit.
     """
     from geovr.teacher_cache.store import open_store, open_writer
 
     started = time.perf_counter()
     encoded = {clip.clip_id: clip for clip in ray.get(list(encoded_refs))}
-    writer = open_writer(Path(store), StoreFingerprint.from_json(fingerprint), store_format)
+    writer = open_writer(
+        Path(store), StoreFingerprint.from_json(fingerprint), store_format, lease_token=lease_token
+    )
     committed = writer.is_committed(shard)
     if committed and not keep_stored:  # a retried task whose first try committed
         return {"shard": shard, "clips": len(encoded), "write_s": time.perf_counter() - started}
@@ -525,7 +577,9 @@ class RunResult:
 def connect_ray(address: str | None, cpus: int | None = None) -> bool:
     """Connect to the cluster at `address` ("local": start one in-process; None: Ray's default).
 
-    Every Ray process stays on loopback for a local cluster. Returns whether this call started Ray.
+    Every Ray process stays on loopback for a local cluster, and a watchdog (`driver_watchdog`) ends
+    the local cluster's processes within about a second of this driver's end, however it ends
+    (SIGKILL included). Returns whether this call started Ray.
     """
     if ray.is_initialized():
         return False
@@ -534,6 +588,7 @@ def connect_ray(address: str | None, cpus: int | None = None) -> bool:
         # there the driver must advertise an address the other nodes can reach.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     if address == "local":
+        start_watchdog()
         ray.init(
             address="local",
             num_cpus=cpus,
@@ -557,11 +612,14 @@ class Precompute:
         teacher: dict[str, Any],
         cfg: PrecomputeConfig,
         console: Console,
+        lease: StoreLease,
         retry_failed: bool = False,
         config_record: dict[str, Any] | None = None,
     ) -> None:
+        """`lease`: the store lease this run holds (`run_precompute` takes it)."""
         self.manifest = manifest
         self.store = Path(store)
+        self.lease = lease
         self.teacher = teacher
         self.cfg = cfg
         self.console = console
@@ -570,6 +628,7 @@ class Precompute:
         self.sampling = SamplingConfig.from_policy(manifest.sampling)
         self.counts = RunCounts()
         self.timings: dict[str, float] = {"decode_s": 0.0, "teacher_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
+        self.teacher_clips = {"finite": 0, "nonfinite": 0}  # clips the teacher returned, by output
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -660,15 +719,27 @@ class Precompute:
             for actor in actors:
                 ray.kill(actor)
 
+    def _warn(self, message: str) -> None:
+        warn_line(self.console, message)
+
     def _run(self, actors: list[Any], started: float) -> RunResult:
         from geovr.teacher_cache.store import open_writer
 
         cfg = self.cfg
         num_actors = len(actors)
-        parts = ray.get(actors[0].fingerprint_parts.remote())
+        try:
+            parts = ray.get(actors[0].fingerprint_parts.remote())
+        except ray.exceptions.RayActorError as err:
+            if not getattr(err, "actor_init_failed", False):
+                raise
+            # The error's last line is the exception the teacher raised; the rest is Ray's traceback.
+            raise ValueError(
+                f"the teacher actor failed to start: {str(err).strip().splitlines()[-1]}"
+            ) from None
         self.timings["actor_startup_s"] = time.perf_counter() - started
         fingerprint = self.fingerprint(parts)
-        writer = open_writer(self.store, fingerprint, cfg.format)  # refuses a different fingerprint
+        # Refuses a different fingerprint; removes what killed writers left (under the run's lease).
+        writer = open_writer(self.store, fingerprint, cfg.format, lease=self.lease)
         shards = self._plan(writer)
 
         cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -789,6 +860,7 @@ class Precompute:
                     [c.encoded_ref for c in shard.clips if c.state == "done"],
                     shard.failures,
                     shard.keep_stored,
+                    self.lease.token,
                 )
                 shard.writing = True
                 pending[ref] = ("write", shard)
@@ -798,6 +870,7 @@ class Precompute:
             submit_decodes()
             submit_writes()  # shards whose clips all failed at indexing
             while pending or batches or queue:
+                self.lease.check()  # a run whose lease was taken over stops
                 dispatch_batches()
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
                 for ref in ready:
@@ -866,11 +939,40 @@ class Precompute:
         self.timings["teacher_s"] += statuses[0].get("teacher_s", 0.0)
         for clip, status in zip(batch.clips, statuses, strict=True):
             clip.frames_ref = None  # the frames are no longer needed: let the object store free them
+            self._check_teacher_output(clip, status)
             if status["ok"]:
                 clip.state = "encoding"
             else:
                 fail(batch.shard, clip, status["stage"], status["reason"])
         return len(batch.clips)
+
+    def _check_teacher_output(self, clip: _Clip, status: dict[str, Any]) -> None:
+        """Non-finite teacher output is said once, at the first clip that has it; the run stops when
+        the first `NONFINITE_STOP_CLIPS` clips the teacher returned all have it.
+
+        Why stop: non-finite output from the start almost always means a broken or mismatched
+        checkpoint (e.g. a camera head whose field of view is 0), and every clip would fail the same
+        way: on a corpus of 100,000 videos that is hours of GPU time spent on failure rows. Why not
+        at the first such clip: one pathological video must not stop a run, so a few clips must agree
+        (and once any clip came out finite, the run goes on and counts the others as failures).
+        """
+        counts = self.teacher_clips
+        if not status.get("nonfinite"):
+            counts["finite"] += int(status["ok"])
+            return
+        counts["nonfinite"] += 1
+        checkpoint = self.teacher.get("checkpoint")
+        if counts["nonfinite"] == 1:
+            self._warn(
+                f"clip {clip.row['clip_id']} ({clip.row['video']}): {status['reason']}; the teacher checkpoint "
+                f"{checkpoint} is the likely cause (further clips like this are counted, not reported)"
+            )
+        if counts["finite"] == 0 and counts["nonfinite"] >= min(NONFINITE_STOP_CLIPS, self.counts.clips_todo):
+            raise ValueError(
+                f"the teacher's first {counts['nonfinite']} clips all have {status['reason']}; the teacher "
+                f"checkpoint {checkpoint} is the likely cause: stopping before labelling the other "
+                f"{self.counts.clips_todo - counts['nonfinite']} clips"
+            )
 
     def _on_encoded(self, ref: Any, shard: _Shard, clip: _Clip, fail: Any) -> None:
         try:
@@ -891,6 +993,7 @@ class Precompute:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as err:
+            self.lease.check()  # a lost lease is the cause to report
             raise RuntimeError(f"shard {shard.shard_id} could not be written to {self.store}: {err}") from err
         self.timings["write_s"] += result["write_s"]
         self.counts.shards_written += 1
@@ -959,11 +1062,26 @@ def run_precompute(
     retry_failed: bool = False,
     config_record: dict[str, Any] | None = None,
 ) -> RunResult:
-    """Read the manifest, connect to Ray, run, disconnect (if this call connected)."""
+    """Read the manifest, check the teacher settings against the checkpoint, take the store's lease
+    (refused while another run writes the store), connect to Ray, run, disconnect (if this call
+    connected), give the lease up."""
+    from geovr.pipeline.teachers.labeler import TeacherConfig, check_teacher_config
+
     manifest = read_manifest(manifest_path)
-    started_ray = connect_ray(ray_address)
-    try:
-        return Precompute(manifest, store, teacher, cfg, console, retry_failed, config_record).run()
-    finally:
-        if started_ray:
-            ray.shutdown()
+    check_teacher_config(from_dict(TeacherConfig, teacher, where="teacher"))  # before any actor starts
+    what = "precompute --retry-failed" if retry_failed else "precompute"
+    with acquire_lease(store, what, warn=lambda message: warn_line(console, message)) as lease:
+        started_ray = connect_ray(ray_address)
+        try:
+            return Precompute(
+                manifest, store, teacher, cfg, console, lease, retry_failed, config_record
+            ).run()
+        finally:
+            if started_ray:
+                ray.shutdown()
+                stop_watchdog()
+
+
+def warn_line(console: Console, message: str) -> None:
+    """One `warning:` line (never wrapped: it is read and matched by line)."""
+    console.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True, highlight=False)

@@ -25,13 +25,16 @@ A matrix that is not a multiple of 90 degrees, or that mirrors the picture, is r
 (`unsupported-rotation`).
 
 Errors are `VideoError(stage, reason, detail)` with a short machine-readable `reason`
-(`missing`, `empty`, `corrupt`, `no-video-stream`, `too-short`, `unsupported-rotation`) so failure
-records can be grouped.
+(`missing`, `broken-link` (a dangling symlink), `symlink-loop`, `not-a-file` (e.g. a folder named
+`x.mp4`), `unreadable` (permission denied), `empty`, `corrupt`, `no-video-stream`, `too-short`,
+`unsupported-rotation`) so failure records can be grouped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,14 +152,31 @@ class SamplingConfig:
 
 
 def _open(path: Path, stage: str) -> av.container.InputContainer:
+    if path.is_symlink() and not path.exists():
+        raise VideoError(stage, *_broken_link(path))
     if not path.exists():
         raise VideoError(stage, "missing", f"{path} does not exist")
-    if path.is_file() and path.stat().st_size == 0:
+    if not path.is_file():  # a folder, a FIFO (opening it would block) or a device
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise VideoError(stage, "not-a-file", f"{path} is {kind}")
+    if path.stat().st_size == 0:
         raise VideoError(stage, "empty", f"{path} is an empty file")
     try:
         return av.open(str(path), mode="r")
+    except PermissionError:  # before OSError: av's own PermissionError is both
+        raise VideoError(stage, "unreadable", f"{path}: permission denied") from None
     except (av.FFmpegError, UnicodeDecodeError, OSError) as err:
         raise VideoError(stage, "corrupt", f"{path}: cannot open container ({err})") from None
+
+
+def _broken_link(path: Path) -> tuple[str, str]:
+    """(reason, detail) of a symlink that leads nowhere."""
+    try:
+        path.stat()
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return "symlink-loop", f"{path} is a symlink loop"
+    return "broken-link", f"{path} is a dangling symlink (to {os.readlink(path)}, which does not exist)"
 
 
 def _video_stream(container: av.container.InputContainer, path: Path, stage: str) -> av.VideoStream:

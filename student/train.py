@@ -17,8 +17,10 @@ Parallelism: DDP (default), or FSDP2 (`fully_shard` on every decoder and vision 
 root), chosen by `train.parallel`. Rendezvous through the `torchrun` environment (env://); gloo on
 CPU, NCCL on GPU; without `torchrun` it runs as one process without a process group.
 
-Checkpoints `RUN/checkpoints/step_NNNNNNNN/`, written under a `.tmp` name then renamed, last
-`keep_last` kept:
+Checkpoints `RUN/checkpoints/step_NNNNNNNN/`, written under `RUN/checkpoints.tmp/` then renamed, last
+`keep_last` kept. A checkpoint that does not fit on the disk is removed at once and reported in one
+line (every rank stops, none waits in a barrier); a partial one left by a killed run is removed at
+the next start:
 
     config.json, model*.safetensors, student_config.json, geovr_heads.safetensors, processor files
                                the student checkpoint format (`GeoVRStudent.save_pretrained`), so
@@ -39,6 +41,7 @@ TensorBoard under `RUN/tensorboard/`, and console progress (rich).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -49,6 +52,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -191,11 +195,6 @@ def all_reduce(tensor: torch.Tensor, env: DistEnv, op: dist.ReduceOp = dist.Redu
     if env.distributed:
         dist.all_reduce(tensor, op=op)
     return tensor
-
-
-def barrier(env: DistEnv) -> None:
-    if env.distributed:
-        dist.barrier()
 
 
 def seed_everything(seed: int) -> None:
@@ -361,9 +360,11 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically (every rank calls this; rank 0 writes the shared files).
 
-    Everything goes to `RUN/checkpoints.tmp/step_N/`; after a barrier rank 0 renames it into
-    `RUN/checkpoints/` (so readers listing checkpoints never see a partial one) and deletes the
-    oldest beyond `keep_last`. A crash at any point leaves the previous checkpoint intact.
+    Everything goes to `RUN/checkpoints.tmp/step_N/`; once every rank has written its part rank 0
+    renames it into `RUN/checkpoints/` (so readers listing checkpoints never see a partial one) and
+    deletes the oldest beyond `keep_last`. A crash at any point leaves the previous checkpoint intact.
+    A failed write (disk full: `OSError(ENOSPC)` with a one-line message) stops every rank, and the
+    partial checkpoint is deleted (`_check_written`).
     """
     name = f"step_{step:08d}"
     final = run_dir / "checkpoints" / name
@@ -372,7 +373,8 @@ def save_checkpoint(
     # Collective under FSDP2: every rank takes part, rank 0 receives the full tensors.
     model_state = get_model_state_dict(student, options=options)
     optim_state = get_optimizer_state_dict(student, optimizer, options=options)
-    if env.is_main:
+
+    def write_shared(model_state: dict[str, torch.Tensor], optim_state: dict[str, Any]) -> None:
         if tmp.parent.exists():  # leftovers of a run killed while writing a checkpoint
             shutil.rmtree(tmp.parent)
         tmp.mkdir(parents=True)
@@ -380,22 +382,71 @@ def save_checkpoint(
         tensors, info = _optimizer_to_files(optim_state)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(info))
-    del model_state, optim_state
-    barrier(env)
-    rng_tensors, rng_info = rng_state()
-    save_file(rng_tensors, str(tmp / f"rank_{env.rank}.safetensors"))
-    (tmp / f"rank_{env.rank}.json").write_text(json.dumps({**rank_state, "rng": rng_info}))
-    barrier(env)
-    if env.is_main:
+
+    def write_rank() -> None:
+        rng_tensors, rng_info = rng_state()
+        save_file(rng_tensors, str(tmp / f"rank_{env.rank}.safetensors"))
+        (tmp / f"rank_{env.rank}.json").write_text(json.dumps({**rank_state, "rng": rng_info}))
+
+    def commit() -> None:
         (tmp / "trainer.json").write_text(json.dumps(trainer_state, indent=1))
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        tmp.parent.rmdir()
         for _, old in checkpoint_dirs(run_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
-    barrier(env)
+
+    # Each check replaces a barrier: every rank learns whether any rank failed.
+    shared = partial(write_shared, model_state, optim_state)
+    _check_written(_attempt(shared) if env.is_main else None, env, run_dir, name)
+    del model_state, optim_state, shared
+    _check_written(_attempt(write_rank), env, run_dir, name)
+    _check_written(_attempt(commit) if env.is_main else None, env, run_dir, name)
     return final
+
+
+def _attempt(write: Callable[[], None]) -> Exception | None:
+    try:
+        write()
+    except Exception as err:  # safetensors reports I/O errors with its own exception type
+        return err
+    return None
+
+
+def _is_disk_full(err: BaseException) -> bool:
+    """ENOSPC or EDQUOT, as Python's OSError or as safetensors' Rust I/O error (in its message)."""
+    if isinstance(err, OSError):
+        return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    return any(f"(os error {code})" in str(err) for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def _check_written(failure: Exception | None, env: DistEnv, run_dir: Path, name: str) -> None:
+    """Collective: if writing checkpoint `name` failed on any rank, rank 0 deletes the partial
+    checkpoint and every rank raises; a full disk as `OSError(ENOSPC)` with a one-line message."""
+    code = 0 if failure is None else 1 if _is_disk_full(failure) else 2
+    code = int(all_reduce(torch.tensor([code], device=env.device), env, op=dist.ReduceOp.MAX).item())
+    if code == 0:
+        return
+    if env.is_main:
+        shutil.rmtree(run_dir / "checkpoints.tmp", ignore_errors=True)
+    if code == 1:
+        complete = checkpoint_dirs(run_dir)
+        kept = (
+            f"the last complete one, {complete[-1][1].name}, is kept"
+            if complete
+            else "there is no complete one"
+        )
+        free = shutil.disk_usage(run_dir).free
+        raise OSError(
+            errno.ENOSPC,
+            f"disk full: checkpoint {name} did not fit in {run_dir} ({free / 2**20:.1f} MiB free after removing "
+            f"the partial checkpoint; {kept}); free space, then continue with --resume",
+        ) from None
+    if failure is not None:
+        raise failure
+    raise RuntimeError(f"checkpoint {name} was not written: it failed on another rank")
 
 
 def load_training_state(
@@ -744,8 +795,6 @@ def _train(
     student_cfg: Any,
     on_step: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
-    from functools import partial
-
     from geovr.student.data import (
         LoaderState,
         StudentSampleBuilder,
@@ -758,6 +807,10 @@ def _train(
     from geovr.teacher_cache.store import open_store
 
     run_dir = inputs.run_dir
+    leftover = run_dir / "checkpoints.tmp"
+    removed = sorted(p.name for p in leftover.iterdir()) if env.is_main and leftover.is_dir() else []
+    if env.is_main and leftover.exists():  # a checkpoint a killed or out-of-disk run did not finish
+        shutil.rmtree(leftover)
     existing = checkpoint_dirs(run_dir)
     if existing and not inputs.resume:
         raise ValueError(
@@ -850,6 +903,10 @@ def _train(
         }
         (run_dir / "run.json").write_text(json.dumps(run_record, indent=1))
     logger = MetricsLogger(run_dir, env, total_steps, cfg, start_step)
+    if removed:
+        logger.message(
+            f"removed the partial checkpoint {', '.join(removed)} an interrupted run left in {leftover}"
+        )
     logger.message(report.summary())
     logger.message(
         f"{env.world_size} process(es) on {env.device.type}, {cfg.parallel}; global batch {cfg.global_batch} = "

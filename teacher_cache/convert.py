@@ -4,7 +4,8 @@ The encoded arrays (int8 features with their scales, log-quantised depth and con
 cameras, JPEG bytes) are read and written as they are; only the lossless zstd layer is redone. So a
 converted store decodes to exactly the same float32 labels as its source, and converting back and
 forth never compounds error. Shards keep their ids and failure rows; a shard already committed in
-the destination is skipped, so an interrupted conversion resumes.
+the destination is skipped, so an interrupted conversion resumes. The conversion holds the
+destination's store lease (`lease`): it is refused while another run writes there.
 """
 
 from __future__ import annotations
@@ -23,20 +24,21 @@ def convert_store(src: str | Path, dst: str | Path, format: str) -> dict[str, An
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError(f"convert: source and destination are the same store ({src})")
     reader = open_store(src)
-    writer = open_writer(dst, reader.fingerprint, format, codecs=reader.codecs)
-    done = writer.committed_shards()
     summary = {"shards_written": 0, "shards_skipped": 0, "clips": 0}
-    for shard_id in reader.shards():
-        if shard_id in done:
-            summary["shards_skipped"] += 1
-            continue
-        clips = list(reader.iter_shard_encoded(shard_id))
-        failures = [
-            {k: row[k] for k in FAILURE_KEYS}
-            for row in reader.markers[shard_id]["clips"]
-            if row["status"] == "failed"
-        ]
-        writer.write_encoded_shard(shard_id, clips, failures)
-        summary["shards_written"] += 1
-        summary["clips"] += len(clips)
+    # The writer holds the destination's store lease until the end: one writer run per store.
+    with open_writer(dst, reader.fingerprint, format, codecs=reader.codecs) as writer:
+        done = writer.committed_shards()
+        for shard_id in reader.shards():
+            if shard_id in done:
+                summary["shards_skipped"] += 1
+                continue
+            clips = list(reader.iter_shard_encoded(shard_id))
+            failures = [
+                {k: row[k] for k in FAILURE_KEYS}
+                for row in reader.markers[shard_id]["clips"]
+                if row["status"] == "failed"
+            ]
+            writer.write_encoded_shard(shard_id, clips, failures)
+            summary["shards_written"] += 1
+            summary["clips"] += len(clips)
     return summary

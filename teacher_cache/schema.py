@@ -151,13 +151,32 @@ class StoreFingerprint:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def differences(self, other: StoreFingerprint) -> list[str]:
-        """Names and values of the fields that differ (ignoring `code_version`), for error messages."""
+        """The differing keys (ignoring `code_version`) as `key: ours != theirs`, nested keys as dotted
+        paths (`preprocess.teacher_long_side: 504 != 518`), for error messages."""
         ours, theirs = self.to_json(), other.to_json()
-        return [
-            f"{name}: {ours[name]!r} != {theirs[name]!r}"
-            for name in ours
-            if name != "code_version" and ours[name] != theirs[name]
-        ]
+        ours.pop("code_version")
+        theirs.pop("code_version")
+        return dict_differences(ours, theirs)
+
+
+_ABSENT = object()
+
+
+def dict_differences(ours: dict[str, Any], theirs: dict[str, Any], prefix: str = "") -> list[str]:
+    """Every key whose values differ, as `path: ours != theirs`; dicts are compared key by key
+    (dotted paths), other values whole; a key missing on one side shows as (absent)."""
+    lines = []
+    for key in [*ours, *(k for k in theirs if k not in ours)]:
+        a, b = ours.get(key, _ABSENT), theirs.get(key, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += dict_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}: {_show(a)} != {_show(b)}")
+    return lines
+
+
+def _show(value: Any) -> str:
+    return "(absent)" if value is _ABSENT else repr(value)
 
 
 def clip_id_for(video: str, sampling: dict[str, Any]) -> str:

@@ -11,20 +11,36 @@ On disk (STORE is a directory):
     STORE/<shard_id>.r<N>/, STORE/<shard_id>.r<N>.tar   revision N >= 1 of a replaced shard
     STORE/_done/<shard_id>.json   the done marker: its presence commits the shard
     STORE/_tmp/               shards and markers being written
+    STORE/_lease.json         the writing run's lease, see `lease` (absent when no run writes)
     STORE/run.json, STORE/failures.jsonl   written by precompute at the end of each run; part of no shard
 
-Commit protocol (one writer per shard id; many writers per store): the shard is written whole under
-`_tmp/`, its files are fsynced and checksummed, it is renamed to its final name, and the done marker
-(per-clip status, frame counts, bytes per field, sha256 of every file) is written to `_tmp/` and
-renamed into `_done/` last. A writer killed at any point leaves either no marker (the shard does not
-exist for readers, `verify` and resume, and is rewritten by the next `write_shard`) or a complete
-shard. Readers list shards by marker only.
+Writers: one run at a time per store, holding the store lease (`lease`, `STORE/_lease.json`):
+precompute, precompute --retry-failed and `cache convert` into a store take it for their whole run;
+a second run is refused with a line naming the holder. `open_writer` takes the lease itself, or
+joins the lease its caller holds (`lease=`), or, in another process of the same run (a Ray write
+task), checks the run's token (`lease_token=`). Within the run, one writer per shard id.
+
+Commit protocol: the shard is written whole under `_tmp/`, its files are fsynced and checksummed,
+it is renamed to its final name, the writer checks that its run still holds the lease (fencing: a
+run whose lease was taken over commits nothing more), and the done marker (per-clip status, frame
+counts, bytes per field, sha256 of every file) is written to `_tmp/` and renamed into `_done/`
+last. A writer killed at any point leaves either no marker (the shard does not exist for readers,
+`verify` and resume, and is rewritten by the next `write_shard`) or a complete shard. Readers list
+shards by marker only.
 
 Replacing a committed shard (`replace=True`, precompute's --retry-failed) writes the new version as
 the next revision beside the old one, under its own name, and commits it by renaming its marker
-over the old marker (one atomic step); the old revision is deleted after that. A kill at any point
-leaves the old or the new version committed, never neither; an unreferenced revision left by a
-kill is reported by `verify` and deleted by the next write of that shard.
+over the old marker (one atomic step). A kill at any point leaves the old or the new version
+committed, never neither. The replaced revision is NOT deleted then: a reader that read the old
+marker a moment earlier is about to open it. Superseded revisions are deleted by the next run that
+takes the lease, once superseded for at least `REVISION_GRACE_S` (the marker's mtime is the moment
+of the last replacement). Why then: a new lease means no writer of this store is active, so no
+new marker can appear during the cleanup, and the grace period covers readers that read a marker
+just before. A reader that still finds its revision gone (a job that opened the store before an
+earlier replacement) re-reads the marker and opens the revision it names now (`StoreReader`), so
+readers see the old version or the new one, never a missing shard. The same cleanup removes what
+killed writers left in `_tmp/`. An unreferenced revision left by a kill is reported by `verify` and
+replaced by the next write of that shard.
 
 Done marker: {"shard_id", "revision" (0 unless replaced; absent means 0), "format", "schema_version",
 "fingerprint_digest", "codec_version", "num_clips", "num_frames", "num_failures", "clips": [{"clip_id", "video", "status": "ok",
@@ -39,6 +55,7 @@ import json
 import os
 import re
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,7 +63,14 @@ from typing import Any, Literal
 
 from geovr.teacher_cache import wds_backend, zarr_backend
 from geovr.teacher_cache.codecs import CODEC_VERSION, CodecConfig, EncodedClip, decode_clip, encode_clip
-from geovr.teacher_cache.schema import SCHEMA_VERSION, ClipLabels, SchemaError, StoreFingerprint
+from geovr.teacher_cache.lease import LEASE_FILE, StoreLease, acquire_lease, check_lease
+from geovr.teacher_cache.schema import (
+    SCHEMA_VERSION,
+    ClipLabels,
+    SchemaError,
+    StoreFingerprint,
+    dict_differences,
+)
 
 StoreFormat = Literal["zarr", "wds"]
 FORMATS: tuple[str, ...] = ("zarr", "wds")
@@ -56,7 +80,10 @@ STORE_JSON = "store.json"
 DONE_DIR = "_done"
 TMP_DIR = "_tmp"
 FAILURE_KEYS = ("clip_id", "video", "stage", "reason")
+# A superseded revision is deleted by the next writer run at least this long after the replacement.
+REVISION_GRACE_S = 3600.0
 _SHARD_ID = re.compile(r"^[0-9A-Za-z_-]+$")
+_SHARD_NAME = re.compile(r"^(?P<id>[0-9A-Za-z_-]+?)(?:\.r(?P<revision>[0-9]+))?(?P<tar>\.tar)?$")
 
 
 def shard_path(root: Path, store_format: str, shard_id: str, revision: int = 0) -> Path:
@@ -143,13 +170,38 @@ def committed_shard_ids(root: Path) -> list[str]:
 
 
 class StoreWriter:
-    """Writes whole shards into one store; see the module docstring for the commit protocol."""
+    """Writes whole shards into one store; see the module docstring for the lease and the commit protocol.
 
-    def __init__(self, root: Path, fingerprint: StoreFingerprint, store_format: str, codecs: CodecConfig):
+    `lease_token`: the token of the run's store lease, checked before every commit. `owned_lease`:
+    a lease `open_writer` took for this writer, given up by `close()` (or leaving a `with` block).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        fingerprint: StoreFingerprint,
+        store_format: str,
+        codecs: CodecConfig,
+        lease_token: str,
+        owned_lease: StoreLease | None = None,
+    ):
         self.root = root
         self.fingerprint = fingerprint
         self.format = store_format
         self.codecs = codecs
+        self.lease_token = lease_token
+        self._owned_lease = owned_lease
+
+    def close(self) -> None:
+        if self._owned_lease is not None:
+            self._owned_lease.release()
+            self._owned_lease = None
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def committed_shards(self) -> set[str]:
         return set(committed_shard_ids(self.root))
@@ -218,6 +270,7 @@ class StoreWriter:
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync(self.root)
+        check_lease(self.root, self.lease_token)  # fencing: a run that lost the lease commits nothing
 
         rows: list[dict[str, Any]] = [
             {"video": c.video, "status": "ok", **row} for c, row in zip(clips, written["clips"], strict=True)
@@ -238,22 +291,32 @@ class StoreWriter:
             "files": files,
         }
         _write_json_atomic(marker, self.root / TMP_DIR, self.root / DONE_DIR / f"{shard_id}.json")
-        # Committed: the replaced revision, and an older one whose deletion a kill interrupted, are
-        # unreferenced now.
-        for old_revision in range(revision):
-            _remove(shard_path(self.root, self.format, shard_id, old_revision))
+        # A replaced revision stays until a later run's cleanup (`collect_garbage`): readers may hold
+        # the old marker.
         return marker
 
 
 def open_writer(
-    path: str | Path, fingerprint: StoreFingerprint, format: str, codecs: CodecConfig | None = None
+    path: str | Path,
+    fingerprint: StoreFingerprint,
+    format: str,
+    codecs: CodecConfig | None = None,
+    lease: StoreLease | None = None,
+    lease_token: str | None = None,
 ) -> StoreWriter:
     """Create a store or open an existing one for more shards (resume).
+
+    The store lease (module docstring): `lease`, held by the caller for its run; else `lease_token`,
+    the token of the lease another process of the run holds (checked now and before every commit);
+    else the writer takes the lease itself (`StoreLeaseError` when another run holds it) and gives
+    it up on `close()`. The first writer under a newly taken lease removes what killed writers left
+    and the revisions superseded long enough ago (`collect_garbage`).
 
     Codec settings: `codecs`, else `fingerprint.preprocess["codecs"]` when present; a new store
     without either gets the defaults, an existing one keeps its own (so that a resume under newer
     code defaults still matches). Raises `SchemaError` when the existing store has another
-    fingerprint (the message lists the differences), format, or codec settings than requested.
+    fingerprint (the message names each differing key with both values), format, or codec settings
+    than requested.
     """
     if format not in FORMATS:
         raise ValueError(f"store format {format!r}: expected one of {FORMATS}")
@@ -262,25 +325,85 @@ def open_writer(
     if codecs is not None:
         codecs.validate()
     root = Path(path)
+    owned = None
+    if lease_token is not None:
+        check_lease(root, lease_token)
+    elif lease is None:
+        owned = lease = acquire_lease(root, "store writer")
+    try:
+        meta = _open_for_writing(root, fingerprint, format, codecs)
+        if lease is not None and lease.cleanup_pending:
+            collect_garbage(root, format)
+            lease.cleanup_pending = False
+    except BaseException:
+        if owned is not None:
+            owned.release()
+        raise
+    token = lease.token if lease is not None else lease_token
+    return StoreWriter(root, fingerprint, format, meta["codecs"], token, owned)  # type: ignore[arg-type]
+
+
+def _open_for_writing(
+    root: Path, fingerprint: StoreFingerprint, format: str, codecs: CodecConfig | None
+) -> dict[str, Any]:
+    """store.json of `root` (the store is created when absent), refused when its settings differ."""
     if not (root / STORE_JSON).exists():
-        if root.exists() and any(p.name not in (TMP_DIR, DONE_DIR) for p in root.iterdir()):
+        ours = (TMP_DIR, DONE_DIR, LEASE_FILE)
+        if root.exists() and any(not p.name.startswith(ours) for p in root.iterdir()):
             raise ValueError(
                 f"{root}: exists, is not empty and has no {STORE_JSON}; refusing to write a store there"
             )
         _create_store(root, fingerprint, format, codecs or CodecConfig())
 
     meta = read_store_json(root)
-    problems = [f"fingerprint {d}" for d in meta["fingerprint"].differences(fingerprint)]
+    problems = meta["fingerprint"].differences(fingerprint)
     if meta["format"] != format:
         problems.append(f"format: {meta['format']!r} != {format!r}")
     if codecs is not None and meta["codecs"] != codecs:
-        problems.append(f"codecs: {meta['codecs'].to_dict()} != {codecs.to_dict()}")
+        problems += [f"codecs.{d}" for d in dict_differences(meta["codecs"].to_dict(), codecs.to_dict())]
     if problems:
         raise SchemaError(
-            f"{root}: the store was written with other settings; refusing to add shards:\n  "
-            + "\n  ".join(problems)
+            f"{root}: the store was written with other settings (the store's != this run's); refusing to "
+            f"add shards: {'; '.join(problems)}"
         )
-    return StoreWriter(root, fingerprint, format, meta["codecs"])
+    return meta
+
+
+def collect_garbage(root: Path, store_format: str, grace_s: float = REVISION_GRACE_S) -> None:
+    """Delete killed writers' temporaries and the revisions superseded at least `grace_s` ago.
+
+    Only under a newly taken lease (`open_writer` calls it): no writer of this store is active, so
+    nothing in `_tmp/` is in use and no marker moves meanwhile. One listing of the store root; a
+    marker is read only for shards with more than one revision present.
+    """
+    tmp = root / TMP_DIR
+    if tmp.is_dir():
+        for entry in tmp.iterdir():
+            _remove(entry)
+    revisions: dict[str, list[tuple[int, Path]]] = {}
+    for entry in root.iterdir():
+        match = _SHARD_NAME.match(entry.name)
+        if (
+            entry.name in (TMP_DIR, DONE_DIR)
+            or match is None
+            or bool(match["tar"]) != (store_format == "wds")
+        ):
+            continue
+        revisions.setdefault(match["id"], []).append((int(match["revision"] or 0), entry))
+    now = time.time()
+    for shard_id, found in revisions.items():
+        marker_path = root / DONE_DIR / f"{shard_id}.json"
+        if len(found) < 2 or not marker_path.is_file():
+            continue
+        try:
+            committed = int(read_marker(root, shard_id).get("revision", 0))
+            replaced_at = marker_path.stat().st_mtime
+        except (OSError, SchemaError):
+            continue
+        if now - replaced_at >= grace_s:
+            for revision, entry in found:
+                if revision < committed:
+                    _remove(entry)
 
 
 def _create_store(root: Path, fingerprint: StoreFingerprint, store_format: str, codecs: CodecConfig) -> None:
@@ -367,23 +490,61 @@ class StoreReader:
         if shard_id not in self.markers:
             raise KeyError(f"{self.root}: no committed shard {shard_id!r}")
         if shard_id not in self._readers:
-            self._readers[shard_id] = open_shard_reader(
-                self.root, self.format, shard_id, self.markers[shard_id]
-            )
+            try:
+                reader = open_shard_reader(self.root, self.format, shard_id, self.markers[shard_id])
+            except FileNotFoundError:
+                if not self._marker_moved(shard_id):
+                    raise
+                reader = open_shard_reader(self.root, self.format, shard_id, self.markers[shard_id])
+            self._readers[shard_id] = reader
         return self._readers[shard_id]
+
+    def _marker_moved(self, shard_id: str) -> bool:
+        """Re-read the shard's marker; True (and this reader follows it) when a replacement committed
+        another revision since it was read: the revision read so far may be deleted (module docstring)."""
+        try:
+            marker = read_marker(self.root, shard_id)
+        except (OSError, SchemaError):
+            return False
+        if marker.get("revision", 0) == self.markers[shard_id].get("revision", 0):
+            return False
+        self.markers[shard_id] = marker
+        self._readers.pop(shard_id, None)
+        return True
 
     def read_encoded(self, clip_id: str) -> EncodedClip:
         if clip_id not in self._clip_shard:
             raise KeyError(f"{self.root}: no clip {clip_id!r} in the committed shards")
-        return self.shard_reader(self._clip_shard[clip_id]).read(clip_id)
+        shard_id = self._clip_shard[clip_id]
+        try:
+            reader = self.shard_reader(shard_id)
+            if not reader.path.exists():  # one stat: a revision deleted under an open reader
+                raise FileNotFoundError(reader.path)
+            return reader.read(clip_id)
+        except Exception:
+            if not self._marker_moved(shard_id):
+                raise
+            return self.shard_reader(shard_id).read(clip_id)
 
     def read_clip(self, clip_id: str) -> ClipLabels:
         return decode_clip(self.read_encoded(clip_id))
 
     def iter_shard_encoded(self, shard_id: str) -> Iterator[EncodedClip]:
         if self.markers[shard_id]["num_clips"] == 0:
-            return iter(())
-        return iter(self.shard_reader(shard_id))
+            return
+        seen: set[str] = set()
+        try:
+            reader = self.shard_reader(shard_id)
+            if not reader.path.exists():
+                raise FileNotFoundError(reader.path)
+            for clip in reader:
+                seen.add(clip.clip_id)
+                yield clip
+        except Exception:
+            if not self._marker_moved(shard_id):
+                raise
+            # The revision went away mid-stream: go on in the one committed now.
+            yield from (c for c in self.shard_reader(shard_id) if c.clip_id not in seen)
 
     def iter_shard(self, shard_id: str) -> Iterator[ClipLabels]:
         for encoded in self.iter_shard_encoded(shard_id):

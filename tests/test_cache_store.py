@@ -22,7 +22,14 @@ from geovr.teacher_cache.codecs import CodecConfig
 from geovr.teacher_cache.convert import convert_store
 from geovr.teacher_cache.frames import encode_jpeg
 from geovr.teacher_cache.schema import ClipLabels, SchemaError, StoreFingerprint
-from geovr.teacher_cache.store import DONE_DIR, TMP_DIR, open_store, open_writer
+from geovr.teacher_cache.store import (
+    DONE_DIR,
+    REVISION_GRACE_S,
+    TMP_DIR,
+    open_store,
+    open_writer,
+    shard_path,
+)
 from geovr.teacher_cache.verify import store_stats, verify_store
 
 CLI = str(Path(sys.executable).parent / "geovr-pipeline")
@@ -70,10 +77,10 @@ FAILURE = {
 
 
 def write_two_shards(root: Path, store_format: str) -> list[ClipLabels]:
-    writer = open_writer(root, FINGERPRINT, store_format)
     clips = [make_clip(i) for i in range(5)]
-    writer.write_shard("000000", clips[:3], [FAILURE])
-    writer.write_shard("000001", clips[3:], [])
+    with open_writer(root, FINGERPRINT, store_format) as writer:
+        writer.write_shard("000000", clips[:3], [FAILURE])
+        writer.write_shard("000001", clips[3:], [])
     return clips
 
 
@@ -221,18 +228,30 @@ def test_schema_version_mismatch_is_a_clear_error(tmp_path, cli):
     assert result.exit_code == 1 and "schema version 99" in result.stderr
 
 
-def test_writer_refuses_another_fingerprint_listing_the_differences(tmp_path):
+def test_writer_refuses_another_fingerprint_naming_each_differing_key(tmp_path):
     root = tmp_path / "store"
-    open_writer(root, FINGERPRINT, "zarr").write_shard("000000", [make_clip(1)], [])
-    other = replace(FINGERPRINT, checkpoint_sha256="cd" * 32, feature_layers=(4, 11))
+    with open_writer(root, FINGERPRINT, "zarr") as writer:
+        writer.write_shard("000000", [make_clip(1)], [])
+    other = replace(
+        FINGERPRINT,
+        checkpoint_sha256="cd" * 32,
+        feature_layers=(4, 11),
+        preprocess={"teacher_long_side": 112, "student_frames": {"max_tokens": 300}},
+    )
+    refusal = f"{root}: the store was written with other settings (the store's != this run's); refusing to add shards: "
     with pytest.raises(SchemaError) as err:
         open_writer(root, other, "zarr")
-    message = str(err.value)
-    assert "checkpoint_sha256" in message and "feature_layers" in message and "teacher:" not in message
-    with pytest.raises(SchemaError, match="format: 'zarr' != 'wds'"):
+    # Only the differing keys, nested ones as dotted paths, each with both values.
+    assert str(err.value) == refusal + (
+        f"checkpoint_sha256: {'ab' * 32!r} != {'cd' * 32!r}; preprocess.teacher_long_side: 56 != 112; "
+        "preprocess.student_frames: (absent) != {'max_tokens': 300}; feature_layers: [0, 1] != [4, 11]"
+    )
+    with pytest.raises(SchemaError) as err:
         open_writer(root, FINGERPRINT, "wds")
-    with pytest.raises(SchemaError, match="codecs:"):
+    assert str(err.value) == refusal + "format: 'zarr' != 'wds'"
+    with pytest.raises(SchemaError) as err:
         open_writer(root, FINGERPRINT, "zarr", codecs=CodecConfig(feature_token_steps=4.0))
+    assert str(err.value) == refusal + "codecs.feature_token_steps: 5.0 != 4.0"
     # Another code version is not a different fingerprint, and the store keeps its codecs: resume goes on.
     writer = open_writer(root, replace(FINGERPRINT, code_version="9.9"), "zarr")
     assert writer.committed_shards() == {"000000"} and writer.codecs == CodecConfig()
@@ -364,20 +383,37 @@ def test_replacing_a_committed_shard_is_atomic(tmp_path, store_format):
     report = verify_store(root)
     assert report.ok and any(w.startswith(f"{leftover.name} is not referenced") for w in report.warnings)
 
+    before = open_store(root)  # a reader that read the markers before the replacements
+    assert_within_codec_tolerance(before.read_clip(clips[1].clip_id), clips[1])
     new = [make_clip(0, seed=3), make_clip(9)]
     marker = writer.write_shard("000000", new, [], replace=True)
-    assert marker["revision"] == 1
-    assert not base.exists() and leftover.exists()  # the old revision is gone, the new one took its name
+    assert marker["revision"] == 1 and leftover.exists()  # the new revision took the leftover's name
+    # The replaced revision stays: `before` still reads the old version, whole.
+    assert_within_codec_tolerance(before.read_clip(clips[2].clip_id), clips[2])
     reader = open_store(root)
     assert reader.shards() == ["000000", "000001"]
     assert_within_codec_tolerance(reader.read_clip(new[0].clip_id), new[0])
     assert clips[1].clip_id not in reader.clip_ids()  # the new content replaces the old, whole
     report = verify_store(root)
-    assert report.ok and not report.warnings and report.clips_checked == 4
+    assert report.ok and report.clips_checked == 4
+    assert [w for w in report.warnings if "is not referenced" in w] == [
+        f"{base.name} is not referenced by a done marker (uncommitted or replaced; ignored by readers)"
+    ]
 
     assert writer.write_shard("000000", [make_clip(1)], [], replace=True)["revision"] == 2
-    assert sorted(p.name for p in root.iterdir() if p.name.startswith("000000")) == [
-        "000000.r2" if store_format == "zarr" else "000000.r2.tar"
-    ]
+    writer.close()
+    revisions = sorted(shard_path(root, store_format, "000000", r).name for r in range(3))
+    shard_names = lambda: sorted(p.name for p in root.iterdir() if p.name.startswith("000000"))  # noqa: E731
+    # The next writer run deletes superseded revisions, once superseded for the grace period.
+    with open_writer(root, FINGERPRINT, store_format):
+        assert shard_names() == revisions
+    replaced_at = time.time() - REVISION_GRACE_S - 1
+    os.utime(root / DONE_DIR / "000000.json", (replaced_at, replaced_at))
+    with open_writer(root, FINGERPRINT, store_format):
+        assert shard_names() == [shard_path(root, store_format, "000000", 2).name]
+    # `before` finds its revision gone, re-reads the marker and reads the version committed now.
+    assert_within_codec_tolerance(before.read_clip(clips[1].clip_id), clips[1])
+    assert [c.clip_id for c in before.iter_shard("000000")] == [clips[1].clip_id]
     assert open_store(root).read_clip(make_clip(1).clip_id).video == make_clip(1).video
-    assert verify_store(root).ok
+    report = verify_store(root)
+    assert report.ok and not report.warnings

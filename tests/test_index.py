@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -161,3 +164,81 @@ def test_index_command(corpus: Path, tmp_path: Path) -> None:
     assert manifest.sampling == {"fps": 2.0, "min_frames": 4, "max_frames": 8, "method": "uniform"}
     result = CliRunner().invoke(app, ["index", str(tmp_path / "nowhere"), "--out", str(out)])
     assert result.exit_code != 0 and "nowhere" in str(result.exception or result.output)
+
+
+# Indexes a folder and prints the report's unusable entries as JSON (run without the right to read
+# files one may not read: see `without_read_override`).
+INDEX_AND_REPORT = """
+import json, sys
+from pathlib import Path
+from geovr.pipeline.index import build_manifest
+from geovr.pipeline.video import SamplingConfig
+
+report = build_manifest([Path(sys.argv[1])], Path(sys.argv[2]), SamplingConfig(fps=2.0, min_frames=4, max_frames=8), workers=1)
+print(json.dumps(report.bad))
+"""
+
+
+def without_read_override() -> list[str]:
+    """A command prefix that keeps root from reading a file of mode 000 (as any other user cannot)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: a file of mode 000 stays readable")
+    return [setpriv, "--inh-caps=-all", "--bounding-set=-all"]
+
+
+def test_folder_entries_that_are_not_videos_are_listed_with_a_reason(corpus: Path, tmp_path: Path) -> None:
+    videos, elsewhere = tmp_path / "videos", tmp_path / "elsewhere"
+    (videos / "folder.mp4").mkdir(parents=True)
+    (videos / "sub").mkdir()
+    elsewhere.mkdir()
+    shutil.copy(corpus / "scene_0000.mp4", videos / "good.mp4")
+    shutil.copy(corpus / "scene_0001.mp4", videos / "folder.mp4" / "inner.mp4")
+    shutil.copy(corpus / "scene_0002.mp4", elsewhere / "linked.mp4")
+    shutil.copy(corpus / "scene_0000.mp4", videos / "locked.mp4")
+    (videos / "locked.mp4").chmod(0)
+    (videos / "dangling.mp4").symlink_to("nowhere.mp4")
+    (videos / "loop.mp4").symlink_to("loop.mp4")
+    (videos / "more").symlink_to(elsewhere)  # a symlinked folder is followed
+    (videos / "sub" / "up").symlink_to("..")  # ... but not back into its own ancestors
+
+    out = tmp_path / "m.parquet"
+    command = [*without_read_override(), sys.executable, "-c", INDEX_AND_REPORT, str(videos), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["video"]: r for r in read_manifest(out).rows}
+    assert {v for v, r in rows.items() if r["status"] == "ok"} == {
+        "good.mp4",
+        "folder.mp4/inner.mp4",
+        "more/linked.mp4",
+    }
+    assert json.loads(result.stdout) == [
+        {
+            "video": "dangling.mp4",
+            "status": "broken-link",
+            "reason": f"broken-link: {videos}/dangling.mp4 is a dangling symlink (to nowhere.mp4, which does not exist)",
+        },
+        {
+            "video": "folder.mp4",
+            "status": "not-a-file",
+            "reason": f"not-a-file: {videos}/folder.mp4 is a folder",
+        },
+        {
+            "video": "locked.mp4",
+            "status": "unreadable",
+            "reason": f"unreadable: {videos}/locked.mp4: permission denied",
+        },
+        {
+            "video": "loop.mp4",
+            "status": "symlink-loop",
+            "reason": f"symlink-loop: {videos}/loop.mp4 is a symlink loop",
+        },
+        {
+            "video": "sub/up",
+            "status": "symlink-loop",
+            "reason": f"symlink-loop: {videos}/sub/up leads back to its own folder {videos}; not followed",
+        },
+    ]
+    assert all(rows[b]["reason"] for b in ("dangling.mp4", "folder.mp4", "locked.mp4", "loop.mp4"))

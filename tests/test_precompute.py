@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -32,6 +33,7 @@ from geovr.pipeline.cli import _register_commands, app
 from geovr.pipeline.index import build_manifest, read_manifest
 from geovr.pipeline.precompute import check_committed_shards
 from geovr.pipeline.synth import SynthConfig, write_corpus
+from geovr.pipeline.teachers.vggt import VGGT, CheckpointError
 from geovr.pipeline.video import SamplingConfig, read_timestamps, sample_indices
 from geovr.teacher_cache.frames import decode_jpeg, student_frame_size
 from geovr.teacher_cache.schema import ClipLabels
@@ -211,6 +213,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cluster: str, work: Pat
         assert driver.poll() is None, driver.stderr.read().decode()[-3000:]
         assert time.monotonic() < deadline, "no shard committed in time"
         time.sleep(0.02)
+    lease = json.loads((store / "_lease.json").read_text())
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     committed_at_kill = len(list(done.glob("*.json")))
@@ -218,6 +221,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(cluster: str, work: Pat
 
     result = precompute(cluster, work / "m.parquet", store, work / "teacher", *MAIN)
     assert result.returncode == 0, output(result)
+    # The killed run's lease is taken over at once (its process is gone), with one warning line.
+    assert [line for line in result.stdout.splitlines() if line.startswith("warning:")] == [
+        f"warning: {store}: took over the store lease of a run that is gone (precompute on host "
+        f"{socket.gethostname()}, pid {driver.pid}, started {lease['started_at']}: its process no longer exists)"
+    ]
+    assert not (store / "_lease.json").exists()  # released at the end
     run = json.loads((store / "run.json").read_text())
     assert run["counts"]["shards_skipped"] >= committed_at_kill
     assert run["counts"]["shards_written"] == 6 - run["counts"]["shards_skipped"]
@@ -233,10 +242,205 @@ def test_another_teacher_checkpoint_is_refused(cluster: str, work: Path) -> None
         cluster, work / "m.parquet", store, other, *MAIN, "--set", "teacher.feature_layers=[0,1,2]"
     )
     assert result.returncode == 2, output(result)
-    message = " ".join(result.stderr.split())
-    assert "error:" in message and "refusing" in message, message
-    assert "checkpoint_sha256" in message and "teacher_config" in message and "feature_layers" in message
+    (message,) = error_lines(result)
+    # One line naming each differing key with both values, nested keys as dotted paths.
+    assert message.startswith(
+        f"error: {store}: the store was written with other settings (the store's != this run's); refusing "
+        "to add shards: checkpoint_sha256: "
+    ), message
+    for difference in (
+        "teacher_config.embed_dim: 64 != 96",
+        "teacher_config.depth: 4 != 3",
+        "teacher_config.dpt_layers: [0, 1, 2, 3] != [0, 1, 1, 2]",
+        "feature_layers: [0, 1, 2, 3] != [0, 1, 2]",
+    ):
+        assert difference in message, message
+    assert (
+        "preprocess" not in message
+        and "sampling" not in message
+        and "teacher_config.patch_size" not in message
+    )
     assert sorted(p.read_bytes() for p in (store / "_done").glob("*.json")) == markers
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_a_teacher_that_does_not_fit_the_preset_is_refused_before_any_actor_starts(work: Path) -> None:
+    other = fov_fixed_teacher(work / "teacher_b", source="tiny-b")
+    store = work / "store_never"
+    result = precompute("127.0.0.1:1", work / "m.parquet", store, other)  # no cluster is contacted
+    assert result.returncode == 2, output(result)
+    assert result.stderr.splitlines() == [
+        f"error: teacher.feature_layers [0, 1, 2, 3] do not fit the teacher checkpoint {other}: it has 3 "
+        "aggregator layers (0 to 2), so [3] do not exist; use the preset made for this teacher or set its "
+        "layers (--set teacher.feature_layers=[...])"
+    ]
+    assert not store.exists()
+
+
+@pytest.mark.slow
+def test_a_teacher_actor_that_fails_to_start_is_one_line(cluster: str, work: Path, tmp_path: Path) -> None:
+    """tiny-a's weights under tiny-b's config.json: the config fits the settings, the weights do not."""
+    teacher = tmp_path / "mismatched"
+    teacher.mkdir()
+    shutil.copy(REFERENCE / "vggt" / "tiny-b" / "config.json", teacher / "config.json")
+    shutil.copy(work / "teacher" / "model.safetensors", teacher / "model.safetensors")
+    with pytest.raises(CheckpointError) as expected:
+        VGGT.from_pretrained(teacher, heads=("camera", "depth"))
+    result = precompute(
+        cluster, work / "m.parquet", tmp_path / "store", teacher, "--set", "teacher.feature_layers=[0,1,2]"
+    )
+    assert result.returncode == 2, output(result)
+    assert error_lines(result) == [
+        f"error: the teacher actor failed to start: geovr.pipeline.teachers.vggt.CheckpointError: {expected.value}"
+    ]
+
+
+def test_a_sampling_override_is_refused_naming_index(work: Path) -> None:
+    result = precompute(
+        "127.0.0.1:1", work / "m.parquet", work / "store_never", work / "teacher", "--set", "sampling.fps=4"
+    )
+    assert result.returncode == 2, output(result)
+    assert result.stderr.splitlines() == [
+        "error: --set sampling.fps=4: sampling is set at `index` (the manifest holds the policy and every clip "
+        "id depends on it); re-index with `geovr-pipeline index ... --set sampling.fps=4`"
+    ]
+
+
+def test_a_second_run_on_the_store_is_refused_naming_the_holder(cluster: str, work: Path) -> None:
+    store = work / "store_busy"
+    first = subprocess.Popen(
+        precompute_command(cluster, work / "m.parquet", store, work / "teacher", *MAIN),
+        env=ray_env(True),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    lease_file = store / "_lease.json"
+    deadline = time.monotonic() + 120
+    while not lease_file.exists():
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "the first run took no lease"
+        time.sleep(0.05)
+    lease = json.loads(lease_file.read_text())
+    second = precompute(cluster, work / "m.parquet", store, work / "teacher", *MAIN)
+    assert second.returncode == 2, output(second)
+    (message,) = error_lines(second)
+    assert re.fullmatch(
+        re.escape(
+            f"error: {store} is being written by another run: precompute on host {socket.gethostname()}, pid "
+            f"{first.pid}, started {lease['started_at']}, last heartbeat "
+        )
+        + r"\d+"
+        + re.escape(f" s ago (lease {lease_file}, stale after 120 s without a heartbeat)"),
+        message,
+    ), message
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    run = json.loads((store / "run.json").read_text())
+    assert run["counts"]["shards_written"] == 6 and verify_store(store).ok
+    assert not lease_file.exists()
+
+
+# Polls a store until a stop file appears: every committed shard, every clip it lists; writes a report.
+# It holds the markers it read for a moment before it opens the shards, as a training job holds them.
+POLLING_READER = """
+import json, os, sys, time
+from geovr.teacher_cache.store import open_store
+
+store, stop, report = sys.argv[1:4]
+polls, revisions, errors = 0, set(), []
+while not os.path.exists(stop):
+    try:
+        reader = open_store(store)
+        time.sleep(1.0)
+        for shard in reader.shards():
+            marker = reader.markers[shard]
+            read = [clip.clip_id for clip in reader.iter_shard_encoded(shard)]
+            if len(read) != marker["num_clips"]:
+                errors.append(f"shard {shard}: read {len(read)} clips, its marker lists {marker['num_clips']}")
+            revisions.add(marker.get("revision", 0))
+        polls += 1
+    except Exception as err:
+        errors.append(f"{type(err).__name__}: {err}")
+with open(report, "w") as f:
+    json.dump({"polls": polls, "revisions": sorted(revisions), "errors": errors}, f)
+"""
+
+
+@pytest.mark.slow
+def test_a_reader_never_sees_a_committed_shard_missing_while_retry_failed_replaces_shards(
+    cluster: str, work: Path, tmp_path: Path
+) -> None:
+    # Six shards of two clips each: one good clip, one broken after indexing (then repaired).
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for source in sorted((work / "corpus" / "videos").glob("*.mp4")):
+        for copy in ("a", "b"):
+            shutil.copy(source, videos / f"{source.stem}_{copy}.mp4")
+    manifest = tmp_path / "m.parquet"
+    build_manifest([videos], manifest, TINY, clips_per_shard=2, workers=1)
+    broken = {
+        rows[1]["video"]: (videos / rows[1]["video"]).read_bytes()
+        for rows in read_manifest(manifest).shards().values()
+    }
+    assert len(broken) == 6
+    for name in broken:
+        (videos / name).write_bytes(os.urandom(4096))
+    store = tmp_path / "store"
+    result = precompute(cluster, manifest, store, work / "teacher", *MAIN, "--max-failure-ratio", "1")
+    assert result.returncode == 0, output(result)
+    assert len(open_store(store).failures()) == 6
+    for name, data in broken.items():
+        (videos / name).write_bytes(data)
+
+    stop, report = tmp_path / "stop", tmp_path / "report.json"
+    reader = subprocess.Popen([sys.executable, "-c", POLLING_READER, str(store), str(stop), str(report)])
+    try:
+        retry = precompute(cluster, manifest, store, work / "teacher", *MAIN, "--retry-failed")
+        assert retry.returncode == 0, output(retry)
+    finally:
+        stop.touch()
+        reader.wait(timeout=60)
+    polled = json.loads(report.read_text())
+    assert polled["errors"] == [] and polled["polls"] >= 10, polled
+    assert polled["revisions"] == [0, 1], polled  # it read the old and the new versions
+    assert len(open_store(store).clip_ids()) == 12 and verify_store(store).ok
+
+
+def test_nonfinite_teacher_output_is_said_once_and_stops_the_run(cluster: str, work: Path) -> None:
+    """tiny-a as it is: its random camera head gives a zero field of view, an infinite focal length."""
+    teacher = REFERENCE / "vggt" / "tiny-a"
+    store = work / "store_nonfinite"
+    result = precompute(cluster, work / "m.parquet", store, teacher, *MAIN)
+    assert result.returncode == 2, output(result)
+    first = read_manifest(work / "m.parquet").rows[0]
+    # How many of a clip's 5 frames get a zero field of view depends on the clip.
+    cause = re.escape("non-finite teacher output intrinsic (the camera head's field of view is 0 in ") + (
+        r"[1-5] of 5 frames: an infinite focal length\)"
+    )
+    (warning,) = [line for line in result.stdout.splitlines() if line.startswith("warning:")]
+    assert re.fullmatch(
+        re.escape(f"warning: clip {first['clip_id']} ({first['video']}): ")
+        + cause
+        + re.escape(
+            f"; the teacher checkpoint {teacher} is the likely cause (further clips like this are counted, "
+            "not reported)"
+        ),
+        warning,
+    ), warning
+    (error,) = error_lines(result)
+    assert re.fullmatch(
+        re.escape("error: the teacher's first 4 clips all have ")
+        + cause
+        + re.escape(
+            f"; the teacher checkpoint {teacher} is the likely cause: stopping before labelling the other 2 clips"
+        ),
+        error,
+    ), error
+    assert not (store / "_lease.json").exists()
 
 
 def test_resume_refuses_a_changed_shard_layout(work: Path, tmp_path: Path) -> None:

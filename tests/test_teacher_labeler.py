@@ -88,7 +88,9 @@ def test_config_validation_names_the_key():
         load_section(TeacherConfig, "teacher", "vggt-1b", overrides=["teacher.feature_layers=[]"])
     with pytest.raises(ConfigError, match="dtype"):
         load_section(TeacherConfig, "teacher", "vggt-1b", overrides=["teacher.dtype=float16"])
-    with pytest.raises(ConfigError, match=r"feature_layers \[7\] out of range.*4 layers"):
+    with pytest.raises(
+        ConfigError, match=r"feature_layers \[1, 7\] do not fit .* 4 aggregator layers .* \[7\]"
+    ):
         TeacherLabeler(tiny_config(feature_layers=(1, 7)), "cpu")
     with pytest.raises(ConfigError, match="checkpoint is not set"):
         TeacherLabeler(tiny_config(checkpoint=None), "cpu")

@@ -7,6 +7,8 @@ import itertools
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,3 +258,65 @@ def test_ray_train_launch_matches_torchrun(workspace, uninterrupted):
     expected, got = losses(uninterrupted), losses(out)
     assert sorted(got) == [1, 2]
     assert all(abs(got[s] - expected[s]) <= 1e-6 for s in got), (got, expected)
+
+
+def in_mount_namespace() -> list[str]:
+    """`unshare` into a private mount namespace (with a user namespace when not root), or skip:
+    a small tmpfs mounted there is how the disk-full test fills a disk for real."""
+    unshare = shutil.which("unshare")
+    flags = ["-m"] if os.geteuid() == 0 else ["-r", "-m"]
+    probe = subprocess.run([unshare or "unshare", *flags, "true"], capture_output=True, text=True)
+    if unshare is None or probe.returncode != 0:
+        pytest.skip(f"no private mount namespace here (unshare {' '.join(flags)}: {probe.stderr.strip()})")
+    return [unshare, *flags]
+
+
+# Mounts a 1 MiB tmpfs at $0, runs the command "$@" there, lists the run directory into $0.listing.
+IN_SMALL_DISK = 'mount -t tmpfs -o size=1m tmpfs "$0" || exit 99; "$@"; status=$?; ls -A "$0/run" > "$0.listing"; exit $status'
+
+
+@pytest.mark.slow
+def test_disk_full_is_one_line_on_every_rank_and_leaves_no_partial_checkpoint(workspace, tmp_path):
+    """Two ranks; the run directory is on a 1 MiB tmpfs: the logs fit, the first checkpoint (about
+    4 MB) does not, so writing it fails with the real ENOSPC."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "run"
+    command = train_command(workspace, out, ["train.steps=1", "train.checkpoint_every=1"])
+    proc = subprocess.run(
+        [*in_mount_namespace(), "sh", "-c", IN_SMALL_DISK, str(disk), *command],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=ENV,
+    )
+    assert proc.returncode not in (0, 99), proc.stderr[-4000:]
+    message = re.escape(f"error: disk full: checkpoint step_00000001 did not fit in {out} (") + (
+        r"\d+\.\d MiB free after removing the partial checkpoint; there is no complete one\); free space, "
+        r"then continue with --resume"
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and all(re.fullmatch(message, line) for line in errors), proc.stderr[-4000:]
+    listing = (tmp_path / "disk.listing").read_text().split()
+    assert "checkpoints.tmp" not in listing and {"run.json", "metrics.jsonl"} <= set(listing), listing
+
+
+def test_a_partial_checkpoint_is_removed_at_the_next_start(workspace, tmp_path, capsys):
+    out = tmp_path / "run"
+    partial = out / "checkpoints.tmp" / "step_00000007"
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"\0" * 4096)  # what a killed run left
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code, err = run_cli(cli_args(workspace, out, extra=["train.steps=1"]), capsys)
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    expected = (
+        f"removed the partial checkpoint step_00000007 an interrupted run left in {out / 'checkpoints.tmp'}"
+    )
+    assert "".join(expected.split()) in "".join(err.split()), err  # the console wraps long lines
+    assert not (out / "checkpoints.tmp").exists() and [p.name for p in (out / "checkpoints").iterdir()] == [
+        "step_00000001"
+    ]

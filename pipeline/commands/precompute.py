@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from geovr.pipeline.cli import STAGE_1, app
+from geovr.pipeline.cli import STAGE_1, UsageError, app
 
 PRESET_HELP = "config preset (tiny, vggt-1b, ...) or a YAML file"
 SET_HELP = "override a preset value: section.key=value (repeatable)"
@@ -94,6 +94,12 @@ def precompute(
     from geovr.pipeline.teachers.labeler import TeacherConfig
     from geovr.teacher_cache.config import load_section, to_dict
 
+    sampling = [item for item in overrides or [] if item.strip().startswith("sampling.")]
+    if sampling:  # the manifest's sampling policy is what precompute uses: an override would be ignored
+        raise UsageError(
+            f"--set {sampling[0]}: sampling is set at `index` (the manifest holds the policy and every clip id "
+            f"depends on it); re-index with `geovr-pipeline index ... --set {sampling[0]}`"
+        )
     cfg = load_section(
         PrecomputeConfig,
         "precompute",

@@ -325,18 +325,44 @@ def checkpoint_sha256(path: str | Path, names: Sequence[str]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+def check_teacher_config(cfg: TeacherConfig) -> None:
+    """Check that the teacher settings fit the checkpoint's architecture, from its config file alone
+    (no weights are read), so that the precompute driver can refuse a mismatch in one line before any
+    actor starts. Raises `ConfigError` (or `FileNotFoundError`) naming the setting and the checkpoint."""
+    from geovr.pipeline.teachers.vggt import checkpoint_config
+
+    if cfg.checkpoint is None:
+        raise ConfigError(
+            "teacher.checkpoint is not set: give the VGGT checkpoint (directory, .safetensors or model.pt)"
+        )
+    if not Path(cfg.checkpoint).exists():
+        raise FileNotFoundError(f"teacher checkpoint {cfg.checkpoint} does not exist")
+    model_cfg = checkpoint_config(cfg.checkpoint)
+    _check_fits(cfg, int(model_cfg.depth), int(model_cfg.patch_size))
+
+
+def _check_fits(cfg: TeacherConfig, depth: int, patch_size: int) -> None:
+    bad = [layer for layer in cfg.feature_layers if layer >= depth]
+    if bad:
+        raise ConfigError(
+            f"teacher.feature_layers {list(cfg.feature_layers)} do not fit the teacher checkpoint "
+            f"{cfg.checkpoint}: it has {depth} aggregator layers (0 to {depth - 1}), so {bad} do not exist; "
+            "use the preset made for this teacher or set its layers (--set teacher.feature_layers=[...])"
+        )
+    if cfg.size_multiple % (2 * patch_size):
+        raise ConfigError(
+            f"teacher.size_multiple ({cfg.size_multiple}) must be a multiple of twice the patch size "
+            f"({2 * patch_size}) of the teacher checkpoint {cfg.checkpoint}, so that the patch grid pools 2x2"
+        )
+
+
 class TeacherLabeler:
     """VGGT (+ optional metric depth model) loaded once on `device`; labels clips in batches."""
 
     def __init__(self, cfg: TeacherConfig, device: torch.device | str = "cuda") -> None:
         from geovr.pipeline.teachers.vggt import VGGT
 
-        if cfg.checkpoint is None:
-            raise ConfigError(
-                "teacher.checkpoint is not set: give the VGGT checkpoint (directory, .safetensors or model.pt)"
-            )
-        if not Path(cfg.checkpoint).exists():
-            raise FileNotFoundError(f"teacher checkpoint {cfg.checkpoint} does not exist")
+        check_teacher_config(cfg)
         self.cfg = cfg
         self.device = torch.device(device)
         self.model = VGGT.from_pretrained(cfg.checkpoint, heads=("camera", "depth"), device=self.device)
@@ -352,16 +378,7 @@ class TeacherLabeler:
         self.patch_size = int(model_cfg.patch_size)
         self.width = int(model_cfg.embed_dim)
         self.patch_start_idx = int(self.model.patch_start_idx)
-        bad = [layer for layer in cfg.feature_layers if layer >= model_cfg.depth]
-        if bad:
-            raise ConfigError(
-                f"teacher.feature_layers {bad} out of range: {cfg.checkpoint} has {model_cfg.depth} layers"
-            )
-        if cfg.size_multiple % (2 * self.patch_size):
-            raise ConfigError(
-                f"teacher.size_multiple ({cfg.size_multiple}) must be a multiple of twice the patch size "
-                f"({2 * self.patch_size}) so that the patch grid pools 2x2"
-            )
+        _check_fits(cfg, int(model_cfg.depth), self.patch_size)
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
         self.metric: MetricDepthModel | None = None
         if cfg.metric_checkpoint is not None:

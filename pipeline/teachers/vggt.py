@@ -516,6 +516,11 @@ class VGGT(nn.Module):
         return model
 
 
+def checkpoint_config(path: str | Path) -> VGGTConfig:
+    """The sizes `VGGT.from_pretrained(path)` builds, from the config file alone (no weights read)."""
+    return _resolve_checkpoint(Path(path))[1] or VGGTConfig.vggt_1b()
+
+
 def _resolve_checkpoint(path: Path) -> tuple[Path, VGGTConfig | None]:
     """(weights file, config from config.json or None) for a directory or a weights file."""
     if path.is_dir():
@@ -584,4 +589,5 @@ __all__ = [
     "Aggregator",
     "CheckpointError",
     "VGGTConfig",
+    "checkpoint_config",
 ]
