@@ -4,7 +4,10 @@ The encoded arrays (int8 features with their scales, log-quantised depth and con
 cameras, JPEG bytes) are read and written as they are; only the lossless zstd layer is redone. So a
 converted store decodes to exactly the same float32 labels as its source, and converting back and
 forth never compounds error. Shards keep their ids and failure rows; a shard already committed in
-the destination is skipped, so an interrupted conversion resumes.
+the destination is skipped, so an interrupted conversion resumes. A source of an old store layout
+(no checksums) is read as it is and written in the current layout: the way to upgrade a store
+without re-running precompute. A damaged source clip stops the conversion with its one-line
+`DamagedClipError`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ def convert_store(src: str | Path, dst: str | Path, format: str) -> dict[str, An
     """
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError(f"convert: source and destination are the same store ({src})")
-    reader = open_store(src)
+    reader = open_store(src, old_layout_ok=True)
     writer = open_writer(dst, reader.fingerprint, format, codecs=reader.codecs)
     done = writer.committed_shards()
     summary = {"shards_written": 0, "shards_skipped": 0, "clips": 0}

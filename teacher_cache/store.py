@@ -30,6 +30,13 @@ Done marker: {"shard_id", "revision" (0 unless replaced; absent means 0), "forma
 "fingerprint_digest", "codec_version", "num_clips", "num_frames", "num_failures", "clips": [{"clip_id", "video", "status": "ok",
 "num_frames", "location"} | {"clip_id", "video", "status": "failed", "stage", "reason"}],
 "bytes": {field: bytes}, "files": {path relative to STORE: {"bytes", "sha256"}}}.
+
+Integrity on read (layout 2): the readers training uses (`read_clip`, `read_encoded`,
+`iter_shard_encoded`, `iter_shard_checked`) check what they read (Zarr: crc32c of every chunk, no
+absent chunk file, the sha256 of the shard's zarr.json; WebDataset: crc32c of every member of a
+sample; see the backends) and raise or yield `DamagedClipError`, one line naming the store, shard,
+clip, field and problem. Layout 1 (no checksums) is refused by everything but `cache convert`, which
+copies its payloads into a new layout-2 store bit for bit.
 """
 
 from __future__ import annotations
@@ -46,12 +53,22 @@ from typing import Any, Literal
 
 from geovr.teacher_cache import wds_backend, zarr_backend
 from geovr.teacher_cache.codecs import CODEC_VERSION, CodecConfig, EncodedClip, decode_clip, encode_clip
-from geovr.teacher_cache.schema import SCHEMA_VERSION, ClipLabels, SchemaError, StoreFingerprint
+from geovr.teacher_cache.schema import (
+    SCHEMA_VERSION,
+    ClipLabels,
+    DamagedClipError,
+    DamagedShardError,
+    SchemaError,
+    StoreFingerprint,
+)
 
 StoreFormat = Literal["zarr", "wds"]
 FORMATS: tuple[str, ...] = ("zarr", "wds")
 LAYOUT = "geovr-teacher-cache"
-LAYOUT_VERSION = 1
+# 2: per-chunk crc32c and every chunk written (Zarr), per-member crc32c (WebDataset). 1 is read by
+# `cache convert` only.
+LAYOUT_VERSION = 2
+OLD_LAYOUT_VERSIONS = (1,)
 STORE_JSON = "store.json"
 DONE_DIR = "_done"
 TMP_DIR = "_tmp"
@@ -105,9 +122,10 @@ def _write_json_atomic(data: dict[str, Any], tmp_dir: Path, final: Path) -> None
     _fsync(final.parent)
 
 
-def read_store_json(root: Path) -> dict[str, Any]:
+def read_store_json(root: Path, old_layout_ok: bool = False) -> dict[str, Any]:
     """store.json of `root`, parsed, with the fingerprint checked first (`SchemaError` for another
-    schema version, before anything reads a payload)."""
+    schema version, before anything reads a payload). A layout of `OLD_LAYOUT_VERSIONS` is a
+    `SchemaError` saying how to upgrade it, unless `old_layout_ok` (conversion, verify)."""
     path = root / STORE_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{root}: not a teacher-label store (no {STORE_JSON})")
@@ -118,7 +136,18 @@ def read_store_json(root: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
         raise SchemaError(f"{path}: no fingerprint object")
     meta["fingerprint"] = StoreFingerprint.from_json(meta["fingerprint"], where=str(path))
-    if meta.get("layout") != LAYOUT or meta.get("layout_version") != LAYOUT_VERSION:
+    if (
+        meta.get("layout") == LAYOUT
+        and meta.get("layout_version") in OLD_LAYOUT_VERSIONS
+        and not old_layout_ok
+    ):
+        raise SchemaError(
+            f"{root}: store layout version {meta['layout_version']} has no checksums to read it safely "
+            f"(this code reads version {LAYOUT_VERSION}); re-run precompute into a new store, or upgrade it with "
+            f"`geovr-pipeline cache convert {root} NEW_STORE --format {meta.get('format')}`"
+        )
+    versions = (LAYOUT_VERSION, *OLD_LAYOUT_VERSIONS) if old_layout_ok else (LAYOUT_VERSION,)
+    if meta.get("layout") != LAYOUT or meta.get("layout_version") not in versions:
         raise SchemaError(
             f"{path}: layout {meta.get('layout')!r} version {meta.get('layout_version')!r}, "
             f"this code reads {LAYOUT!r} version {LAYOUT_VERSION}"
@@ -312,25 +341,32 @@ def _create_store(root: Path, fingerprint: StoreFingerprint, store_format: str, 
 ShardReader = zarr_backend.ZarrShardReader | wds_backend.WdsShardReader
 
 
-def open_shard_reader(root: Path, store_format: str, shard_id: str, marker: dict[str, Any]) -> ShardReader:
-    """Reader of one committed shard (`.read(clip_id)`, iteration streams its clips in order)."""
+def open_shard_reader(
+    root: Path, store_format: str, shard_id: str, marker: dict[str, Any], integrity: bool = True
+) -> ShardReader:
+    """Reader of one committed shard (`.read(clip_id)`, `.iter_checked()`; iteration streams its clips
+    in order). `integrity`: the store's layout has checksums (False for layout 1). Raises
+    `DamagedShardError` when the shard's data is missing or its metadata damaged."""
     path = committed_shard_path(root, store_format, shard_id, marker)
     if not path.exists():
-        raise FileNotFoundError(f"{root}: committed shard {shard_id} is missing ({path})")
+        raise DamagedShardError(root, shard_id, "shard", f"committed shard data {path.name} is missing")
     if store_format == "zarr":
-        return zarr_backend.ZarrShardReader(path)
-    return wds_backend.WdsShardReader(path, [r for r in marker["clips"] if r["status"] == "ok"])
+        metadata = marker.get("files", {}).get(f"{path.name}/zarr.json", {}).get("sha256")
+        return zarr_backend.ZarrShardReader(path, str(root), shard_id, metadata, integrity)
+    rows = [r for r in marker["clips"] if r["status"] == "ok"]
+    return wds_backend.WdsShardReader(path, rows, str(root), shard_id, integrity)
 
 
 class StoreReader:
     """Reads committed shards of one store (see `open_store`)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, old_layout_ok: bool = False):
         self.root = root
-        meta = read_store_json(root)
+        meta = read_store_json(root, old_layout_ok)
         self.fingerprint: StoreFingerprint = meta["fingerprint"]
         self.format: str = meta["format"]
         self.codecs: CodecConfig = meta["codecs"]
+        self.integrity = meta["layout_version"] == LAYOUT_VERSION
         self.markers: dict[str, dict[str, Any]] = {}
         self._clip_shard: dict[str, str] = {}
         for shard_id in committed_shard_ids(root):
@@ -368,22 +404,42 @@ class StoreReader:
             raise KeyError(f"{self.root}: no committed shard {shard_id!r}")
         if shard_id not in self._readers:
             self._readers[shard_id] = open_shard_reader(
-                self.root, self.format, shard_id, self.markers[shard_id]
+                self.root, self.format, shard_id, self.markers[shard_id], self.integrity
             )
         return self._readers[shard_id]
 
     def read_encoded(self, clip_id: str) -> EncodedClip:
+        """The clip as stored; `DamagedClipError` when its data is missing or fails a check."""
         if clip_id not in self._clip_shard:
             raise KeyError(f"{self.root}: no clip {clip_id!r} in the committed shards")
-        return self.shard_reader(self._clip_shard[clip_id]).read(clip_id)
+        try:
+            reader = self.shard_reader(self._clip_shard[clip_id])
+        except DamagedShardError as err:
+            raise err.for_clip(clip_id) from None
+        return reader.read(clip_id)
 
     def read_clip(self, clip_id: str) -> ClipLabels:
         return decode_clip(self.read_encoded(clip_id))
 
+    def iter_shard_checked(self, shard_id: str) -> Iterator[EncodedClip | DamagedClipError]:
+        """The shard's stored clips in order, each as the clip or the `DamagedClipError` saying why it
+        cannot be read; damage to one clip does not end the iteration (training skips and counts)."""
+        rows = [r["clip_id"] for r in self.markers[shard_id]["clips"] if r["status"] == "ok"]
+        if not rows:
+            return
+        try:
+            reader = self.shard_reader(shard_id)
+        except DamagedShardError as err:
+            yield from (err.for_clip(clip_id) for clip_id in rows)
+            return
+        yield from reader.iter_checked()
+
     def iter_shard_encoded(self, shard_id: str) -> Iterator[EncodedClip]:
-        if self.markers[shard_id]["num_clips"] == 0:
-            return iter(())
-        return iter(self.shard_reader(shard_id))
+        """The shard's stored clips in order; raises `DamagedClipError` at the first damaged one."""
+        for item in self.iter_shard_checked(shard_id):
+            if isinstance(item, DamagedClipError):
+                raise item
+            yield item
 
     def iter_shard(self, shard_id: str) -> Iterator[ClipLabels]:
         for encoded in self.iter_shard_encoded(shard_id):
@@ -394,6 +450,7 @@ class StoreReader:
             yield from self.iter_shard(shard_id)
 
 
-def open_store(path: str | Path) -> StoreReader:
-    """Open a store for reading (format from store.json; `SchemaError` for another schema version)."""
-    return StoreReader(Path(path))
+def open_store(path: str | Path, old_layout_ok: bool = False) -> StoreReader:
+    """Open a store for reading (format from store.json; `SchemaError` for another schema version or,
+    unless `old_layout_ok`, an old layout)."""
+    return StoreReader(Path(path), old_layout_ok)
