@@ -32,10 +32,10 @@ Done marker: {"shard_id", "revision" (0 unless replaced; absent means 0), "forma
 "bytes": {field: bytes}, "files": {path relative to STORE: {"bytes", "sha256"}}}.
 
 Integrity on read (layout 2): the readers training uses (`read_clip`, `read_encoded`,
-`iter_shard_encoded`, `iter_shard_checked`) check what they read (Zarr: crc32c of every chunk, no
-absent chunk file, the sha256 of the shard's zarr.json; WebDataset: crc32c of every member of a
-sample; see the backends) and raise or yield `DamagedClipError`, one line naming the store, shard,
-clip, field and problem. Layout 1 (no checksums) is refused by everything but `cache convert`, which
+`iter_shard_encoded`, `iter_shard_checked`) check what they read (Zarr: the zstd checksum or crc32c
+of every chunk, no absent chunk file, the sha256 of the shard's zarr.json; WebDataset: the crc32c or
+zstd checksum of every member of a sample; see the backends) and raise or yield `DamagedClipError`,
+one line naming the store, shard, clip, field and problem. Layout 1 (no checksums) is refused by everything but `cache convert`, which
 copies its payloads into a new layout-2 store bit for bit.
 """
 
@@ -65,8 +65,8 @@ from geovr.teacher_cache.schema import (
 StoreFormat = Literal["zarr", "wds"]
 FORMATS: tuple[str, ...] = ("zarr", "wds")
 LAYOUT = "geovr-teacher-cache"
-# 2: per-chunk crc32c and every chunk written (Zarr), per-member crc32c (WebDataset). 1 is read by
-# `cache convert` only.
+# 2: a checksum in every Zarr chunk and every chunk written, a checksum for every tar member. 1 is
+# read by `cache convert` only.
 LAYOUT_VERSION = 2
 OLD_LAYOUT_VERSIONS = (1,)
 STORE_JSON = "store.json"
@@ -142,9 +142,9 @@ def read_store_json(root: Path, old_layout_ok: bool = False) -> dict[str, Any]:
         and not old_layout_ok
     ):
         raise SchemaError(
-            f"{root}: store layout version {meta['layout_version']} has no checksums to read it safely "
-            f"(this code reads version {LAYOUT_VERSION}); re-run precompute into a new store, or upgrade it with "
-            f"`geovr-pipeline cache convert {root} NEW_STORE --format {meta.get('format')}`"
+            f"{root}: store layout version {meta['layout_version']} has no checksums to read it "
+            f"safely (this code reads version {LAYOUT_VERSION}); re-run precompute into a new store, "
+            f"or upgrade it with `geovr-pipeline cache convert {root} NEW_STORE --format {meta.get('format')}`"
         )
     versions = (LAYOUT_VERSION, *OLD_LAYOUT_VERSIONS) if old_layout_ok else (LAYOUT_VERSION,)
     if meta.get("layout") != LAYOUT or meta.get("layout_version") not in versions:

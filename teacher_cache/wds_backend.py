@@ -2,11 +2,13 @@
 
 Members of the sample of clip <id> (the WebDataset key is the clip id), in this order:
 
-    <id>.json                        {"clip_id", "video", "meta", "num_frames", "crc32c": {suffix: crc32c}}
+    <id>.json                        {"clip_id", "video", "meta", "num_frames", "crc32c": {suffix: crc32c}
+                                     of every uncompressed member}
     <id>.cameras.safetensors         frame_indices, timestamps, pose_enc, extrinsic, intrinsic, scale,
                                      scale_valid (lossless, uncompressed: a few hundred bytes a frame)
     <id>.features.safetensors.zst    the encoded feature arrays (`codecs.FRAME_ARRAYS["features"]`,
                                      `codecs.CLIP_ARRAYS["features"]`) as safetensors, zstd-compressed
+                                     with zstd's content checksum
     <id>.depth.safetensors.zst       depth_q, depth_log_range
     <id>.depth_conf.safetensors.zst  conf_q, conf_log_range
     <id>.0000.jpg ... <id>.NNNN.jpg  the JPEG frames as given
@@ -15,13 +17,15 @@ The tar is written with `tarfile` to a temporary name chosen by `store` (WebData
 writes to the final name). Streaming uses `webdataset.WebDataset`; reading one clip by id reads
 the sample's byte span, recorded in the shard's done marker, and parses its tar headers in memory.
 
-Integrity (store layout 2): the sample header (`.json`) holds the crc32c of every other member, and
-the clip's row in the done marker holds the crc32c of the header (`location.header_crc32c`): one
-number per clip in the marker (which every reader holds in memory), while a damaged member is still
-named exactly. Both read paths check every member before decoding, and a tar that breaks off (or a
-sample that is not in it) reports each clip it did not deliver; every failure is a `DamagedClipError`
-naming the store, shard, clip and field. Layout-1 shards (no checksums) are read with
-`integrity=False`, only to convert them.
+Integrity (store layout 2): the sample header (`.json`) holds the crc32c of every uncompressed member
+(cameras, JPEG frames), and the clip's row in the done marker holds the crc32c of the header
+(`location.header_crc32c`): one number per clip in the marker (which every reader holds in memory),
+while a damaged member is still named exactly. The zstd members carry zstd's content checksum
+(XXH64 of the decompressed bytes, verified while decompressing: about a third of the cost of a
+crc32c pass over the compressed bytes). Both read paths check every member, and a tar that breaks
+off (or a sample that is not in it) reports each clip it did not deliver; every failure is a
+`DamagedClipError` naming the store, shard, clip and field. Layout-1 shards (no checksums) are read
+with `integrity=False`, only to convert them.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ import numcodecs
 import numpy as np
 import safetensors.numpy
 
-from geovr.teacher_cache.codecs import CLIP_ARRAYS, FRAME_ARRAYS, EncodedClip
+from geovr.teacher_cache.codecs import CLIP_ARRAYS, FRAME_ARRAYS, EncodedClip, zstd_failure
 from geovr.teacher_cache.schema import DamagedClipError
 
 COMPRESSED_FIELDS = ("features", "depth", "depth_conf")
@@ -60,6 +64,7 @@ def _field_of_member(suffix: str) -> str:
 def _members(clip: EncodedClip, zstd: numcodecs.Zstd, integrity: bool) -> list[tuple[str, str, bytes]]:
     """(suffix, field, payload) of every member of the clip's sample, the header first."""
     cameras = {n: clip.arrays[n] for n in _field_arrays("cameras")}
+    # In the order of `_suffixes`.
     members = [("cameras.safetensors", "cameras", safetensors.numpy.save(cameras))]
     for name in COMPRESSED_FIELDS:
         payload = safetensors.numpy.save(
@@ -69,7 +74,7 @@ def _members(clip: EncodedClip, zstd: numcodecs.Zstd, integrity: bool) -> list[t
     members.extend((f"{i:04d}.jpg", "frames_jpeg", frame) for i, frame in enumerate(clip.frames_jpeg))
     header = {"clip_id": clip.clip_id, "video": clip.video, "meta": clip.meta, "num_frames": clip.num_frames}
     if integrity:
-        header["crc32c"] = {suffix: google_crc32c.value(payload) for suffix, _, payload in members}
+        header["crc32c"] = {s: google_crc32c.value(p) for s, _, p in members if not s.endswith(".zst")}
     return [("json", "metadata", json.dumps(header).encode()), *members]
 
 
@@ -85,7 +90,7 @@ def write_shard(
     (the sample's byte range in the tar, the crc32c of its `.json` member; no crc in layout 1),
     "bytes": {field: bytes}}; tar headers and padding count as metadata.
     """
-    zstd = numcodecs.Zstd(level=zstd_level)
+    zstd = numcodecs.Zstd(level=zstd_level, checksum=integrity)
     totals: dict[str, int] = {}
     header_crcs: dict[str, int] = {}
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
@@ -123,20 +128,28 @@ Damaged = Callable[[str, str], DamagedClipError]
 """(field, problem) -> the error naming the store, shard and clip."""
 
 
+def _suffixes(num_frames: int) -> list[str]:
+    """Suffixes of a sample's members after its `.json` header, in the order they are written."""
+    compressed = [f"{name}.safetensors.zst" for name in COMPRESSED_FIELDS]
+    return ["cameras.safetensors", *compressed, *(f"{i:04d}.jpg" for i in range(num_frames))]
+
+
 def _check_members(sample: dict[str, bytes], clip_id: str, header_crc32c: int, damaged: Damaged) -> None:
-    """Every member present and equal to its crc32c; nothing else in the sample."""
+    """Every member present, the uncompressed ones equal to their crc32c, nothing else in the sample
+    (the zstd members are checked as they are decompressed)."""
     if "json" not in sample:
         raise damaged("metadata", f"member {clip_id}.json is missing")
     if google_crc32c.value(sample["json"]) != header_crc32c:
         raise damaged("metadata", f"member {clip_id}.json fails its crc32c checksum")
-    expected = json.loads(sample["json"]).get("crc32c", {})
-    for suffix, crc in expected.items():
-        field = _field_of_member(suffix)
+    header = json.loads(sample["json"])
+    suffixes = _suffixes(header["num_frames"])
+    for suffix in suffixes:
         if suffix not in sample:
-            raise damaged(field, f"member {clip_id}.{suffix} is missing")
+            raise damaged(_field_of_member(suffix), f"member {clip_id}.{suffix} is missing")
+    for suffix, crc in header["crc32c"].items():
         if google_crc32c.value(sample[suffix]) != crc:
-            raise damaged(field, f"member {clip_id}.{suffix} fails its crc32c checksum")
-    unexpected = sorted(set(sample) - set(expected) - {"json"})
+            raise damaged(_field_of_member(suffix), f"member {clip_id}.{suffix} fails its crc32c checksum")
+    unexpected = sorted(set(sample) - {"json", *suffixes})
     if unexpected:
         raise damaged("metadata", f"unexpected members {', '.join(unexpected)} in the sample")
 
@@ -164,8 +177,11 @@ def decode_sample(
             frames.append(sample[suffix])
     except KeyError:
         raise damaged(_field_of_member(suffix), f"member {clip_id}.{suffix} is missing") from None
-    except Exception as err:  # layout 1 only: a damaged member that no checksum caught
-        problem = f"member {clip_id}.{suffix} cannot be decoded ({type(err).__name__}: {err})"
+    except Exception as err:  # a damaged zstd member, or (layout 1) a member that nothing checked
+        if (reason := zstd_failure(err)) is not None:
+            problem = f"member {clip_id}.{suffix} fails its zstd check ({reason})"
+        else:
+            problem = f"member {clip_id}.{suffix} cannot be decoded ({type(err).__name__}: {err})"
         raise damaged(_field_of_member(suffix), problem) from None
     return EncodedClip(
         clip_id=header["clip_id"],
@@ -184,7 +200,7 @@ class WdsShardReader:
         path: the tar.
         clip_rows: the marker rows of the shard's stored clips ({"clip_id", "location"}).
         store, shard_id: named in `DamagedClipError`.
-        integrity: layout 2 (every member checked against its crc32c); False only for layout 1.
+        integrity: layout 2 (every member checked); False only for layout 1.
     """
 
     def __init__(

@@ -10,7 +10,7 @@ commit logic is in `store`):
                                       "d196x252_f4x14x18x1024k8"; a corpus of one video size has one)
         <frame array>                 (F, ...) every per-frame array of `codecs.FRAME_ARRAYS`, the F
                                       frames of the subgroup's clips stacked in order; inner chunks
-                                      of `ROWS_PER_CHUNK` frames, zstd then crc32c
+                                      of `ROWS_PER_CHUNK` frames, zstd with its content checksum
         <clip array>                  (N, ...) every per-clip array of `codecs.CLIP_ARRAYS`
         frame_offsets                 (N + 1,) int64: clip n holds frames [offsets[n], offsets[n+1])
         jpeg_bytes, jpeg_offsets      (B,) uint8 concatenated JPEG frames (no compression, crc32c),
@@ -21,14 +21,16 @@ file (plus its zarr.json) written in a single call: Zarr loses data silently whe
 a shard, and a shard interrupted mid-write has no index; whole-shard writes by one writer avoid both.
 Reading one clip reads the shard index and the inner chunks that overlap the clip only.
 
-Integrity (store layout 2): every inner chunk ends with its crc32c (`Crc32cCodec`, checked by zarr
-on every read; the shard index carries its own crc32c), and every chunk is written, also an all-zero
-one (`write_empty_chunks`), so a chunk file that is absent has been lost: the reader refuses it
-instead of reading zarr's fill value. The root zarr.json (clip index and every array's metadata) is
-checked against its sha256 in the done marker when the shard is opened. A failed check is a
-`DamagedClipError` naming the store, shard, clip and array; the cost is measured by
-`bench/cache_footprint.py` (a few percent of a decoded read). Layout-1 shards (no checksums,
-all-fill chunks not written) are read with `integrity=False`, only to convert them.
+Integrity (store layout 2): every inner chunk is checked by zarr as it is read: a zstd chunk by the
+zstd frame's content checksum (XXH64 of the decompressed bytes, verified while decompressing: about
+a third of the cost of a crc32c pass over the compressed bytes, measured), the uncompressed JPEG
+chunks by a trailing crc32c (`Crc32cCodec`), the shard index by its own crc32c. Every chunk is
+written, also an all-zero one (`write_empty_chunks`), so a chunk file that is absent has been lost:
+the reader refuses it instead of reading zarr's fill value. The root zarr.json (clip index and
+every array's metadata) is checked against its sha256 in the done marker when the shard is opened.
+A failed check is a `DamagedClipError` naming the store, shard, clip and array; the read cost is
+measured by `bench/cache_footprint.py`. Layout-1 shards (no checksums, all-fill chunks not written)
+are read with `integrity=False`, only to convert them.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from geovr.teacher_cache.codecs import CLIP_ARRAYS, FRAME_ARRAYS, EncodedClip, field_of
+from geovr.teacher_cache.codecs import CLIP_ARRAYS, FRAME_ARRAYS, EncodedClip, field_of, zstd_failure
 from geovr.teacher_cache.schema import DamagedClipError, DamagedShardError
 
 CLIP_INDEX_ATTR = "geovr_clips"
@@ -72,10 +74,12 @@ def _create_array(
     group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], shards: tuple[int, ...],
     zstd_level: int | None, integrity: bool,
 ) -> None:  # fmt: skip
-    """One array as one Zarr shard; zstd when `zstd_level` is given, crc32c last when `integrity`."""
-    compressors: list[Any] = [] if zstd_level is None else [zarr.codecs.ZstdCodec(level=zstd_level)]
-    if integrity:
-        compressors.append(zarr.codecs.Crc32cCodec())
+    """One array as one Zarr shard: zstd when `zstd_level` is given (with its content checksum when
+    `integrity`), else uncompressed (with a crc32c when `integrity`)."""
+    if zstd_level is not None:
+        compressors = [zarr.codecs.ZstdCodec(level=zstd_level, checksum=integrity)]
+    else:
+        compressors = [zarr.codecs.Crc32cCodec()] if integrity else []
     group.create_array(
         name, data=data, chunks=chunks, shards=shards, compressors=compressors or None, fill_value=0,
         config={"write_empty_chunks": integrity},
@@ -195,9 +199,12 @@ def _problem(err: Exception) -> str:
     """What a failed array read means, in words (zarr's own messages name no array)."""
     if isinstance(err, FileNotFoundError):
         return str(err)
-    if isinstance(err, ValueError) and "checksum" in str(err):
+    message = " ".join(str(err).split())
+    if isinstance(err, ValueError) and "checksum" in message:  # zarr's Crc32cCodec
         return "a chunk fails its crc32c checksum"
-    return f"cannot be read ({type(err).__name__}: {err})"
+    if (reason := zstd_failure(err)) is not None:
+        return f"a chunk fails its zstd check ({reason})"
+    return f"cannot be read ({type(err).__name__}: {message})"
 
 
 async def _read_clip_arrays(

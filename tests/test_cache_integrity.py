@@ -6,7 +6,7 @@ convert` upgrades them bit for bit. Real Zarr v3 and tar files, damaged on disk.
 from __future__ import annotations
 
 import functools
-import json
+import importlib.util
 import os
 import shutil
 import tarfile
@@ -16,24 +16,13 @@ import numpy as np
 import pytest
 
 from geovr.student.data import DamagedSample, DataConfig, TokenBudgetCollator, TrainLoader, join_qa
-from geovr.teacher_cache import wds_backend, zarr_backend
 from geovr.teacher_cache.codecs import CodecConfig
 from geovr.teacher_cache.convert import convert_store
 from geovr.teacher_cache.schema import DamagedClipError, SchemaError
-from geovr.teacher_cache.store import (
-    DONE_DIR,
-    STORE_JSON,
-    committed_shard_ids,
-    open_store,
-    open_writer,
-    read_marker,
-    sha256_file,
-    shard_files,
-    shard_path,
-)
+from geovr.teacher_cache.store import open_store, open_writer, read_marker
 from geovr.teacher_cache.verify import verify_store
 from tests.test_cache_store import FINGERPRINT, make_clip, write_two_shards
-from tests.test_data_loader import build_row_id, ids_collate, write_qa, write_test_store
+from tests.test_data_loader import REPO, build_row_id, ids_collate, write_qa, write_test_store
 
 GEOMETRY = "d12x16_f2x3x4x16k8"  # of `make_clip`
 IDS = [f"{i:016x}" for i in range(5)]  # shard 000000: clips 0-2 (frames 0-11), shard 000001: clips 3-4
@@ -87,7 +76,7 @@ ZARR_DAMAGE = {
     # The first inner chunk holds frames 0-7 (clips 0 and 1); clip 2's chunk is intact.
     "feature chunk byte flipped": (
         lambda shard: flip(shard / GEOMETRY / "feat_q/c/0/0/0/0/0", 10),
-        dict.fromkeys(range(2), "feat_q: a chunk fails its crc32c checksum"),
+        dict.fromkeys(range(2), "feat_q: a chunk fails its zstd check (Data corruption detected)"),
     ),
     "jpeg chunk byte flipped": (
         lambda shard: flip(shard / GEOMETRY / "jpeg_bytes/c/0", 100),
@@ -119,6 +108,11 @@ def test_damaged_zarr_shard_is_refused_by_both_read_paths(tmp_path, damage):
     assert str(err.value) == expect(root, damaged)[IDS[first]]
 
 
+def _end_of(tar_path: Path, name: str) -> int:
+    info = member(tar_path, name)
+    return info.offset_data + info.size
+
+
 def _cut_inside(tar_path: Path, name: str) -> None:
     info = member(tar_path, name)
     os.truncate(tar_path, info.offset_data + info.size // 2)
@@ -135,9 +129,12 @@ WDS_DAMAGE = {
         {1: f"cameras: member {IDS[1]}.cameras.safetensors fails its crc32c checksum"},
         None,
     ),
+    # The last bytes of a zstd frame are its content checksum.
     "zstd member": (
-        lambda tar: flip(tar, member(tar, f"{IDS[0]}.features.safetensors.zst").offset_data + 20),
-        {0: f"features: member {IDS[0]}.features.safetensors.zst fails its crc32c checksum"},
+        lambda tar: flip(tar, _end_of(tar, f"{IDS[0]}.features.safetensors.zst") - 2, 1),
+        {
+            0: f"features: member {IDS[0]}.features.safetensors.zst fails its zstd check (Restored data doesn't match checksum)"
+        },
         None,
     ),
     "json member": (
@@ -209,29 +206,12 @@ def test_all_fill_chunks_are_stored_so_absent_always_means_lost(tmp_path):
 # Old layout: refused by every reader and writer, verified, upgraded by `cache convert`
 
 
-def rewrite_as_layout_1(root: Path, store_format: str) -> None:
-    """What the code before store layout 2 wrote: shards without checksums (and, for Zarr, without
-    all-fill chunks), markers without crcs, layout_version 1."""
-    backend = zarr_backend if store_format == "zarr" else wds_backend
-    reader = open_store(root)
-    for shard_id in committed_shard_ids(root):
-        marker = read_marker(root, shard_id)
-        clips = list(reader.iter_shard_encoded(shard_id))
-        path = shard_path(root, store_format, shard_id)
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-        written = backend.write_shard(path, clips, CodecConfig().zstd_level, integrity=False)
-        locations = {row["clip_id"]: row["location"] for row in written["clips"]}
-        for row in marker["clips"]:
-            if row["status"] == "ok":
-                row["location"] = locations[row["clip_id"]]
-        marker["files"] = {
-            f.relative_to(root).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
-            for f in shard_files(path)
-        }
-        (root / DONE_DIR / f"{shard_id}.json").write_text(json.dumps(marker))
-    meta = json.loads((root / STORE_JSON).read_text())
-    meta["layout_version"] = 1
-    (root / STORE_JSON).write_text(json.dumps(meta))
+# The benchmark's rewrite of a store as layout 1 wrote it (shards without checksums, markers
+# without crcs): the old stores this code must refuse, and the baseline of its read-cost figure.
+_spec = importlib.util.spec_from_file_location("cache_footprint", REPO / "bench" / "cache_footprint.py")
+cache_footprint = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cache_footprint)
+rewrite_as_layout_1 = cache_footprint.rewrite_as_layout_1
 
 
 @pytest.mark.parametrize("store_format", ["zarr", "wds"])
@@ -243,7 +223,7 @@ def test_old_layout_is_refused_and_converts_bit_for_bit(tmp_path, store_format):
     writer.write_shard("000001", clips[3:], [])
     original = open_store(root)
     expected = {c.clip_id: original.read_encoded(c.clip_id) for c in clips}
-    rewrite_as_layout_1(root, store_format)
+    rewrite_as_layout_1(root)
     if store_format == "zarr":  # an all-fill chunk: not written in layout 1, read as zeros there
         assert not list((root / "000001").rglob("scale_valid/c/*"))
 
@@ -280,9 +260,12 @@ def test_old_layout_is_refused_and_converts_bit_for_bit(tmp_path, store_format):
 
 
 @pytest.mark.parametrize(
-    ("store_format", "access"), [("zarr", "random"), ("zarr", "stream"), ("wds", "stream")]
+    ("store_format", "access", "workers"),
+    [("zarr", "random", 0), ("zarr", "stream", 0), ("wds", "stream", 2)],
 )
-def test_loader_turns_a_damaged_clip_into_placeholders(tmp_path, store_format, access):
+def test_loader_turns_a_damaged_clip_into_placeholders(tmp_path, store_format, access, workers):
+    """Damaged clips reach the trainer as `DamagedSample`s carrying the reader's one-line report (also
+    from DataLoader worker processes); every other sample is built as usual."""
     root = tmp_path / "store"
     videos = write_test_store(root, store_format, [2, 1])
     store = open_store(root)
@@ -297,7 +280,9 @@ def test_loader_turns_a_damaged_clip_into_placeholders(tmp_path, store_format, a
         damaged = {damaged_clip}
     reasons = {clip_id: str(_read_error(store, clip_id)) for clip_id in damaged}
 
-    config = DataConfig(access=access, micro_batch=2, num_workers=0, resampled=False, samples_per_epoch=6)
+    config = DataConfig(
+        access=access, micro_batch=2, num_workers=workers, resampled=False, samples_per_epoch=6
+    )
     qa = write_qa(tmp_path / "qa.jsonl", videos, per_video=2)
     samples, _ = join_qa(qa, store, config)
     collator = TokenBudgetCollator(ids_collate, lambda s: s.tokens, config.max_batch_tokens)
@@ -311,7 +296,7 @@ def test_loader_turns_a_damaged_clip_into_placeholders(tmp_path, store_format, a
         seen_damaged += batch.damaged
         seen_good += [row for chunk in batch.chunks for row in chunk]
     by_clip = {s.row_id: s.clip_id for s in samples}
-    assert seen_damaged and len(seen_damaged) + len(seen_good) == 6
+    assert seen_damaged and len(seen_damaged) + len(seen_good) == 2 * loader.batches_per_epoch
     assert all(d.reason == reasons[by_clip[d.row_id]] for d in seen_damaged)
     assert all(by_clip[row] not in damaged for row in seen_good)
 

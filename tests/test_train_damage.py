@@ -66,7 +66,7 @@ DAMAGE = {
     "zarr feature chunk damaged": (
         "zarr",
         lambda shard: flip(shard / GEOMETRY / "feat_q/c/0/0/0/0/0", 10),
-        "feat_q: a chunk fails its crc32c checksum",
+        "feat_q: a chunk fails its zstd check (Data corruption detected)",
     ),
     "wds jpg member damaged": (
         "wds",
