@@ -656,18 +656,17 @@ def reduce_step_damage(micro_batches: Sequence[Any], env: DistEnv) -> StepDamage
 
 
 def damage_stop_reason(
-    damage: StepDamage, counters: dict[str, int], data_cfg: Any, epoch_samples: int, step: int
+    damage: StepDamage, damaged: int, drawn: int, data_cfg: Any, epoch_samples: int, step: int
 ) -> str | None:
     """The one-line error that stops every rank at `step` under the damage policy, or None.
 
-    `counters` already include this step; `epoch_samples`: samples drawn per epoch over all ranks.
+    `damaged`, `drawn`: damaged and all samples drawn by the run up to this step, over all ranks;
+    `epoch_samples`: samples drawn per epoch over all ranks.
     """
     if not damage.count:
         return None
     if data_cfg.on_damaged_clip == "error":
         return f"{damage.first} (at step {step}; data.on_damaged_clip=error)"
-    damaged = counters["damaged_samples"]
-    drawn = counters["samples"] + counters["skipped_samples"] + damaged
     if damaged > data_cfg.max_damaged_ratio * max(drawn, epoch_samples):
         return (
             f"{damaged} of {drawn} samples drawn are damaged: more than data.max_damaged_ratio="
@@ -946,7 +945,11 @@ def _train(
         counters["skipped_samples"] += int(skipped)
         counters["damaged_samples"] += stats.damage.count
         # Every input here is reduced across ranks: every rank stops at the same step, or none does.
-        stop = damage_stop_reason(stats.damage, counters, data_cfg, epoch_samples, step)
+        # Every micro-batch holds micro_batch samples (placeholders included): a step draws global_batch.
+        drawn = step * cfg.global_batch
+        stop = damage_stop_reason(
+            stats.damage, counters["damaged_samples"], drawn, data_cfg, epoch_samples, step
+        )
         if stop is not None:
             logger.close()
             raise DataError(stop)
