@@ -19,7 +19,14 @@ full vectors including the outlier channels, and the other channels alone), dept
 relative error (median, p99, max), write and read throughput in clips/s in one process (wall, and per
 CPU-second), the measurements behind the codec choices, and the issue's targets with pass/fail.
 
-    python bench/cache_footprint.py --out /tmp/footprint [--shards 2 --clips-per-shard 3]
+The read figures are those of the store as written (layout 2: every chunk or tar member checked
+against its crc32c as it is read). `integrity_read_cost` measures what those checks cost: the same
+store rewritten in layout 1 (no checksums; read with `open_store(old_layout_ok=True)`, the path
+`cache convert` uses) is read and decoded clip by clip in lockstep with the layout-2 store, in one
+process; per clip the least CPU time over the repeats counts (the box is shared), and the slowdown
+must stay under 10%.
+
+    python bench/cache_footprint.py --out /tmp/footprint [--shards 2 --clips-per-shard 3 --integrity-repeats 5]
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import numpy as np
 import zarr
 from PIL import Image
 
+from geovr.teacher_cache import wds_backend, zarr_backend
 from geovr.teacher_cache.codecs import (
     CodecConfig,
     decode_depth,
@@ -48,7 +56,17 @@ from geovr.teacher_cache.codecs import (
 )
 from geovr.teacher_cache.frames import encode_jpeg
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
-from geovr.teacher_cache.store import open_store, open_writer
+from geovr.teacher_cache.store import (
+    DONE_DIR,
+    STORE_JSON,
+    committed_shard_ids,
+    open_store,
+    open_writer,
+    read_marker,
+    sha256_file,
+    shard_files,
+    shard_path,
+)
 from geovr.teacher_cache.verify import store_stats
 
 FRAMES, LAYERS, GRID_H, GRID_W, CHANNELS = 32, 4, 14, 18, 1024
@@ -60,6 +78,7 @@ TARGETS = {
     "feature_cosine_p1_min": 0.995,
     "depth_median_rel_err_max": 0.005,
     "read_clips_per_s_min": 5.0,
+    "integrity_read_slowdown_max": 0.10,
 }
 
 
@@ -285,8 +304,92 @@ def read_passes(root: Path, by_id: bool, repeats: int) -> dict[str, Any]:
     return {"best_pass": max(passes, key=lambda p: p["clips_per_cpu_s"]), "passes": passes}
 
 
+def rewrite_as_layout_1(root: Path) -> None:
+    """Rewrite a store in place as store layout 1 wrote it: shards without checksums (Zarr: without
+    all-fill chunks either), markers without crcs, layout_version 1 (also used by the tests)."""
+    store_format = json.loads((root / STORE_JSON).read_text())["format"]
+    backend = zarr_backend if store_format == "zarr" else wds_backend
+    reader = open_store(root)
+    for shard_id in committed_shard_ids(root):
+        marker = read_marker(root, shard_id)
+        clips = list(reader.iter_shard_encoded(shard_id))
+        path = shard_path(root, store_format, shard_id, int(marker.get("revision", 0)))
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        written = backend.write_shard(path, clips, reader.codecs.zstd_level, integrity=False)
+        locations = {row["clip_id"]: row["location"] for row in written["clips"]}
+        for row in marker["clips"]:
+            if row["status"] == "ok":
+                row["location"] = locations[row["clip_id"]]
+        marker["files"] = {
+            f.relative_to(root).as_posix(): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in shard_files(path)
+        }
+        (root / DONE_DIR / f"{shard_id}.json").write_text(json.dumps(marker))
+    meta = json.loads((root / STORE_JSON).read_text())
+    meta["layout_version"] = 1
+    (root / STORE_JSON).write_text(json.dumps(meta))
+
+
+def paired_clip_seconds(root: Path, plain: Path, by_id: bool, repeats: int) -> dict[str, list[float]]:
+    """CPU seconds to read and decode each clip of `root` (checks on) and of its layout-1 copy
+    `plain` (off), the two advanced clip by clip in lockstep (which goes first alternates per clip
+    and repeat; each decoded clip is dropped before the next read); per clip the minimum over
+    `repeats`, which drops the time other processes took from this one."""
+    best: dict[str, list[float]] = {"on": [], "off": []}
+    for repeat in range(repeats):
+        readers = {"on": open_store(root), "off": open_store(plain, old_layout_ok=True)}
+        clip_ids = readers["on"].clip_ids()
+        streams = {checks: reader.iter_clips() for checks, reader in readers.items()}
+        for index, clip_id in enumerate(clip_ids):
+            for checks in ("on", "off") if (repeat + index) % 2 == 0 else ("off", "on"):
+                start = time.process_time()
+                clip = readers[checks].read_clip(clip_id) if by_id else next(streams[checks])
+                seconds = time.process_time() - start
+                assert clip.clip_id == clip_id
+                del clip
+                if repeat == 0:
+                    best[checks].append(seconds)
+                else:
+                    best[checks][index] = min(best[checks][index], seconds)
+    return best
+
+
+def integrity_read_cost(root: Path, repeats: int) -> dict[str, Any]:
+    """What the integrity checks cost a decoded read, in one process: the store (layout 2) against
+    a layout-1 copy of it, read clip by clip in lockstep (`paired_clip_seconds`)."""
+    plain = root.with_name(f"{root.name}_layout1")
+    shutil.rmtree(plain, ignore_errors=True)
+    shutil.copytree(root, plain)
+    rewrite_as_layout_1(plain)
+    result: dict[str, Any] = {
+        "method": "layout 2 (crc32c of every Zarr chunk / tar member, absent Zarr chunks refused, zarr.json "
+        "sha256 on open) against the same clips in layout 1 (no checks, read as `cache convert` reads it), "
+        "read and decoded clip by clip in lockstep in one process, the first of each pair alternating; "
+        "per clip the minimum CPU time over the repeats; slowdown = on / off - 1 of the summed times",
+        "repeats": repeats,
+    }
+    for mode, by_id in (("read_by_id_decoded", True), ("read_streaming_decoded", False)):
+        seconds = paired_clip_seconds(root, plain, by_id, repeats)
+        on, off = sum(seconds["on"]), sum(seconds["off"])
+        result[mode] = {
+            "clips": len(seconds["on"]),
+            "clips_per_cpu_s_checks_on": len(seconds["on"]) / on,
+            "clips_per_cpu_s_checks_off": len(seconds["off"]) / off,
+            "slowdown": on / off - 1,
+            "cpu_s_per_clip": seconds,
+        }
+    shutil.rmtree(plain)
+    return result
+
+
 def bench_backend(
-    store_format: str, root: Path, seed: int, shards: int, per_shard: int, read_repeats: int
+    store_format: str,
+    root: Path,
+    seed: int,
+    shards: int,
+    per_shard: int,
+    read_repeats: int,
+    integrity_repeats: int,
 ) -> dict[str, Any]:
     fingerprint = StoreFingerprint(
         teacher="vggt-1b (synthetic labels)",
@@ -321,6 +424,7 @@ def bench_backend(
         "write": rate(stats["clips"], write_wall, write_cpu),
         "read_by_id_decoded": read_passes(root, True, read_repeats),
         "read_streaming_decoded": read_passes(root, False, read_repeats),
+        "integrity_read_cost": integrity_read_cost(root, integrity_repeats),
         **fidelity.result(),
     }
 
@@ -414,6 +518,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--read-repeats", type=int, default=3, help="read passes per backend and mode")
     parser.add_argument(
+        "--integrity-repeats", type=int, default=5, help="lockstep passes of the integrity read cost"
+    )
+    parser.add_argument(
         "--keep-stores", action="store_true", help="keep the stores (about 0.2 GB per 8 clips)"
     )
     args = parser.parse_args()
@@ -439,7 +546,13 @@ def main() -> None:
         root = args.out / f"store_{store_format}"
         shutil.rmtree(root, ignore_errors=True)
         result["backends"][store_format] = bench_backend(
-            store_format, root, args.seed, args.shards, args.clips_per_shard, args.read_repeats
+            store_format,
+            root,
+            args.seed,
+            args.shards,
+            args.clips_per_shard,
+            args.read_repeats,
+            args.integrity_repeats,
         )
         if not args.keep_stores:
             shutil.rmtree(root)
@@ -470,6 +583,11 @@ def main() -> None:
                 for mode in ("read_by_id_decoded", "read_streaming_decoded")
             )
             >= TARGETS["read_clips_per_s_min"],
+            "integrity_read_slowdown": max(
+                backend["integrity_read_cost"][mode]["slowdown"]
+                for mode in ("read_by_id_decoded", "read_streaming_decoded")
+            )
+            <= TARGETS["integrity_read_slowdown_max"],
         }
     result["targets"] = TARGETS
     result["targets_met"] = checks

@@ -35,6 +35,10 @@ discards the consumed part of the epoch without building it).
 
 Samples are built in the DataLoader workers (`StudentSampleBuilder`: cached JPEG frames and the
 conversation through the model directory's tokenizer and video settings, `student.batch.make_sample`).
+A sample whose cached clip is missing or damaged on disk (the store's readers check every chunk or
+tar member, `teacher_cache.schema.DamagedClipError`) becomes a `DamagedSample` carrying the
+one-line report instead of raising in a worker: the trainer counts them across ranks and applies
+`DataConfig.on_damaged_clip` / `max_damaged_ratio` on every rank at the same step.
 A micro-batch becomes a `MicroBatch` (`TokenBudgetCollator`): sorted by length and split into padded
 chunks of at most `max_batch_tokens` (batch x longest), which the trainer runs forward/backward one
 after another; samples above `max_seq_len` are an error or are dropped and counted (`on_bad_row`).
@@ -64,7 +68,7 @@ from geovr.teacher_cache.qa import (
     read_rows,
     video_of,
 )
-from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
+from geovr.teacher_cache.schema import ClipLabels, DamagedClipError, StoreFingerprint
 
 
 class DataError(ValueError):
@@ -95,6 +99,12 @@ class DataConfig:
         on_bad_row: "skip" (count) or "error" for malformed rows and conversations.
         corpus_root: the folder `index` took video paths relative to (its `--corpus-root`); needed
             only for rows that name their video by an absolute path.
+        on_damaged_clip: a sample whose cached clip is damaged on disk (an absent chunk, a failed
+            checksum, a broken tar): "skip" (count, bounded by `max_damaged_ratio`) or "error"
+            (every rank stops at that step with the one-line report naming store, shard, clip, field).
+        max_damaged_ratio: under "skip", every rank stops once the damaged samples exceed this
+            fraction of the samples drawn, counted over at least one epoch's samples (so that an
+            early damaged sample does not stop a run on its own).
     """
 
     access: Literal["auto", "random", "stream"] = "auto"
@@ -111,6 +121,8 @@ class DataConfig:
     on_missing_clip: Literal["skip", "error"] = "skip"
     on_bad_row: Literal["skip", "error"] = "skip"
     corpus_root: str = ""
+    on_damaged_clip: Literal["skip", "error"] = "skip"
+    max_damaged_ratio: float = 0.01
 
     def validate(self) -> None:
         require(self.micro_batch >= 1, f"data.micro_batch must be >= 1, got {self.micro_batch}")
@@ -128,6 +140,10 @@ class DataConfig:
         require(self.samples_per_epoch >= 0, "data.samples_per_epoch must be >= 0")
         require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         require(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        require(
+            0.0 <= self.max_damaged_ratio <= 1.0,
+            f"data.max_damaged_ratio must be in [0, 1], got {self.max_damaged_ratio}",
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,7 +222,7 @@ class StoreLike(Protocol):
     def shards(self) -> list[str]: ...
     def clip_ids(self) -> list[str]: ...
     def read_clip(self, clip_id: str) -> ClipLabels: ...
-    def iter_shard_encoded(self, shard_id: str) -> Iterator[EncodedClip]: ...
+    def iter_shard_checked(self, shard_id: str) -> Iterator[EncodedClip | DamagedClipError]: ...
     def failures(self) -> list[dict]: ...
 
 
@@ -333,7 +349,8 @@ class EpochBatchSampler:
 
 
 class RandomAccessDataset(Dataset):
-    """Map-style dataset: sample i is `build(samples[i], store.read_clip(samples[i].clip_id))`.
+    """Map-style dataset: sample i is `build(samples[i], store.read_clip(samples[i].clip_id))`, or a
+    `DamagedSample` when the clip's stored data is damaged.
 
     The store is opened lazily in each process (DataLoader workers do not share file handles).
     """
@@ -353,7 +370,11 @@ class RandomAccessDataset(Dataset):
         if self._store is None:
             self._store = self.open_store()
         sample = self.samples[index]
-        return self.build(sample, self._store.read_clip(sample.clip_id))
+        try:
+            labels = self._store.read_clip(sample.clip_id)
+        except DamagedClipError as err:
+            return DamagedSample(sample.row_id, str(err))
+        return self.build(sample, labels)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_store": None}
@@ -363,10 +384,11 @@ class StreamingDataset(IterableDataset):
     """WebDataset pipeline over the store's shards yielding micro-batches (lists of built samples).
 
     Per worker and epoch: shard ids (resampled with replacement, or a deterministic permutation
-    -> node splitter (rank r of world) -> worker splitter) -> encoded clips of each shard -> the QA
-    samples of each clip -> shuffle buffer -> groups of `micro_batch` -> skip the micro-batches
-    consumed before a resume -> decode and build; `with_epoch` cuts every worker at the same number
-    of micro-batches and repeats the shard stream when a worker's shards run out.
+    -> node splitter (rank r of world) -> worker splitter) -> encoded clips of each shard (or the
+    `DamagedClipError` of a clip that cannot be read) -> the QA samples of each clip -> shuffle
+    buffer -> groups of `micro_batch` -> skip the micro-batches consumed before a resume -> decode
+    and build (a damaged clip's samples become `DamagedSample`s); `with_epoch` cuts every worker at
+    the same number of micro-batches and repeats the shard stream when a worker's shards run out.
     """
 
     def __init__(
@@ -432,13 +454,15 @@ class StreamingDataset(IterableDataset):
             random.Random(_seed_for(self.seed, self.epoch)).shuffle(order)
             stages = [wds.SimpleShardList(order), node_split, worker_split]
 
-        def clips_to_samples(source: Iterator[dict]) -> Iterator[tuple[QASample, EncodedClip]]:
+        def clips_to_samples(
+            source: Iterator[dict],
+        ) -> Iterator[tuple[QASample, EncodedClip | DamagedClipError]]:
             # Clips stay encoded (quantised features) in the shuffle buffer: about 4x less memory,
             # and the micro-batches skipped on resume are never decoded.
             for item in source:
-                for encoded in store.iter_shard_encoded(item["url"]):
-                    for sample in self.by_clip.get(encoded.clip_id, ()):
-                        yield sample, encoded
+                for clip in store.iter_shard_checked(item["url"]):
+                    for sample in self.by_clip.get(clip.clip_id, ()):
+                        yield sample, clip
 
         skipped = [0]  # persists across the repetitions `with_epoch` makes of the pipeline
 
@@ -451,8 +475,13 @@ class StreamingDataset(IterableDataset):
 
         def build_batch(source: Iterator[list]) -> Iterator[list[Any]]:
             for batch in source:
-                decoded = {encoded.clip_id: decode_clip(encoded) for _, encoded in batch}
-                yield [self.build(sample, decoded[sample.clip_id]) for sample, _ in batch]
+                decoded = {c.clip_id: decode_clip(c) for _, c in batch if isinstance(c, EncodedClip)}
+                yield [
+                    DamagedSample(sample.row_id, str(clip))
+                    if isinstance(clip, DamagedClipError)
+                    else self.build(sample, decoded[sample.clip_id])
+                    for sample, clip in batch
+                ]
 
         expected = self.batches_per_worker - skip
         pipeline = wds.DataPipeline(
@@ -506,6 +535,15 @@ def check_frame_budget(fingerprint: StoreFingerprint, max_pixels: int, min_pixel
 @dataclass(frozen=True)
 class SkippedSample:
     """Placeholder for a sample the builder refused under the "skip" policy (e.g. too long)."""
+
+    row_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DamagedSample:
+    """Placeholder for a sample whose cached clip is missing or damaged on disk; `reason` is the
+    one-line `DamagedClipError` report (store, shard, clip, field, problem)."""
 
     row_id: str
     reason: str
@@ -565,11 +603,13 @@ class StudentSampleBuilder:
 
 @dataclass
 class MicroBatch:
-    """One rank's micro-batch: padded chunks within the token budget, and what was dropped from it."""
+    """One rank's micro-batch: padded chunks within the token budget, and what was dropped from it
+    (`skipped`: refused by the builder; `damaged`: the clip's stored data is damaged)."""
 
     chunks: list[Any]
     num_samples: int
     skipped: list[SkippedSample]
+    damaged: list[DamagedSample] = field(default_factory=list)
 
     def pin_memory(self) -> MicroBatch:
         """Page-locked copies of every tensor (called by the DataLoader's pinning thread)."""
@@ -581,15 +621,15 @@ class MicroBatch:
             values = {f.name: getattr(chunk, f.name) for f in dataclasses.fields(chunk)}
             return type(chunk)(**{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in values.items()})
 
-        return MicroBatch([pin(c) for c in self.chunks], self.num_samples, self.skipped)
+        return MicroBatch([pin(c) for c in self.chunks], self.num_samples, self.skipped, self.damaged)
 
 
 class TokenBudgetCollator:
     """Micro-batch (list of built samples) -> `MicroBatch` of padded chunks within the token budget.
 
-    `SkippedSample`s are dropped. The rest are sorted by length (longest first) and packed greedily
-    while `len(chunk) * longest <= max_batch_tokens`; the order is deterministic. `collate` pads
-    one chunk; `length_of` gives a sample's token count.
+    `SkippedSample`s and `DamagedSample`s are set aside. The rest are sorted by length (longest
+    first) and packed greedily while `len(chunk) * longest <= max_batch_tokens`; the order is
+    deterministic. `collate` pads one chunk; `length_of` gives a sample's token count.
     """
 
     def __init__(
@@ -612,10 +652,11 @@ class TokenBudgetCollator:
 
     def __call__(self, built: list[Any]) -> MicroBatch:
         skipped = [s for s in built if isinstance(s, SkippedSample)]
-        samples = [s for s in built if not isinstance(s, SkippedSample)]
+        damaged = [s for s in built if isinstance(s, DamagedSample)]
+        samples = [s for s in built if not isinstance(s, (SkippedSample, DamagedSample))]
         lengths = [self.length_of(s) for s in samples]
         chunks = [self.collate([samples[i] for i in group]) for group in self.chunks(lengths)]
-        return MicroBatch(chunks, len(samples), skipped)
+        return MicroBatch(chunks, len(samples), skipped, damaged)
 
 
 def student_collator(builder: StudentSampleBuilder, max_batch_tokens: int) -> TokenBudgetCollator:

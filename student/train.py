@@ -13,6 +13,14 @@ One optimizer step (global batch = micro_batch x world_size x accumulation sampl
     clip the gradient norm to `grad_clip`; if it (or the loss) is not finite on any rank, skip the
     update and log it; AdamW step; cosine schedule with linear warmup.
 
+Damaged cache data never hangs or silently skews a run: a sample whose cached clip is missing or
+damaged reaches the trainer as a `DamagedSample` (the one-line report naming store, shard, clip and
+field). Each step takes its micro-batches first and all-reduces the damaged counts before any
+forward; under `data.on_damaged_clip=error`, or once the damaged samples exceed
+`data.max_damaged_ratio`, every rank stops at the same step with the same one-line error. A rank
+left without any sample in a step makes every rank skip that step's update (a rank that skipped
+its backward alone would hang the others in the gradient all-reduce).
+
 Parallelism: DDP (default), or FSDP2 (`fully_shard` on every decoder and vision block, then the
 root), chosen by `train.parallel`. Rendezvous through the `torchrun` environment (env://); gloo on
 CPU, NCCL on GPU; without `torchrun` it runs as one process without a process group.
@@ -34,7 +42,8 @@ the next start:
 order, the same random state, the same learning rate; `metrics.jsonl` is cut back to that step.
 
 Logging (rank 0): `RUN/metrics.jsonl` (one JSON object per step: step, loss, every loss term, the
-learning rate of each group, grad_norm, skipped, samples/s, tokens/s, MFU, data-wait fraction),
+learning rate of each group, grad_norm, skipped, samples/s, tokens/s, MFU, data-wait fraction,
+skipped and damaged samples),
 TensorBoard under `RUN/tensorboard/`, and console progress (rich).
 """
 
@@ -596,13 +605,14 @@ class MetricsLogger:
                 + f"  lr {record['lr.llm']:.2e}/{record['lr.heads']:.2e}  {record['samples_per_s']:.2f} samples/s"
                 + f"  {record['tokens_per_s']:.0f} tok/s  data-wait {100 * record['data_wait']:.1f}%"
                 + (f"  MFU {100 * mfu:.1f}%" if mfu is not None else "")
-                + ("  [yellow]skipped (non-finite)[/]" if record["skipped"] else ""),
+                + ("  [yellow]update skipped[/]" if record["skipped"] else ""),
                 highlight=False,
             )
 
     def message(self, text: str) -> None:
+        """One plain line (no markup: reports quote file names and errors; not wrapped: one line each)."""
         if self.enabled:
-            self.console.print(text, highlight=False)
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def close(self) -> None:
         if self.enabled:
@@ -657,8 +667,70 @@ def wrap_model(model: nn.Module, cfg: TrainConfig, env: DistEnv) -> nn.Module:
 
 
 @dataclass
+class StepDamage:
+    """Damaged samples of one step over all ranks, identical on every rank (`reduce_step_damage`).
+
+    Attributes:
+        count: damaged samples drawn by all ranks in the step.
+        first: the one-line report of the first damaged sample of the lowest rank that met one.
+        idle_ranks: ranks left without a sample to train on (every sample skipped or damaged).
+    """
+
+    count: int = 0
+    first: str = ""
+    idle_ranks: int = 0
+
+
+REPORT_BYTES = 2048  # a damage report broadcast between ranks (one line; longer ones are cut)
+
+
+def reduce_step_damage(micro_batches: Sequence[Any], env: DistEnv) -> StepDamage:
+    """Count the step's damaged samples and idle ranks over all ranks: one all-reduce, plus one
+    broadcast of the first report when any rank met damage (every rank takes both, so none waits)."""
+    counts = torch.zeros(env.world_size + 1, dtype=torch.float64, device=env.device)
+    counts[env.rank] = sum(len(batch.damaged) for batch in micro_batches)
+    counts[-1] = 0.0 if any(batch.chunks for batch in micro_batches) else 1.0
+    all_reduce(counts, env)
+    per_rank = counts[:-1].tolist()
+    damage = StepDamage(count=int(sum(per_rank)), idle_ranks=int(counts[-1].item()))
+    if damage.count:
+        source = next(rank for rank, n in enumerate(per_rank) if n)
+        report = torch.zeros(REPORT_BYTES, dtype=torch.uint8, device=env.device)
+        if env.rank == source:
+            mine = next(d.reason for batch in micro_batches for d in batch.damaged)
+            data = mine.encode()[:REPORT_BYTES]
+            report[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        if env.distributed:
+            dist.broadcast(report, src=source)
+        damage.first = bytes(report.cpu().tolist()).rstrip(b"\0").decode(errors="replace")
+    return damage
+
+
+def damage_stop_reason(
+    damage: StepDamage, damaged: int, drawn: int, data_cfg: Any, epoch_samples: int, step: int
+) -> str | None:
+    """The one-line error that stops every rank at `step` under the damage policy, or None.
+
+    `damaged`, `drawn`: damaged and all samples drawn by the run up to this step, over all ranks;
+    `epoch_samples`: samples drawn per epoch over all ranks.
+    """
+    if not damage.count:
+        return None
+    if data_cfg.on_damaged_clip == "error":
+        return f"{damage.first} (at step {step}; data.on_damaged_clip=error)"
+    if damaged > data_cfg.max_damaged_ratio * max(drawn, epoch_samples):
+        return (
+            f"{damaged} of {drawn} samples drawn are damaged: more than data.max_damaged_ratio="
+            f"{data_cfg.max_damaged_ratio} of {max(drawn, epoch_samples)} (at least one epoch) at step "
+            f"{step}; last: {damage.first}"
+        )
+    return None
+
+
+@dataclass
 class StepStats:
-    """Sums over one optimizer step of one rank (reduced across ranks before logging)."""
+    """Sums over one optimizer step of one rank (reduced across ranks before logging); `damage` is
+    already reduced."""
 
     loss_sums: dict[str, float] = field(default_factory=dict)
     samples: int = 0
@@ -666,6 +738,7 @@ class StepStats:
     flops: float = 0.0
     data_wait: float = 0.0
     skipped_samples: int = 0
+    damage: StepDamage = field(default_factory=StepDamage)
 
     def add_losses(self, losses: dict[str, torch.Tensor], weight: int) -> None:
         for name, value in losses.items():
@@ -729,39 +802,40 @@ def accumulate_gradients(
 ) -> StepStats:
     """Forward and backward over one step's `accumulation` micro-batches of this rank.
 
-    Each chunk's total loss is weighted by its share of the rank's samples in the step, so the
-    accumulated gradient is the mean over the step's samples (DDP / FSDP then average over ranks).
-    Gradients are reduced across ranks on the last backward only. `before_forward(chunk)` runs
-    before each chunk's forward (the benchmark's online teacher). Returns this rank's sums.
+    The micro-batches are taken from the loader first and their damaged samples reduced across
+    ranks (`StepStats.damage`, see `reduce_step_damage`); when any rank is left without a sample, no
+    rank runs a forward (the trainer skips the update). Each chunk's total loss is weighted by its
+    share of the rank's samples in the step, so the accumulated gradient is the mean over the step's
+    samples (DDP / FSDP then average over ranks). Gradients are reduced across ranks on the last
+    backward only. `before_forward(chunk)` runs before each chunk's forward (the benchmark's online
+    teacher). Returns this rank's sums.
     """
     stats = StepStats()
-    for micro in range(accumulation):
-        wait_start = time.perf_counter()
-        _, micro_batch = loader.next()
-        stats.data_wait += time.perf_counter() - wait_start
-        stats.skipped_samples += len(micro_batch.skipped)
-        if not micro_batch.chunks:
-            raise ValueError(
-                f"rank {env.rank}: every sample of a micro-batch was skipped "
-                f"({micro_batch.skipped[0].reason}); raise data.max_seq_len"
-            )
-        for index, chunk in enumerate(micro_batch.chunks):
-            last = micro == accumulation - 1 and index == len(micro_batch.chunks) - 1
-            chunk = chunk.to(env.device, non_blocking=True)
-            if before_forward is not None:
-                before_forward(chunk)
-            size = int(chunk.input_ids.shape[0])
-            with _sync_gradients(model, env, sync=last):
-                with torch.autocast(
-                    env.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
-                ):
-                    losses = model(chunk)
-                (losses["total"] * (size / samples_per_rank_step)).backward()
-            stats.add_losses(losses, size)
-            stats.samples += size
-            seq_lens = chunk.attention_mask.sum(1).tolist()
-            stats.tokens += int(sum(seq_lens))
-            stats.flops += qwen3vl_step_flops(model_config, seq_lens, chunk.video_grid_thw.tolist())
+    wait_start = time.perf_counter()
+    micro_batches = [loader.next()[1] for _ in range(accumulation)]
+    stats.data_wait = time.perf_counter() - wait_start
+    stats.skipped_samples = sum(len(batch.skipped) for batch in micro_batches)
+    stats.damage = reduce_step_damage(micro_batches, env)
+    if stats.damage.idle_ranks:
+        return stats
+    chunks = [chunk for batch in micro_batches for chunk in batch.chunks]
+    for index, chunk in enumerate(chunks):
+        last = index == len(chunks) - 1
+        chunk = chunk.to(env.device, non_blocking=True)
+        if before_forward is not None:
+            before_forward(chunk)
+        size = int(chunk.input_ids.shape[0])
+        with _sync_gradients(model, env, sync=last):
+            with torch.autocast(
+                env.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+            ):
+                losses = model(chunk)
+            (losses["total"] * (size / samples_per_rank_step)).backward()
+        stats.add_losses(losses, size)
+        stats.samples += size
+        seq_lens = chunk.attention_mask.sum(1).tolist()
+        stats.tokens += int(sum(seq_lens))
+        stats.flops += qwen3vl_step_flops(model_config, seq_lens, chunk.video_grid_thw.tolist())
     return stats
 
 
@@ -796,6 +870,7 @@ def _train(
     on_step: Callable[[dict[str, Any]], None] | None,
 ) -> dict[str, Any]:
     from geovr.student.data import (
+        DataError,
         LoaderState,
         StudentSampleBuilder,
         TrainLoader,
@@ -872,7 +947,7 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [schedule, schedule])
 
     start_step = 0
-    counters = {"samples": 0, "tokens": 0, "skipped_steps": 0, "skipped_samples": 0}
+    counters = {"samples": 0, "tokens": 0, "skipped_steps": 0, "skipped_samples": 0, "damaged_samples": 0}
     if resume_from is not None:
         trainer_state, _ = load_training_state(resume_from, student, optimizer, env)
         if trainer_state["store_digest"] != store.fingerprint.digest():
@@ -881,7 +956,7 @@ def _train(
             )
         scheduler.load_state_dict(trainer_state["scheduler"])
         start_step = int(trainer_state["step"])
-        counters = trainer_state["counters"]
+        counters = {"damaged_samples": 0, **trainer_state["counters"]}
     else:
         # Per-rank random streams from here on (dropout and the like); restored exactly on resume.
         seed_everything(cfg.seed + 1 + env.rank)
@@ -916,6 +991,8 @@ def _train(
     peak = peak_flops_per_device(cfg, env.device)
     autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
     loss_names = ["total", "lm", "camera", "depth", "scale", "distill"]
+    epoch_samples = loader.batches_per_epoch * data_cfg.micro_batch * env.world_size
+    damaged_examples: list[str] = []
     last_record: dict[str, Any] = {}
     run_start = time.perf_counter()
     for step in range(start_step + 1, total_steps + 1):
@@ -924,7 +1001,35 @@ def _train(
             model, student.base.config, loader, env, accumulation, per_rank_step, autocast_dtype
         )
         means, totals = _reduce_stats(stats, loss_names, env)
-        grad_norm, finite = clip_and_check(param_list, cfg.grad_clip, means["total"], env)
+        samples, tokens, flops, wait, skipped = (float(v) for v in totals)
+        counters["samples"] += int(samples)
+        counters["tokens"] += int(tokens)
+        counters["skipped_samples"] += int(skipped)
+        counters["damaged_samples"] += stats.damage.count
+        # Every input here is reduced across ranks: every rank stops at the same step, or none does.
+        # Every micro-batch holds micro_batch samples (placeholders included): a step draws global_batch.
+        drawn = step * cfg.global_batch
+        stop = damage_stop_reason(
+            stats.damage, counters["damaged_samples"], drawn, data_cfg, epoch_samples, step
+        )
+        if stop is not None:
+            logger.close()
+            raise DataError(stop)
+        if stats.damage.count:
+            logger.message(
+                f"step {step}: skipped {stats.damage.count} damaged sample(s), {counters['damaged_samples']} "
+                f"so far: {stats.damage.first}"
+            )
+            if len(damaged_examples) < 5:
+                damaged_examples.append(stats.damage.first)
+        idle = stats.damage.idle_ranks > 0
+        if idle:  # no rank ran a forward: nothing to clip, check or apply
+            means, (grad_norm, finite) = dict.fromkeys(means, math.nan), (math.nan, False)
+            logger.message(
+                f"step {step}: {stats.damage.idle_ranks} rank(s) had no usable sample; update skipped"
+            )
+        else:
+            grad_norm, finite = clip_and_check(param_list, cfg.grad_clip, means["total"], env)
         lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
         if finite:
             optimizer.step()
@@ -933,11 +1038,7 @@ def _train(
         if env.device.type == "cuda":
             torch.cuda.synchronize(env.device)
         step_time = time.perf_counter() - step_start
-        samples, tokens, flops, wait, skipped = (float(v) for v in totals)
-        counters["samples"] += int(samples)
-        counters["tokens"] += int(tokens)
         counters["skipped_steps"] += 0 if finite else 1
-        counters["skipped_samples"] += int(skipped)
         record = {
             "step": step,
             "epoch": loader.state().epoch,
@@ -953,8 +1054,9 @@ def _train(
             "data_wait": wait / env.world_size / step_time,
             "step_time_s": step_time,
             "skipped_samples": int(skipped),
+            "damaged_samples": stats.damage.count,
         }
-        if not finite:
+        if not finite and not idle:
             logger.message(f"step {step}: non-finite loss or gradient norm ({grad_norm}); update skipped")
         logger.log(record)
         if on_step is not None:
@@ -980,6 +1082,7 @@ def _train(
         "resumed_from": start_step,
         "last": last_record,
         "counters": counters,
+        "damaged_examples": damaged_examples,
         "data": report.to_json(),
         "wall_s": time.perf_counter() - run_start,
     }

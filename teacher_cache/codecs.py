@@ -179,6 +179,13 @@ class EncodedClip:
                     )
 
 
+def zstd_failure(err: Exception) -> str | None:
+    """zstd's reason when `err` is a failed zstd decompression (a damaged frame, or one whose content
+    checksum does not match), e.g. "Restored data doesn't match checksum"; else None."""
+    _, found, reason = str(err).partition("Zstd decompression error: ")
+    return reason.strip().removeprefix("b").strip("'\"") if found else None
+
+
 def _check_finite(clip_id: str, name: str, array: np.ndarray) -> None:
     if not np.all(np.isfinite(array)):
         raise SchemaError(f"clip {clip_id}: field {name} has non-finite values")

@@ -5,7 +5,10 @@ cameras, JPEG bytes) are read and written as they are; only the lossless zstd la
 converted store decodes to exactly the same float32 labels as its source, and converting back and
 forth never compounds error. Shards keep their ids and failure rows; a shard already committed in
 the destination is skipped, so an interrupted conversion resumes. The conversion holds the
-destination's store lease (`lease`): it is refused while another run writes there.
+destination's store lease (`lease`): it is refused while another run writes there. A source of an
+old store layout (no checksums) is read as it is and written in the current layout: the way to
+upgrade a store without re-running precompute. A damaged source clip stops the conversion with its
+one-line `DamagedClipError`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ def convert_store(src: str | Path, dst: str | Path, format: str) -> dict[str, An
     """
     if Path(src).resolve() == Path(dst).resolve():
         raise ValueError(f"convert: source and destination are the same store ({src})")
-    reader = open_store(src)
+    reader = open_store(src, old_layout_ok=True)
     summary = {"shards_written": 0, "shards_skipped": 0, "clips": 0}
     # The writer holds the destination's store lease until the end: one writer run per store.
     with open_writer(dst, reader.fingerprint, format, codecs=reader.codecs) as writer:

@@ -24,6 +24,38 @@ class SchemaError(ValueError):
     """A clip or a store does not follow this schema; the message names the clip or store and field."""
 
 
+class DamagedClipError(SchemaError):
+    """The stored data of one clip is missing or damaged (a missing chunk, a failed checksum, a broken tar).
+
+    The message is one line naming the store, the shard, the clip, the field and the problem, e.g.
+    `store /data/cache: shard 000003 clip 9f2c1e0a5b7d3c68: field extrinsic: chunk file missing (...)`.
+    """
+
+    def __init__(self, store: str, shard: str, clip_id: str, field: str, problem: str):
+        self.store, self.shard, self.clip_id, self.field = str(store), shard, clip_id, field
+        self.problem = " ".join(str(problem).split())  # one line, whatever the underlying error printed
+        super().__init__(f"store {self.store}: shard {shard} clip {clip_id}: field {field}: {self.problem}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str, str]]:
+        return type(self), (self.store, self.shard, self.clip_id, self.field, self.problem)
+
+
+class DamagedShardError(SchemaError):
+    """A committed shard cannot be opened at all (its data is missing, its metadata is damaged): every
+    clip of it is damaged; `for_clip` gives the error of one of them."""
+
+    def __init__(self, store: str, shard: str, field: str, problem: str):
+        self.store, self.shard, self.field = str(store), shard, field
+        self.problem = " ".join(str(problem).split())
+        super().__init__(f"store {self.store}: shard {shard}: field {field}: {self.problem}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, str, str, str]]:
+        return type(self), (self.store, self.shard, self.field, self.problem)
+
+    def for_clip(self, clip_id: str) -> DamagedClipError:
+        return DamagedClipError(self.store, self.shard, clip_id, self.field, self.problem)
+
+
 @dataclass
 class ClipLabels:
     """Teacher labels of one clip, decoded (float32 arrays), as the student reads them.

@@ -46,6 +46,13 @@ Done marker: {"shard_id", "revision" (0 unless replaced; absent means 0), "forma
 "fingerprint_digest", "codec_version", "num_clips", "num_frames", "num_failures", "clips": [{"clip_id", "video", "status": "ok",
 "num_frames", "location"} | {"clip_id", "video", "status": "failed", "stage", "reason"}],
 "bytes": {field: bytes}, "files": {path relative to STORE: {"bytes", "sha256"}}}.
+
+Integrity on read (layout 2): the readers training uses (`read_clip`, `read_encoded`,
+`iter_shard_encoded`, `iter_shard_checked`) check what they read (Zarr: the zstd checksum or crc32c
+of every chunk, no absent chunk file, the sha256 of the shard's zarr.json; WebDataset: the crc32c or
+zstd checksum of every member of a sample; see the backends) and raise or yield `DamagedClipError`,
+one line naming the store, shard, clip, field and problem. Layout 1 (no checksums) is refused by everything but `cache convert`, which
+copies its payloads into a new layout-2 store bit for bit.
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ from geovr.teacher_cache.lease import LEASE_FILE, StoreLease, acquire_lease, che
 from geovr.teacher_cache.schema import (
     SCHEMA_VERSION,
     ClipLabels,
+    DamagedClipError,
+    DamagedShardError,
     SchemaError,
     StoreFingerprint,
     dict_differences,
@@ -75,7 +84,10 @@ from geovr.teacher_cache.schema import (
 StoreFormat = Literal["zarr", "wds"]
 FORMATS: tuple[str, ...] = ("zarr", "wds")
 LAYOUT = "geovr-teacher-cache"
-LAYOUT_VERSION = 1
+# 2: a checksum in every Zarr chunk and every chunk written, a checksum for every tar member. 1 is
+# read by `cache convert` only.
+LAYOUT_VERSION = 2
+OLD_LAYOUT_VERSIONS = (1,)
 STORE_JSON = "store.json"
 DONE_DIR = "_done"
 TMP_DIR = "_tmp"
@@ -132,9 +144,10 @@ def _write_json_atomic(data: dict[str, Any], tmp_dir: Path, final: Path) -> None
     _fsync(final.parent)
 
 
-def read_store_json(root: Path) -> dict[str, Any]:
+def read_store_json(root: Path, old_layout_ok: bool = False) -> dict[str, Any]:
     """store.json of `root`, parsed, with the fingerprint checked first (`SchemaError` for another
-    schema version, before anything reads a payload)."""
+    schema version, before anything reads a payload). A layout of `OLD_LAYOUT_VERSIONS` is a
+    `SchemaError` saying how to upgrade it, unless `old_layout_ok` (conversion, verify)."""
     path = root / STORE_JSON
     if not path.is_file():
         raise FileNotFoundError(f"{root}: not a teacher-label store (no {STORE_JSON})")
@@ -145,7 +158,18 @@ def read_store_json(root: Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint"), dict):
         raise SchemaError(f"{path}: no fingerprint object")
     meta["fingerprint"] = StoreFingerprint.from_json(meta["fingerprint"], where=str(path))
-    if meta.get("layout") != LAYOUT or meta.get("layout_version") != LAYOUT_VERSION:
+    if (
+        meta.get("layout") == LAYOUT
+        and meta.get("layout_version") in OLD_LAYOUT_VERSIONS
+        and not old_layout_ok
+    ):
+        raise SchemaError(
+            f"{root}: store layout version {meta['layout_version']} has no checksums to read it "
+            f"safely (this code reads version {LAYOUT_VERSION}); re-run precompute into a new store, "
+            f"or upgrade it with `geovr-pipeline cache convert {root} NEW_STORE --format {meta.get('format')}`"
+        )
+    versions = (LAYOUT_VERSION, *OLD_LAYOUT_VERSIONS) if old_layout_ok else (LAYOUT_VERSION,)
+    if meta.get("layout") != LAYOUT or meta.get("layout_version") not in versions:
         raise SchemaError(
             f"{path}: layout {meta.get('layout')!r} version {meta.get('layout_version')!r}, "
             f"this code reads {LAYOUT!r} version {LAYOUT_VERSION}"
@@ -435,25 +459,32 @@ def _create_store(root: Path, fingerprint: StoreFingerprint, store_format: str, 
 ShardReader = zarr_backend.ZarrShardReader | wds_backend.WdsShardReader
 
 
-def open_shard_reader(root: Path, store_format: str, shard_id: str, marker: dict[str, Any]) -> ShardReader:
-    """Reader of one committed shard (`.read(clip_id)`, iteration streams its clips in order)."""
+def open_shard_reader(
+    root: Path, store_format: str, shard_id: str, marker: dict[str, Any], integrity: bool = True
+) -> ShardReader:
+    """Reader of one committed shard (`.read(clip_id)`, `.iter_checked()`; iteration streams its clips
+    in order). `integrity`: the store's layout has checksums (False for layout 1). Raises
+    `DamagedShardError` when the shard's data is missing or its metadata damaged."""
     path = committed_shard_path(root, store_format, shard_id, marker)
     if not path.exists():
-        raise FileNotFoundError(f"{root}: committed shard {shard_id} is missing ({path})")
+        raise DamagedShardError(root, shard_id, "shard", f"committed shard data {path.name} is missing")
     if store_format == "zarr":
-        return zarr_backend.ZarrShardReader(path)
-    return wds_backend.WdsShardReader(path, [r for r in marker["clips"] if r["status"] == "ok"])
+        metadata = marker.get("files", {}).get(f"{path.name}/zarr.json", {}).get("sha256")
+        return zarr_backend.ZarrShardReader(path, str(root), shard_id, metadata, integrity)
+    rows = [r for r in marker["clips"] if r["status"] == "ok"]
+    return wds_backend.WdsShardReader(path, rows, str(root), shard_id, integrity)
 
 
 class StoreReader:
     """Reads committed shards of one store (see `open_store`)."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, old_layout_ok: bool = False):
         self.root = root
-        meta = read_store_json(root)
+        meta = read_store_json(root, old_layout_ok)
         self.fingerprint: StoreFingerprint = meta["fingerprint"]
         self.format: str = meta["format"]
         self.codecs: CodecConfig = meta["codecs"]
+        self.integrity = meta["layout_version"] == LAYOUT_VERSION
         self.markers: dict[str, dict[str, Any]] = {}
         self._clip_shard: dict[str, str] = {}
         for shard_id in committed_shard_ids(root):
@@ -491,13 +522,16 @@ class StoreReader:
             raise KeyError(f"{self.root}: no committed shard {shard_id!r}")
         if shard_id not in self._readers:
             try:
-                reader = open_shard_reader(self.root, self.format, shard_id, self.markers[shard_id])
-            except FileNotFoundError:
+                reader = self._open_shard(shard_id)
+            except DamagedShardError:
                 if not self._marker_moved(shard_id):
                     raise
-                reader = open_shard_reader(self.root, self.format, shard_id, self.markers[shard_id])
+                reader = self._open_shard(shard_id)
             self._readers[shard_id] = reader
         return self._readers[shard_id]
+
+    def _open_shard(self, shard_id: str) -> ShardReader:
+        return open_shard_reader(self.root, self.format, shard_id, self.markers[shard_id], self.integrity)
 
     def _marker_moved(self, shard_id: str) -> bool:
         """Re-read the shard's marker; True (and this reader follows it) when a replacement committed
@@ -513,38 +547,60 @@ class StoreReader:
         return True
 
     def read_encoded(self, clip_id: str) -> EncodedClip:
+        """The clip as stored; `DamagedClipError` when its data is missing or fails a check."""
         if clip_id not in self._clip_shard:
             raise KeyError(f"{self.root}: no clip {clip_id!r} in the committed shards")
         shard_id = self._clip_shard[clip_id]
         try:
-            reader = self.shard_reader(shard_id)
-            if not reader.path.exists():  # one stat: a revision deleted under an open reader
-                raise FileNotFoundError(reader.path)
-            return reader.read(clip_id)
-        except Exception:
+            return self._read_current(shard_id, clip_id)
+        except DamagedClipError:
             if not self._marker_moved(shard_id):
                 raise
-            return self.shard_reader(shard_id).read(clip_id)
+            return self._read_current(shard_id, clip_id)
+
+    def _read_current(self, shard_id: str, clip_id: str) -> EncodedClip:
+        try:
+            reader = self.shard_reader(shard_id)
+        except DamagedShardError as err:
+            raise err.for_clip(clip_id) from None
+        if not reader.path.exists():  # one stat: a revision deleted under an open reader
+            raise DamagedClipError(
+                self.root, shard_id, clip_id, "shard", f"shard data {reader.path.name} is missing"
+            )
+        return reader.read(clip_id)
 
     def read_clip(self, clip_id: str) -> ClipLabels:
         return decode_clip(self.read_encoded(clip_id))
 
-    def iter_shard_encoded(self, shard_id: str) -> Iterator[EncodedClip]:
-        if self.markers[shard_id]["num_clips"] == 0:
-            return
+    def iter_shard_checked(self, shard_id: str) -> Iterator[EncodedClip | DamagedClipError]:
+        """The shard's stored clips in order, each as the clip or the `DamagedClipError` saying why it
+        cannot be read; damage to one clip does not end the iteration (training skips and counts).
+        A revision replaced and deleted mid-stream is followed into the one committed now."""
         seen: set[str] = set()
+        for item in self._iter_current(shard_id):
+            if isinstance(item, DamagedClipError) and self._marker_moved(shard_id):
+                yield from (c for c in self._iter_current(shard_id) if c.clip_id not in seen)
+                return
+            seen.add(item.clip_id)
+            yield item
+
+    def _iter_current(self, shard_id: str) -> Iterator[EncodedClip | DamagedClipError]:
+        rows = [r["clip_id"] for r in self.markers[shard_id]["clips"] if r["status"] == "ok"]
+        if not rows:
+            return
         try:
             reader = self.shard_reader(shard_id)
-            if not reader.path.exists():
-                raise FileNotFoundError(reader.path)
-            for clip in reader:
-                seen.add(clip.clip_id)
-                yield clip
-        except Exception:
-            if not self._marker_moved(shard_id):
-                raise
-            # The revision went away mid-stream: go on in the one committed now.
-            yield from (c for c in self.shard_reader(shard_id) if c.clip_id not in seen)
+        except DamagedShardError as err:
+            yield from (err.for_clip(clip_id) for clip_id in rows)
+            return
+        yield from reader.iter_checked()
+
+    def iter_shard_encoded(self, shard_id: str) -> Iterator[EncodedClip]:
+        """The shard's stored clips in order; raises `DamagedClipError` at the first damaged one."""
+        for item in self.iter_shard_checked(shard_id):
+            if isinstance(item, DamagedClipError):
+                raise item
+            yield item
 
     def iter_shard(self, shard_id: str) -> Iterator[ClipLabels]:
         for encoded in self.iter_shard_encoded(shard_id):
@@ -555,6 +611,7 @@ class StoreReader:
             yield from self.iter_shard(shard_id)
 
 
-def open_store(path: str | Path) -> StoreReader:
-    """Open a store for reading (format from store.json; `SchemaError` for another schema version)."""
-    return StoreReader(Path(path))
+def open_store(path: str | Path, old_layout_ok: bool = False) -> StoreReader:
+    """Open a store for reading (format from store.json; `SchemaError` for another schema version or,
+    unless `old_layout_ok`, an old layout)."""
+    return StoreReader(Path(path), old_layout_ok)

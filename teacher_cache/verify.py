@@ -12,6 +12,7 @@ from geovr.teacher_cache.codecs import CODEC_VERSION, FIELDS, decode_clip
 from geovr.teacher_cache.schema import SCHEMA_VERSION
 from geovr.teacher_cache.store import (
     DONE_DIR,
+    LAYOUT_VERSION,
     TMP_DIR,
     StoreReader,
     committed_shard_ids,
@@ -55,11 +56,17 @@ def verify_store(path: str | Path) -> VerifyReport:
     root = Path(path)
     report = VerifyReport(path=str(root))
     try:
-        meta = read_store_json(root)
+        meta = read_store_json(root, old_layout_ok=True)
     except (OSError, ValueError) as err:
         report.problems.append(("store", str(err)))
         return report
     store_format, digest = meta["format"], meta["fingerprint"].digest()
+    integrity = meta["layout_version"] == LAYOUT_VERSION
+    if not integrity:
+        report.warnings.append(
+            f"store layout version {meta['layout_version']} has no per-chunk checksums: train refuses it; "
+            f"upgrade it with `geovr-pipeline cache convert {root} NEW_STORE --format {store_format}`"
+        )
 
     shard_ids = committed_shard_ids(root)
     good: list[str] = []
@@ -72,7 +79,7 @@ def verify_store(path: str | Path) -> VerifyReport:
         if not problems:
             good.append(shard_id)
 
-    _check_decodes(root, store_format, good, report)
+    _check_decodes(root, store_format, good, report, integrity)
     _find_leftovers(root, store_format, committed_names, report)
     return report
 
@@ -110,7 +117,9 @@ def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str
     return problems, path.name
 
 
-def _check_decodes(root: Path, store_format: str, shard_ids: list[str], report: VerifyReport) -> None:
+def _check_decodes(
+    root: Path, store_format: str, shard_ids: list[str], report: VerifyReport, integrity: bool
+) -> None:
     """Open every checksum-clean shard, stream and decode every clip, compare with its marker."""
     seen: dict[str, str] = {}
     for shard_id in shard_ids:
@@ -120,7 +129,7 @@ def _check_decodes(root: Path, store_format: str, shard_ids: list[str], report: 
             continue
         try:
             decoded = []
-            for encoded in open_shard_reader(root, store_format, shard_id, marker):
+            for encoded in open_shard_reader(root, store_format, shard_id, marker, integrity):
                 clip = decode_clip(encoded)
                 clip.validate()
                 decoded.append((clip.clip_id, clip.num_frames))

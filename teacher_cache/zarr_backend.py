@@ -10,35 +10,48 @@ commit logic is in `store`):
                                       "d196x252_f4x14x18x1024k8"; a corpus of one video size has one)
         <frame array>                 (F, ...) every per-frame array of `codecs.FRAME_ARRAYS`, the F
                                       frames of the subgroup's clips stacked in order; inner chunks
-                                      of `ROWS_PER_CHUNK` frames, zstd
+                                      of `ROWS_PER_CHUNK` frames, zstd with its content checksum
         <clip array>                  (N, ...) every per-clip array of `codecs.CLIP_ARRAYS`
         frame_offsets                 (N + 1,) int64: clip n holds frames [offsets[n], offsets[n+1])
-        jpeg_bytes, jpeg_offsets      (B,) uint8 concatenated JPEG frames (no compression), and
-                                      (F + 1,) int64 byte offsets of each frame
+        jpeg_bytes, jpeg_offsets      (B,) uint8 concatenated JPEG frames (no compression, crc32c),
+                                      and (F + 1,) int64 byte offsets of each frame
 
 Every array uses the sharding codec with a shard covering the whole array, so each array is one
 file (plus its zarr.json) written in a single call: Zarr loses data silently when two writers share
 a shard, and a shard interrupted mid-write has no index; whole-shard writes by one writer avoid both.
 Reading one clip reads the shard index and the inner chunks that overlap the clip only.
+
+Integrity (store layout 2): every inner chunk is checked by zarr as it is read: a zstd chunk by the
+zstd frame's content checksum (XXH64 of the decompressed bytes, verified while decompressing: about
+a third of the cost of a crc32c pass over the compressed bytes, measured), the uncompressed JPEG
+chunks by a trailing crc32c (`Crc32cCodec`), the shard index by its own crc32c. Every chunk is
+written, also an all-zero one (`write_empty_chunks`), so a chunk file that is absent has been lost:
+the reader refuses it instead of reading zarr's fill value. The root zarr.json (clip index and
+every array's metadata) is checked against its sha256 in the done marker when the shard is opened.
+A failed check is a `DamagedClipError` naming the store, shard, clip and array; the read cost is
+measured by `bench/cache_footprint.py`. Layout-1 shards (no checksums, all-fill chunks not written)
+are read with `integrity=False`, only to convert them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.core.sync import sync
 from zarr.storage import LocalStore
 
-from geovr.teacher_cache.codecs import CLIP_ARRAYS, FRAME_ARRAYS, EncodedClip, field_of
-from geovr.teacher_cache.schema import SchemaError
+from geovr.teacher_cache.codecs import CLIP_ARRAYS, FRAME_ARRAYS, EncodedClip, field_of, zstd_failure
+from geovr.teacher_cache.schema import DamagedClipError, DamagedShardError
 
 CLIP_INDEX_ATTR = "geovr_clips"
 JPEG_CHUNK_BYTES = 1 << 20
@@ -57,17 +70,37 @@ def _consolidate(store: LocalStore) -> None:
         zarr.consolidate_metadata(store)
 
 
-def _write_array(group: zarr.Group, name: str, data: np.ndarray, compress: bool, zstd_level: int) -> None:
-    """One array as one Zarr shard, inner chunks of `ROWS_PER_CHUNK` rows along the first axis."""
+def _create_array(
+    group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...], shards: tuple[int, ...],
+    zstd_level: int | None, integrity: bool,
+) -> None:  # fmt: skip
+    """One array as one Zarr shard: zstd when `zstd_level` is given (with its content checksum when
+    `integrity`), else uncompressed (with a crc32c when `integrity`)."""
+    if zstd_level is not None:
+        compressors = [zarr.codecs.ZstdCodec(level=zstd_level, checksum=integrity)]
+    else:
+        compressors = [zarr.codecs.Crc32cCodec()] if integrity else []
+    group.create_array(
+        name, data=data, chunks=chunks, shards=shards, compressors=compressors or None, fill_value=0,
+        config={"write_empty_chunks": integrity},
+    )  # fmt: skip
+
+
+def _write_array(group: zarr.Group, name: str, data: np.ndarray, zstd_level: int, integrity: bool) -> None:
+    """One zstd-compressed array, inner chunks of `ROWS_PER_CHUNK` rows along the first axis."""
     rows = min(ROWS_PER_CHUNK, max(1, data.shape[0]))
     chunks = (rows, *(max(1, d) for d in data.shape[1:]))
     shards = (-(-max(1, data.shape[0]) // rows) * rows, *chunks[1:])
-    compressors = zarr.codecs.ZstdCodec(level=zstd_level) if compress else None
-    group.create_array(name, data=data, chunks=chunks, shards=shards, compressors=compressors, fill_value=0)
+    _create_array(group, name, data, chunks, shards, zstd_level, integrity)
 
 
-def write_shard(path: Path, clips: list[EncodedClip], zstd_level: int) -> dict[str, Any]:
+def write_shard(
+    path: Path, clips: list[EncodedClip], zstd_level: int, integrity: bool = True
+) -> dict[str, Any]:
     """Write `clips` as a new Zarr group at `path` (a temporary directory of the caller).
+
+    `integrity=False` writes the layout-1 form (no checksums, all-fill chunks left out): only the
+    tests of old stores and the benchmark's baseline use it.
 
     Returns {"clips": [{"clip_id", "num_frames", "location": {geometry, clip_index, frame_offset}}],
     "bytes": {field: bytes on disk}} with fields as `codecs.FIELDS` plus "metadata".
@@ -84,10 +117,12 @@ def write_shard(path: Path, clips: list[EncodedClip], zstd_level: int) -> dict[s
         frame_counts = [c.num_frames for c in members]
         frame_offsets = np.concatenate([[0], np.cumsum(frame_counts)]).astype(np.int64)
         for name in _FRAME_ARRAY_NAMES:
-            _write_array(group, name, np.concatenate([c.arrays[name] for c in members]), True, zstd_level)
+            _write_array(
+                group, name, np.concatenate([c.arrays[name] for c in members]), zstd_level, integrity
+            )
         for name in _CLIP_ARRAY_NAMES:
-            _write_array(group, name, np.stack([c.arrays[name] for c in members]), True, zstd_level)
-        _write_array(group, "frame_offsets", frame_offsets, True, zstd_level)
+            _write_array(group, name, np.stack([c.arrays[name] for c in members]), zstd_level, integrity)
+        _write_array(group, "frame_offsets", frame_offsets, zstd_level, integrity)
 
         frames = [f for c in members for f in c.frames_jpeg]
         jpeg_offsets = np.concatenate([[0], np.cumsum([len(f) for f in frames])]).astype(np.int64)
@@ -95,15 +130,8 @@ def write_shard(path: Path, clips: list[EncodedClip], zstd_level: int) -> dict[s
         # Equal chunks of at most JPEG_CHUNK_BYTES: the last one is padded by a few bytes only.
         num_chunks = -(-len(jpeg_bytes) // JPEG_CHUNK_BYTES)
         chunk = -(-len(jpeg_bytes) // num_chunks)
-        group.create_array(
-            "jpeg_bytes",
-            data=jpeg_bytes,
-            chunks=(chunk,),
-            shards=(num_chunks * chunk,),
-            compressors=None,
-            fill_value=0,
-        )
-        _write_array(group, "jpeg_offsets", jpeg_offsets, True, zstd_level)
+        _create_array(group, "jpeg_bytes", jpeg_bytes, (chunk,), (num_chunks * chunk,), None, integrity)
+        _write_array(group, "jpeg_offsets", jpeg_offsets, zstd_level, integrity)
 
         for n, clip in enumerate(members):
             index.append(
@@ -154,37 +182,96 @@ def _bytes_by_field(path: Path) -> dict[str, int]:
     return totals
 
 
+class _ChunkStore(LocalStore):
+    """A LocalStore on which an absent chunk file is an error. Zarr reads a missing chunk as the fill
+    value; in a layout-2 shard every chunk is written, so an absent one has been lost."""
+
+    async def get(
+        self, key: str, prototype: BufferPrototype | None = None, byte_range: Any = None
+    ) -> Buffer | None:
+        buffer = await super().get(key, prototype, byte_range)
+        if buffer is None and "/c/" in key:  # chunk keys are <group>/<array>/c/<i>/...
+            raise FileNotFoundError(f"chunk file {key} is missing")
+        return buffer
+
+
+def _problem(err: Exception) -> str:
+    """What a failed array read means, in words (zarr's own messages name no array)."""
+    if isinstance(err, FileNotFoundError):
+        return str(err)
+    message = " ".join(str(err).split())
+    if isinstance(err, ValueError) and "checksum" in message:  # zarr's Crc32cCodec
+        return "a chunk fails its crc32c checksum"
+    if (reason := zstd_failure(err)) is not None:
+        return f"a chunk fails its zstd check ({reason})"
+    return f"cannot be read ({type(err).__name__}: {message})"
+
+
 async def _read_clip_arrays(
-    group: dict[str, zarr.Array], start: int, stop: int, clip_index: int
+    group: dict[str, zarr.Array],
+    start: int,
+    stop: int,
+    clip_index: int,
+    damaged: Callable[[str, str], Exception],
 ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Frames [start, stop) of the per-frame arrays, row `clip_index` of the per-clip arrays, the
-    JPEG offsets, then the JPEG bytes they delimit."""
-    reads = [group[name].async_array.getitem(slice(start, stop)) for name in _FRAME_ARRAY_NAMES]
-    reads += [group[name].async_array.getitem(clip_index) for name in _CLIP_ARRAY_NAMES]
-    reads.append(group["jpeg_offsets"].async_array.getitem(slice(start, stop + 1)))
-    *values, offsets = await asyncio.gather(*reads)
-    data = await group["jpeg_bytes"].async_array.getitem(slice(int(offsets[0]), int(offsets[-1])))
-    arrays = dict(zip(_FRAME_ARRAY_NAMES + _CLIP_ARRAY_NAMES, (np.asarray(v) for v in values), strict=True))
-    return arrays, offsets, data
+    JPEG offsets, then the JPEG bytes they delimit. A failed read raises `damaged(field, problem)`
+    for the first failing array in `_FRAME_ARRAY_NAMES + _CLIP_ARRAY_NAMES` order."""
+
+    async def gather(reads: list[tuple[str, Any]]) -> list[np.ndarray]:
+        values = await asyncio.gather(
+            *(group[n].async_array.getitem(s) for n, s in reads), return_exceptions=True
+        )
+        for (name, _), value in zip(reads, values, strict=True):
+            if isinstance(value, Exception):
+                raise damaged("frames_jpeg" if name.startswith("jpeg_") else name, _problem(value))
+        return [np.asarray(v) for v in values]
+
+    reads = [(name, slice(start, stop)) for name in _FRAME_ARRAY_NAMES]
+    reads += [(name, clip_index) for name in _CLIP_ARRAY_NAMES]
+    *values, offsets = await gather([*reads, ("jpeg_offsets", slice(start, stop + 1))])
+    (data,) = await gather([("jpeg_bytes", slice(int(offsets[0]), int(offsets[-1])))])
+    return dict(zip(_FRAME_ARRAY_NAMES + _CLIP_ARRAY_NAMES, values, strict=True)), offsets, data
 
 
 class ZarrShardReader:
-    """Reads clips of one committed shard by index row or in order."""
+    """Reads clips of one committed shard by index row or in order.
 
-    def __init__(self, path: Path):
+    Args:
+        path: the shard's directory.
+        store, shard_id: named in `DamagedClipError` / `DamagedShardError`.
+        metadata_sha256: sha256 of the root zarr.json from the done marker (checked on open), or None.
+        integrity: layout 2 (an absent chunk file is an error); False only to read layout-1 shards.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        store: str,
+        shard_id: str,
+        metadata_sha256: str | None = None,
+        integrity: bool = True,
+    ):
         self.path = path
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            self.root = zarr.open_group(
-                store=LocalStore(path, read_only=True), mode="r", zarr_format=3, use_consolidated=True
-            )
+        self.store, self.shard_id = store, shard_id
         try:
-            rows = self.root.attrs[CLIP_INDEX_ATTR]
-        except KeyError:
-            raise SchemaError(
-                f"{path}: Zarr shard without the clip index attribute {CLIP_INDEX_ATTR!r}"
+            metadata = (path / "zarr.json").read_bytes()
+        except OSError as err:
+            raise DamagedShardError(
+                store, shard_id, "metadata", f"zarr.json cannot be read ({err})"
             ) from None
-        self.rows: dict[str, dict[str, Any]] = {row["clip_id"]: row for row in rows}
+        if metadata_sha256 is not None and hashlib.sha256(metadata).hexdigest() != metadata_sha256:
+            raise DamagedShardError(store, shard_id, "metadata", "zarr.json fails its sha256 checksum")
+        local = (_ChunkStore if integrity else LocalStore)(path, read_only=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                self.root = zarr.open_group(store=local, mode="r", zarr_format=3, use_consolidated=True)
+            rows = self.root.attrs[CLIP_INDEX_ATTR]
+            self.rows: dict[str, dict[str, Any]] = {row["clip_id"]: row for row in rows}
+        except Exception as err:  # a zarr.json that is not what this writer wrote
+            problem = f"zarr.json does not hold a readable clip index ({type(err).__name__}: {err})"
+            raise DamagedShardError(store, shard_id, "metadata", problem) from None
         self._arrays: dict[str, dict[str, zarr.Array]] = {}
 
     def _geometry_arrays(self, geometry: str) -> dict[str, zarr.Array]:
@@ -198,12 +285,17 @@ class ZarrShardReader:
         return list(self.rows)
 
     def read(self, clip_id: str) -> EncodedClip:
+        """The clip's encoded arrays; `DamagedClipError` when a chunk is absent or fails its checksum."""
         row = self.rows[clip_id]
+
+        def damaged(field: str, problem: str) -> DamagedClipError:
+            return DamagedClipError(self.store, self.shard_id, clip_id, field, problem)
+
         group = self._geometry_arrays(row["geometry"])
         start, stop = row["frame_offset"], row["frame_offset"] + row["num_frames"]
         # One round trip into zarr's event loop for all arrays of the clip instead of one per array:
         # about a quarter less time per clip read (bench/cache_footprint.py).
-        arrays, offsets, data = sync(_read_clip_arrays(group, start, stop, row["clip_index"]))
+        arrays, offsets, data = sync(_read_clip_arrays(group, start, stop, row["clip_index"], damaged))
         data = data.tobytes()
         base = int(offsets[0])
         frames = [data[int(a) - base : int(b) - base] for a, b in itertools.pairwise(offsets)]
@@ -211,6 +303,16 @@ class ZarrShardReader:
             clip_id=clip_id, video=row["video"], meta=row["meta"], frames_jpeg=frames, arrays=arrays
         )
 
-    def __iter__(self) -> Iterator[EncodedClip]:
+    def iter_checked(self) -> Iterator[EncodedClip | DamagedClipError]:
+        """Every clip in order, or the error that says why it cannot be read (the rest still follow)."""
         for clip_id in self.rows:
-            yield self.read(clip_id)
+            try:
+                yield self.read(clip_id)
+            except DamagedClipError as err:
+                yield err
+
+    def __iter__(self) -> Iterator[EncodedClip]:
+        for item in self.iter_checked():
+            if isinstance(item, DamagedClipError):
+                raise item
+            yield item
