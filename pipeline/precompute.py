@@ -177,8 +177,8 @@ def decode_clip(
     here, on a CPU worker, with the labeler's own rule and resampling (`teacher_size`, PIL bicubic
     from uint8). The labeler then finds them at its size and PIL leaves same-size images untouched,
     so the labels are bit-identical, the GPU actor skips the resize, and the object store carries
-    teacher-size frames instead of source-size ones (10x less for 1080p). Not used with a metric
-    teacher, which reads the source frames.
+    teacher-size frames instead of source-size ones (10x less for 1080p). Not used with the Depth
+    Anything V2 metric teacher, which reads the source frames (DA3-Metric reads the teacher's).
 
     Returns (status, frames, info):
         status: {"ok": True, "frames": S decoded, "keep": frames to keep, "decode_s"} or a failure
@@ -394,6 +394,7 @@ def encode_labels(
         "ok": True,
         "frames": int(encoded.num_frames),
         "split": bool(labels.get("split")),
+        "scale_valid": bool(labels["scale_valid"]),
         "encode_s": time.perf_counter() - started,
     }
     return status, encoded
@@ -669,9 +670,11 @@ class Precompute:
         decoding = 0
         waiting = 0  # decoded clips whose frames wait for a teacher
         space_aware = self.sampling.method == "space_aware"
+        # Depth Anything V2 reads the source frames; VGGT and DA3-Metric read the teacher-size ones.
         teacher_resize = (
             None
             if self.teacher.get("metric_checkpoint")
+            and self.teacher.get("metric_teacher") == "depth-anything-v2"
             else (int(self.teacher["image_long_side"]), int(self.teacher["size_multiple"]))
         )
 
@@ -859,6 +862,7 @@ class Precompute:
         self.counts.clips_ok += 1
         self.counts.frames += status["frames"]
         self.counts.clips_split += int(status["split"])
+        self.counts.clips_without_scale += int(not status["scale_valid"])
 
     def _on_written(self, ref: Any, shard: _Shard) -> None:
         try:
@@ -906,6 +910,7 @@ class Precompute:
                 "clips_ok": self.counts.clips_ok,
                 "clips_failed": self.counts.clips_failed,
                 "clips_split": self.counts.clips_split,
+                "clips_without_scale": self.counts.clips_without_scale,
                 "frames": self.counts.frames,
                 "failures_by_stage": self.counts.failures_by_stage,
                 "store_clips": stored,
