@@ -257,8 +257,8 @@ class DepthAnything3Metric(nn.Module):
         """Depth with DA3's sky handling, and sky, for clips of frames in [0, 1].
 
         Args:
-            images: (B, S, 3, H, W) in [0, 1] (any float dtype or uint8 / 255 already applied), on
-                the model's device; B clips of S frames.
+            images: (B, S, 3, H, W) float in [0, 1] on the model's device: B clips of S frames
+                (GeoVR: the frames VGGT sees).
             frames_per_call: at most this many frames per forward pass (memory bound; the frames
                 are independent, so the split does not change the outputs).
             autocast_dtype: autocast dtype of the backbone (bf16 on the GPU), or None for float32.

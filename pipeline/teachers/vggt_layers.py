@@ -1,5 +1,6 @@
 """Transformer building blocks of VGGT: attention with qk-norm and 2D RoPE, LayerScale blocks, and the
-DINOv2-with-registers patch embedding.
+DINOv2-with-registers patch embedding. The DINOv2 parts (`Block` without qk-norm and RoPE,
+`ConvPatchEmbed`, `resize_position_embedding`) are also DA3-Metric's backbone (`da3_metric`).
 
 Parameter names follow the official VGGT checkpoint (`qkv`, `q_norm`, `proj`, `ls1.gamma`, `mlp.fc1`,
 `cls_token`, `pos_embed`, `register_tokens`, `patch_embed.proj`, ...), so its state_dict loads as is.
