@@ -35,6 +35,10 @@ Depth: a random DPT head outputs an almost constant depth (log-depth varies by 0
 nothing for a student to learn or for a constant predictor to lose to), so its log-depth row is
 scaled by `DEPTH_GAIN` (as a trained model's, depth then varies by tens of percent over an image)
 and its bias set so that a grey probe image has mean depth 1 (VGGT's normalised scene scale).
+The tiny metric teacher (`da3_metric.write_tiny_da3_metric`) is treated alike, on rendered rooms:
+its depth varies over an image, its mean is a room's size in metres at the tiny teacher's focal
+length, and about a tenth of the pixels are sky, so that every clip gets a valid scale (about 2.5
+metres per VGGT unit) from GeoVR's chain.
 """
 
 from __future__ import annotations
