@@ -5,7 +5,7 @@ split into training scenes and held-out scenes. Stages, each timed, and what the
 
     1 corpus      corpus/                  procedural scenes: H.264 videos + exact 3D ground truth
     2 models      models/vggt-tiny/        random VGGT (tiny-a sizes, fixed seed), the teacher
-                  models/depth-anything-tiny/   random Depth Anything V2 Metric (the metric scale)
+                  models/da3-metric-tiny/  random DA3-Metric (GeoVR's scale teacher: the metric scale)
                   models/qwen3vl-tiny/     random Qwen3-VL, the student's base
     3 questions   vsibench/                VSI-Bench-style questions of the held-out scenes (+ videos)
                   qa/train.jsonl           questions of the training scenes as LLaVA conversations
@@ -35,6 +35,10 @@ Depth: a random DPT head outputs an almost constant depth (log-depth varies by 0
 nothing for a student to learn or for a constant predictor to lose to), so its log-depth row is
 scaled by `DEPTH_GAIN` (as a trained model's, depth then varies by tens of percent over an image)
 and its bias set so that a grey probe image has mean depth 1 (VGGT's normalised scene scale).
+The tiny metric teacher (`da3_metric.write_tiny_da3_metric`) is treated alike, on rendered rooms:
+its depth varies over an image, its mean is a room's size in metres at the tiny teacher's focal
+length, and about a tenth of the pixels are sky, so that every clip gets a valid scale (about 2.5
+metres per VGGT unit) from GeoVR's chain.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ from geovr.eval.vsibench import VSIBenchConfig, build_prompt, run_vsibench
 from geovr.pipeline.index import build_manifest
 from geovr.pipeline.precompute import PrecomputeConfig, run_precompute
 from geovr.pipeline.synth import SynthConfig, write_corpus
+from geovr.pipeline.teachers.da3_metric import write_tiny_da3_metric
 from geovr.pipeline.teachers.labeler import TeacherConfig
-from geovr.pipeline.teachers.metric_depth import write_tiny_depth_anything
 from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
 from geovr.pipeline.video import SamplingConfig
 from geovr.student.batch import camera_target, collate_samples, make_sample
@@ -99,7 +103,7 @@ class DemoConfig:
         train_scenes, heldout_scenes: synthetic scenes for training and for evaluation only.
         frames, width, height, fps: the scene videos (the tiny preset keeps 8 frames at 2 fps).
         seed: corpus, models, questions and training.
-        metric_depth: write a tiny Depth Anything model so that the teacher labels a metric scale
+        metric_depth: write a tiny DA3-Metric model so that the teacher labels a metric scale
             (without it the scale loss has no target).
         questions_per_type: at most this many questions per question type and scene.
         clips_per_shard: clips per store shard.
@@ -570,7 +574,7 @@ class DemoRun:
         seed = self.cfg.seed
         self.teacher_dir = write_tiny_vggt(self.models / "vggt-tiny", seed)
         self.metric_dir = (
-            write_tiny_depth_anything(self.models / "depth-anything-tiny", seed=seed)
+            write_tiny_da3_metric(self.models / "da3-metric-tiny", seed=seed)
             if self.cfg.metric_depth
             else None
         )
@@ -838,7 +842,7 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "**The models in this demo are tiny and random-initialised** (fixed seed): the teacher is a VGGT with",
         "the tiny-a sizes (width 64, 4 stages) and random weights (two output rows rescaled so that its fields",
         "of view stay positive and its depth varies over the image: `pipeline/demo.py` says why),"
-        + (" the metric-depth model a tiny random Depth Anything V2," if cfg["metric_depth"] else "")
+        + (" the metric-depth model a tiny random DA3-Metric," if cfg["metric_depth"] else "")
         + " the student",
         "a 4-layer Qwen3-VL of width 64 with random weights. Their labels and answers",
         "carry no knowledge of the world. What the demo shows is the pipeline itself: every stage running on",
@@ -1025,14 +1029,14 @@ def real_model_commands(out: Path, cfg: dict[str, Any], clip: str) -> list[str]:
         "",
         "The demo ran these stages through their Python APIs on tiny models. The same commands take the real",
         "checkpoints as local directories (nothing is downloaded): VGGT-1B (`model.pt` or `model.safetensors`",
-        "of facebook/VGGT-1B), Depth Anything V2 Metric (a Hugging Face directory) and Qwen3-VL-2B-Instruct.",
+        "of facebook/VGGT-1B), DA3METRIC-LARGE (the Hugging Face directory) and Qwen3-VL-2B-Instruct.",
         "Precompute runs on a Ray cluster with one teacher actor per GPU (see `workflows/` for Slurm, KubeRay",
         "and Ray Jobs); training runs under `torchrun`.",
         "",
         "```bash",
         "geovr-pipeline index vsi590k.jsonl --corpus-root /data/videos --out manifest.parquet --preset vggt-1b",
         "geovr-pipeline precompute --manifest manifest.parquet --out /data/store --preset vggt-1b \\",
-        "    --teacher /models/VGGT-1B --metric-teacher /models/Depth-Anything-V2-Metric-Indoor-Large-hf \\",
+        "    --teacher /models/VGGT-1B --metric-teacher /models/DA3METRIC-LARGE \\",
         "    --ray-address auto",
         "geovr-pipeline cache verify /data/store",
         "torchrun --nproc-per-node 8 --no-python geovr-pipeline train --preset qwen3vl-2b-geovr \\",
@@ -1052,7 +1056,7 @@ def real_model_commands(out: Path, cfg: dict[str, Any], clip: str) -> list[str]:
         "geovr-pipeline index qa/train.jsonl qa/heldout.jsonl --corpus-root corpus --out manifest.parquet --preset tiny \\",
         f"    --clips-per-shard {cfg['clips_per_shard']}",
         "geovr-pipeline precompute --manifest manifest.parquet --out store --preset tiny --teacher models/vggt-tiny \\",
-        "    --metric-teacher models/depth-anything-tiny --ray-address local --device cpu",
+        "    --metric-teacher models/da3-metric-tiny --ray-address local --device cpu",
         "geovr-pipeline train --preset tiny --store store --qa qa/train.jsonl --model models/qwen3vl-tiny --out run \\",
         f"    --set train.steps={cfg['steps']} --set train.lr_llm={cfg['lr_llm']:g} --set train.lr_heads={cfg['lr_heads']:g} \\",
         f"    --set train.seed={cfg['seed']} --set train.checkpoint_every={cfg['steps']}",

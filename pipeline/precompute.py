@@ -212,8 +212,9 @@ def decode_clip(
     labeler's own rule and resampling (`teacher_size`, PIL bicubic from uint8). The labeler then finds
     them at its size and PIL leaves same-size images untouched, so the labels are bit-identical, the
     GPU actor skips the resize, and the object store carries teacher-size frames instead of
-    source-size ones (10x less for 1080p). Not used with a metric teacher, which reads the source
-    frames: then the task also holds the S source-size frames.
+    source-size ones (10x less for 1080p). Not used with the Depth Anything V2 metric teacher, which
+    reads the source frames (DA3-Metric reads the teacher's): then the task also holds the S
+    source-size frames.
 
     Returns (status, frames, info):
         status: {"ok": True, "frames": S decoded, "keep": frames to keep, "decode_s"} or a failure
@@ -466,6 +467,7 @@ def encode_labels(
         "ok": True,
         "frames": int(encoded.num_frames),
         "split": bool(labels.get("split")),
+        "scale_valid": bool(labels["scale_valid"]),
         "encode_s": time.perf_counter() - started,
     }
     return status, encoded
@@ -766,9 +768,11 @@ class Precompute:
         decoding = 0
         waiting = 0  # decoded clips whose frames wait for a teacher
         space_aware = self.sampling.method == "space_aware"
+        # Depth Anything V2 reads the source frames; VGGT and DA3-Metric read the teacher-size ones.
         teacher_resize = (
             None
             if self.teacher.get("metric_checkpoint")
+            and self.teacher.get("metric_teacher") == "depth-anything-v2"
             else (int(self.teacher["image_long_side"]), int(self.teacher["size_multiple"]))
         )
 
@@ -988,6 +992,7 @@ class Precompute:
         self.counts.clips_ok += 1
         self.counts.frames += status["frames"]
         self.counts.clips_split += int(status["split"])
+        self.counts.clips_without_scale += int(not status["scale_valid"])
 
     def _on_written(self, ref: Any, shard: _Shard) -> None:
         try:
@@ -1036,6 +1041,7 @@ class Precompute:
                 "clips_ok": self.counts.clips_ok,
                 "clips_failed": self.counts.clips_failed,
                 "clips_split": self.counts.clips_split,
+                "clips_without_scale": self.counts.clips_without_scale,
                 "frames": self.counts.frames,
                 "failures_by_stage": self.counts.failures_by_stage,
                 "store_clips": stored,

@@ -28,6 +28,7 @@ class RunCounts:
     clips_failed: int = 0
     frames: int = 0  # frames labelled (kept frames of stored clips)
     clips_split: int = 0
+    clips_without_scale: int = 0  # stored with scale_valid False (no metric teacher, or too few pixels)
     failures_by_stage: dict[str, int] = field(default_factory=dict)
 
 
@@ -100,6 +101,7 @@ def summary_table(counts: RunCounts, timings: dict[str, float], failure_ratio: f
         ("clips failed", f"{counts.clips_failed}"),
         *((f"  failed at {stage}", f"{n}") for stage, n in sorted(counts.failures_by_stage.items())),
         ("clips split for the teacher", f"{counts.clips_split}"),
+        ("clips without a metric scale", f"{counts.clips_without_scale}"),
         ("frames labelled", f"{counts.frames}"),
         ("store failure ratio", f"{failure_ratio:.3f}"),
         ("clips/s", f"{done / wall:.2f}"),

@@ -1,4 +1,5 @@
-"""Metric scale: the per-clip fit on synthetic scenes with known scale, and the Depth Anything path."""
+"""Metric scale: the per-clip fit on synthetic scenes with known scale (both fits), and the Depth
+Anything V2 option (DA3-Metric, the default, is tested in `test_da3_metric.py`)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import pytest
 import torch
 
 from geovr.pipeline.synth import SynthConfig, generate_scene, render_scene
-from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler, clip_metric_scale, downsample_depth
+from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler, downsample_depth, preprocess_clip
 from geovr.pipeline.teachers.metric_depth import MetricDepthModel, write_tiny_depth_anything
+from geovr.pipeline.teachers.metric_scale import clip_metric_scale
+from geovr.pipeline.teachers.vggt import VGGT
+from geovr.teacher_cache.config import ConfigError
 from geovr.teacher_cache.geometry import fit_scale, normalize_clip
 from tests.conftest import REFERENCE
 
@@ -27,8 +31,9 @@ def synthetic_clip(index: int, frames: int = 4, width: int = 112, height: int = 
     return rgb, depth, torch.from_numpy(scene.extrinsic), torch.from_numpy(scene.intrinsic)
 
 
+@pytest.mark.parametrize("fit", ["least_squares", "robust"])
 @pytest.mark.parametrize("index", [0, 1, 2])
-def test_fitted_scale_equals_the_normalisation_factor(index):
+def test_fitted_scale_equals_the_normalisation_factor(index, fit):
     """Ground-truth depth as the metric model, the normalised clip as VGGT: the scale is the factor."""
     _, depth_m, extrinsic, intrinsic = synthetic_clip(index)
     _, depth_normalised, factor = normalize_clip(extrinsic, depth_m, intrinsic)
@@ -45,9 +50,9 @@ def test_fitted_scale_equals_the_normalisation_factor(index):
     # so even a robust fit over all pixels follows them; the confidence and sky masks must drop them.
     unreliable = conf < conf[~sky].median()
     metric[unreliable] *= 1.3
-    scale, valid = clip_metric_scale(depth_normalised, conf, metric, sky, min_pixels=100)
-    assert valid
-    assert scale == pytest.approx(float(factor), rel=1e-6)
+    result = clip_metric_scale(depth_normalised, conf, metric, ~sky, fit, min_pixels=100)
+    assert result.valid
+    assert result.scale == pytest.approx(float(factor), rel=1e-6)
     # The masks matter: the same fit over every pixel is pulled off the true factor.
     naive, _ = fit_scale(depth_normalised, metric)
     assert abs(float(naive) / float(factor) - 1.0) > 0.1
@@ -62,24 +67,27 @@ def test_fitted_scale_after_downsampling_to_the_label_resolution():
     metric_half, _ = downsample_depth(
         depth_m, conf
     )  # the same weights: metric = factor * depth holds blockwise
-    scale, valid = clip_metric_scale(depth_half, conf_half, metric_half, None)
-    assert valid
-    assert scale == pytest.approx(float(factor), rel=1e-5)  # float32 pooling
+    result = clip_metric_scale(
+        depth_half, conf_half, metric_half, torch.ones_like(depth_half, dtype=torch.bool)
+    )
+    assert result.valid
+    assert result.scale == pytest.approx(float(factor), rel=1e-5)  # float32 pooling
 
 
-def test_too_few_pixels_or_all_sky_gives_an_invalid_scale():
+@pytest.mark.parametrize("fit", ["least_squares", "robust"])
+def test_too_few_pixels_or_all_sky_gives_an_invalid_scale(fit):
     depth = torch.rand(2, 8, 8) + 0.5
     conf = torch.ones_like(depth)
-    scale, valid = clip_metric_scale(depth, conf, 2.0 * depth, torch.ones_like(depth, dtype=torch.bool))
-    assert not valid and math.isnan(scale)
-    sky = torch.ones_like(depth, dtype=torch.bool)
-    sky[0, 0, :10] = False  # 8 usable pixels < 16
-    scale, valid = clip_metric_scale(depth, conf, 2.0 * depth, sky)
-    assert not valid and math.isnan(scale)
-    scale, valid = clip_metric_scale(depth, conf, 2.0 * depth, None, min_pixels=16)
-    assert valid and scale == pytest.approx(2.0, rel=1e-6)
+    result = clip_metric_scale(depth, conf, 2.0 * depth, torch.zeros_like(depth, dtype=torch.bool), fit)
+    assert not result.valid and math.isnan(result.scale)
+    non_sky = torch.zeros_like(depth, dtype=torch.bool)
+    non_sky[0, 0, :10] = True  # 8 usable pixels < 16
+    result = clip_metric_scale(depth, conf, 2.0 * depth, non_sky, fit)
+    assert not result.valid and math.isnan(result.scale)
+    result = clip_metric_scale(depth, conf, 2.0 * depth, torch.ones_like(non_sky), fit, min_pixels=16)
+    assert result.valid and result.scale == pytest.approx(2.0, rel=1e-6)
     with pytest.raises(ValueError, match="same shape"):
-        clip_metric_scale(depth, conf[:1], depth, None)
+        clip_metric_scale(depth, conf[:1], depth, non_sky)
 
 
 @pytest.fixture(scope="module")
@@ -108,34 +116,49 @@ def test_depth_anything_relative_checkpoint_is_refused(tiny_depth_anything, tmp_
         MetricDepthModel(tmp_path / "missing")
 
 
-def test_labeler_metric_path_with_tiny_depth_anything(tiny_depth_anything):
+def test_labeler_depth_anything_v2_option(tiny_depth_anything):
+    """`metric_teacher: depth-anything-v2`: V2 on the source frames, resized to the teacher image,
+    sky where it saturates, then GeoVR's mask and fit over VGGT's full-resolution depth."""
     cfg = TeacherConfig(
         checkpoint=TINY_VGGT,
         image_long_side=112,
         feature_layers=(3,),
         dtype="float32",
         metric_checkpoint=tiny_depth_anything,
+        metric_teacher="depth-anything-v2",
         metric_min_pixels=100,
     )
     labeler = TeacherLabeler(cfg, "cpu")
     clips = [synthetic_clip(i)[0] for i in range(2)]
     labels = labeler.label(clips)
 
-    # The same fit, recomputed from the labels and an independent run of the metric model.
+    # The same fit, recomputed from an independent run of VGGT and of the metric model.
+    vggt = VGGT.from_pretrained(TINY_VGGT)
     metric = MetricDepthModel(tiny_depth_anything, "cpu")
     for clip, label in zip(clips, labels, strict=True):
         assert label.scale_valid
-        predicted = metric.predict(clip, label.depth.shape[-2:], autocast_dtype=None)
-        expected, valid = clip_metric_scale(
-            torch.from_numpy(label.depth),
-            torch.from_numpy(label.depth_conf),
+        with torch.inference_mode():
+            out = vggt(preprocess_clip(clip, label.teacher_hw)[None])
+        predicted = metric.predict(clip, label.teacher_hw, autocast_dtype=None)
+        expected = clip_metric_scale(
+            out["depth"][0, ..., 0],
+            out["depth_conf"][0],
             predicted,
-            metric.sky_mask(predicted),
-            100,
+            ~metric.sky_mask(predicted),
+            min_pixels=100,
         )
-        assert valid and label.scale == pytest.approx(expected, rel=1e-5)
+        assert expected.valid and label.scale == pytest.approx(expected.scale, rel=1e-5)
 
     parts = labeler.fingerprint_parts()
     name, _, digest = parts["metric_teacher"].partition("@sha256:")
     assert name == "tiny-da-metric" and len(digest) == 64
-    assert parts["preprocess"]["metric_scale"]["min_pixels"] == 100
+    rule = parts["preprocess"]["metric_scale"]
+    assert rule["teacher"] == "depth-anything-v2" and rule["fit"] == "least_squares"
+    assert rule["min_pixels"] == 100 and "max_depth" in rule["sky"]
+
+
+def test_a_depth_anything_v2_directory_is_refused_as_da3(tiny_depth_anything):
+    """The default teacher kind is DA3-Metric; a V2 directory under it is refused with the fix."""
+    cfg = TeacherConfig(checkpoint=TINY_VGGT, feature_layers=(3,), metric_checkpoint=tiny_depth_anything)
+    with pytest.raises(ConfigError, match="metric_teacher=depth-anything-v2"):
+        TeacherLabeler(cfg, "cpu")

@@ -199,6 +199,7 @@ def test_whole_path_through_the_cli(cluster: str, work: Path) -> None:
 
     run = json.loads((store / "run.json").read_text())
     assert run["counts"]["clips_ok"] == 6 and run["counts"]["frames"] == 30 and run["exit_code"] == 0
+    assert run["counts"]["clips_without_scale"] == 6  # no metric teacher: stored, counted, no scale
     assert run["config"]["precompute"]["clips_per_batch"] == 2 and run["timings"]["wall_s"] > 0
     assert (store / "failures.jsonl").read_text() == ""
 

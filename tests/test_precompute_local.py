@@ -1,4 +1,5 @@
-"""Precompute with `--ray-address local`: the driver starts (and stops) its own in-process cluster on 127.0.0.1."""
+"""Precompute with `--ray-address local`: the driver starts (and stops) its own in-process cluster on 127.0.0.1,
+with the default metric teacher (a tiny DA3-Metric) labelling each clip's scale."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from geovr.pipeline.driver_watchdog import POLL_S, descendants, process_table
 from geovr.pipeline.index import build_manifest
 from geovr.pipeline.synth import SynthConfig, write_corpus
+from geovr.pipeline.teachers.da3_metric import write_tiny_da3_metric
 from geovr.teacher_cache.store import open_store
 from geovr.teacher_cache.verify import verify_store
 from tests.test_precompute import TINY, fov_fixed_teacher, output, precompute_command, ray_env
@@ -26,14 +28,22 @@ def test_local_cluster_whole_path(tmp_path: Path) -> None:
     build_manifest([tmp_path / "corpus" / "videos"], manifest, TINY, clips_per_shard=1, workers=1)
     teacher = fov_fixed_teacher(tmp_path / "teacher")
     store = tmp_path / "store"
-    command = precompute_command("local", manifest, store, teacher, "--clips-per-batch", "2")
+    metric = write_tiny_da3_metric(tmp_path / "da3-metric-tiny", seed=0)
+    command = precompute_command(
+        "local", manifest, store, teacher, "--clips-per-batch", "2", "--metric-teacher", str(metric)
+    )
     result = subprocess.run(command, env=ray_env(False), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, output(result)
     report = verify_store(store)
     assert report.ok and (report.shards_checked, report.clips_checked, report.frames_checked) == (2, 2, 10)
-    assert len(open_store(store).clip_ids()) == 2
+    reader = open_store(store)
+    assert len(reader.clip_ids()) == 2
+    assert all(reader.read_clip(c).scale_valid and reader.read_clip(c).scale > 0 for c in reader.clip_ids())
+    assert reader.fingerprint.preprocess["metric_scale"]["teacher"] == "da3-metric"
+    assert reader.fingerprint.metric_teacher.startswith("da3-metric-tiny@sha256:")
     run = json.loads((store / "run.json").read_text())
     assert run["counts"]["clips_ok"] == 2 and run["config"]["resolved"]["num_actors"] == 1
+    assert run["counts"]["clips_without_scale"] == 0
 
 
 # The local cluster's processes are gone this long after a SIGKILLed driver at most (the watchdog

@@ -21,7 +21,7 @@ def demo(
     metric_depth: bool | None = typer.Option(
         None,
         "--metric-depth/--no-metric-depth",
-        help="label a metric scale with a tiny Depth Anything [preset: on]",
+        help="label a metric scale with a tiny DA3-Metric [preset: on]",
     ),
     preset: str = typer.Option("tiny", help="preset whose sections configure every stage (and `demo`)"),
     overrides: list[str] | None = typer.Option(

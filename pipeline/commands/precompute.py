@@ -72,7 +72,9 @@ def precompute(
     manifest: Path = typer.Option(..., help="clip manifest from `geovr-pipeline index`"),
     out: Path = typer.Option(..., "--out", help="the label store (created, or resumed)"),
     teacher: Path | None = typer.Option(None, help="VGGT checkpoint (dir, .safetensors or model.pt)"),
-    metric_teacher: Path | None = typer.Option(None, help="Depth Anything V2 Metric dir (metric scale)"),
+    metric_teacher: Path | None = typer.Option(
+        None, help="metric-depth dir for the scale: DA3METRIC-LARGE (teacher.metric_teacher names the kind)"
+    ),
     format: str | None = typer.Option(None, "--format", help="store format: zarr or wds [preset: zarr]"),
     ray_address: str | None = typer.Option(
         None, help="Ray cluster address, or 'local' for an in-process one"

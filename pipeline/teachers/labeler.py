@@ -24,13 +24,18 @@ Labels per clip (S frames, teacher image Ht x Wt, patch grid gh x gw = Ht/14 x W
 - `features` (S, L, gh/2, gw/2, C): for each distilled aggregator layer, the frame-attention half
   (first C = embed_dim channels) of the patch tokens, 2x2 average-pooled on the patch grid
   (36x28 -> 18x14), float32.
-- `scale`, `scale_valid`: metres per VGGT depth unit (`metric ≈ scale * depth`) from
-  `clip_metric_scale` at the label resolution, over pixels that are not sky (Depth Anything V2 has
-  no sky output: sky is where its metric prediction saturates at the far clip, see `metric_depth`)
-  and whose VGGT confidence is at or above the clip's median; NaN and False without a metric model
-  or with fewer than `metric_min_pixels` such pixels.
+- `scale`, `scale_valid`: metres per VGGT depth unit (`metric ≈ scale * depth`), GeoVR's chain
+  (`metric_scale`): DA3-Metric (`metric_teacher: da3-metric`, the default) runs on the teacher
+  frames themselves, its canonical depth becomes metres with VGGT's focal length, sky pixels are
+  dropped, and a plain least-squares fit (`metric_fit: least_squares`) runs over the pixels whose
+  VGGT confidence is at least the clip's exact non-sky median, at the teacher image's full
+  resolution with VGGT's depth and confidence before the 2x2 pooling. Named options: Depth
+  Anything V2 Metric (`depth-anything-v2`, run on the source frames, sky where it saturates) and
+  the robust fit (`robust`). NaN and False without a metric model or with fewer than
+  `metric_min_pixels` pixels in the fit.
 
-Precision: bf16 autocast (`dtype: bfloat16`, the GPU default) for VGGT and the metric model, with
+Precision: bf16 autocast (`dtype: bfloat16`, the GPU default) for VGGT and the metric model (on
+the CPU DA3-Metric runs in float32; its DPT head always does, as the official model), with
 VGGT's linear and convolution weights stored in bf16 (bit-identical under autocast; VGGT-1B's
 weights take 2.56 instead of 4.31 GiB). VGGT keeps its residual stream and camera head in fp32; the DPT depth head runs under the
 autocast too (`dpt_head_autocast`, default on; its last 1x1 convolution and activations in fp32:
@@ -64,10 +69,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from geovr.pipeline.teachers.metric_depth import CHECKPOINT_FILES as METRIC_CHECKPOINT_FILES
+from geovr.pipeline.teachers import da3_metric, metric_depth
+from geovr.pipeline.teachers.da3_metric import SKY_THRESHOLD, DepthAnything3Metric
 from geovr.pipeline.teachers.metric_depth import MetricDepthModel
+from geovr.pipeline.teachers.metric_scale import canonical_to_metric, clip_metric_scale
 from geovr.teacher_cache.config import ConfigError, require, to_dict
-from geovr.teacher_cache.geometry import fit_scale
 
 VGGT_CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
 """The files of a VGGT checkpoint directory that determine its outputs (hashed for the fingerprint)."""
@@ -92,9 +98,14 @@ class TeacherConfig:
         compile: `torch.compile` the model (GPU runs with many calls of one shape).
         dpt_frame_chunk: frames per DPT-head chunk (None: all at once).
         max_frames_per_call: at most this many frames (clips x frames) per forward pass.
-        metric_checkpoint: local Depth Anything V2 Metric directory, or None for no metric scale.
-        metric_sky_fraction: metric depth at or beyond this fraction of the model's max depth is sky.
-        metric_min_pixels: fewer usable (non-sky, confident) depth pixels than this: scale invalid.
+        metric_checkpoint: local metric-depth checkpoint directory, or None for no metric scale.
+        metric_teacher: what `metric_checkpoint` holds: "da3-metric" (DA3METRIC-LARGE, GeoVR's
+            scale teacher) or "depth-anything-v2" (a Depth Anything V2 Metric directory).
+        metric_fit: "least_squares" (GeoVR's plain fit) or "robust" (`geometry.fit_scale`).
+        metric_sky_fraction: Depth Anything V2 only: metric depth at or beyond this fraction of the
+            model's max depth is sky (DA3-Metric has a sky output).
+        metric_min_pixels: fewer pixels in the scale fit (non-sky, confident, positive depths) than
+            this: scale invalid.
         metric_frames_per_call: frames per metric-depth forward pass.
     """
 
@@ -110,6 +121,8 @@ class TeacherConfig:
     dpt_frame_chunk: int | None = 8
     max_frames_per_call: int = 64
     metric_checkpoint: Path | None = None
+    metric_teacher: Literal["da3-metric", "depth-anything-v2"] = "da3-metric"
+    metric_fit: Literal["least_squares", "robust"] = "least_squares"
     metric_sky_fraction: float = 0.95
     metric_min_pixels: int = 1000
     metric_frames_per_call: int = 16
@@ -247,50 +260,6 @@ def downsample_depth(depth: Tensor, conf: Tensor) -> tuple[Tensor, Tensor]:
     return depth_half.reshape(*lead, *depth_half.shape[-2:]), conf_half.reshape(*lead, *conf_half.shape[-2:])
 
 
-def clip_metric_scale(
-    vggt_depth: Tensor,
-    vggt_conf: Tensor,
-    metric_depth: Tensor,
-    sky_mask: Tensor | None,
-    min_pixels: int = 16,
-) -> tuple[float, bool]:
-    """Metric scale of one clip: metres per VGGT depth unit.
-
-    The pixels used are those not marked sky whose VGGT confidence is at or above the median
-    confidence of the clip's non-sky pixels (GeoVR / Depth Anything 3 alignment rule); the scale is
-    `geometry.fit_scale(vggt_depth, metric_depth, mask)` (robust least squares,
-    `metric_depth ≈ scale * vggt_depth`).
-
-    Args:
-        vggt_depth: (S, H, W) teacher depth, VGGT units.
-        vggt_conf: (S, H, W) teacher confidence.
-        metric_depth: (S, H, W) metric depth, metres, on the same pixels.
-        sky_mask: (S, H, W) bool, True for sky, or None when no pixel is sky.
-        min_pixels: fewer usable pixels than this gives (NaN, False).
-
-    Returns:
-        (scale, valid).
-    """
-    if not (vggt_depth.shape == vggt_conf.shape == metric_depth.shape):
-        raise ValueError(
-            f"depth {tuple(vggt_depth.shape)}, confidence {tuple(vggt_conf.shape)} and metric depth "
-            f"{tuple(metric_depth.shape)} must have the same shape"
-        )
-    usable = torch.isfinite(vggt_conf)
-    if sky_mask is not None:
-        usable = usable & ~sky_mask
-    if int(usable.sum()) < min_pixels:
-        return math.nan, False
-    confident = usable & (vggt_conf >= vggt_conf[usable].median())
-    if int(confident.sum()) < min_pixels:
-        return math.nan, False
-    scale, valid = fit_scale(vggt_depth, metric_depth, confident)
-    scale_value = float(scale)
-    if not (bool(valid) and math.isfinite(scale_value) and scale_value > 0):
-        return math.nan, False
-    return scale_value, True
-
-
 @cache
 def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
@@ -323,6 +292,22 @@ def checkpoint_sha256(path: str | Path, names: Sequence[str]) -> str:
         raise FileNotFoundError(f"checkpoint {path}: none of {', '.join(names)} found")
     lines = "".join(f"{name}\0{file_sha256(path / name)}\n" for name in present)
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def load_metric_model(
+    cfg: TeacherConfig, device: torch.device
+) -> DepthAnything3Metric | MetricDepthModel | None:
+    """The metric-depth model of `cfg.metric_checkpoint` (of kind `cfg.metric_teacher`), or None."""
+    if cfg.metric_checkpoint is None:
+        return None
+    if cfg.metric_teacher == "da3-metric":
+        return DepthAnything3Metric.from_pretrained(cfg.metric_checkpoint, device)
+    return MetricDepthModel(
+        cfg.metric_checkpoint,
+        device,
+        sky_fraction=cfg.metric_sky_fraction,
+        max_frames_per_call=cfg.metric_frames_per_call,
+    )
 
 
 def check_teacher_config(cfg: TeacherConfig) -> None:
@@ -380,14 +365,7 @@ class TeacherLabeler:
         self.patch_start_idx = int(self.model.patch_start_idx)
         _check_fits(cfg, int(model_cfg.depth), self.patch_size)
         self.autocast_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else None
-        self.metric: MetricDepthModel | None = None
-        if cfg.metric_checkpoint is not None:
-            self.metric = MetricDepthModel(
-                cfg.metric_checkpoint,
-                self.device,
-                sky_fraction=cfg.metric_sky_fraction,
-                max_frames_per_call=cfg.metric_frames_per_call,
-            )
+        self.metric = load_metric_model(cfg, self.device)
 
     def teacher_size(self, height: int, width: int) -> tuple[int, int]:
         """(Ht, Wt) the teacher sees for a (height, width) source frame (see `teacher_size`)."""
@@ -469,6 +447,7 @@ class TeacherLabeler:
             enabled=self.autocast_dtype is not None,
         ):
             out = self.model(images, return_layers=self.cfg.feature_layers)
+        scales = self._metric_scales(images, out, frames)
         depth, depth_conf = downsample_depth(out["depth"][..., 0], out["depth_conf"])
         features = torch.stack(
             [
@@ -477,7 +456,6 @@ class TeacherLabeler:
             ],
             dim=2,
         )
-        scales = [self._metric_scale(clip, depth[b], depth_conf[b]) for b, clip in enumerate(frames)]
         host = {
             "pose_enc": out["pose_enc"].float().cpu().numpy(),
             "extrinsic": out["extrinsic"].float().cpu().numpy(),
@@ -496,30 +474,57 @@ class TeacherLabeler:
             for b, (scale, valid) in enumerate(scales)
         ]
 
-    def _metric_scale(self, frames: np.ndarray, depth: Tensor, depth_conf: Tensor) -> tuple[float, bool]:
-        """Scale of one clip from its source frames and its half-resolution VGGT depth (S, Hd, Wd)."""
+    def _metric_scales(
+        self, images: Tensor, out: dict[str, Any], frames: list[np.ndarray]
+    ) -> list[tuple[float, bool]]:
+        """(scale, valid) of each clip of a batch (`metric_scale.clip_metric_scale`).
+
+        Args:
+            images: (B, S, 3, Ht, Wt) the teacher frames in [0, 1] on the device (DA3-Metric's input).
+            out: VGGT's outputs for them: depth (B, S, Ht, Wt, 1), depth_conf, intrinsic (B, S, 3, 3).
+            frames: the B source clips (S, H, W, 3) uint8 (Depth Anything V2's input).
+        """
         if self.metric is None:
-            return math.nan, False
-        metric = self.metric.predict(frames, tuple(depth.shape[-2:]), self.autocast_dtype)
-        return clip_metric_scale(
-            depth, depth_conf, metric, self.metric.sky_mask(metric), self.cfg.metric_min_pixels
-        )
+            return [(math.nan, False)] * len(frames)
+        teacher_depth, teacher_conf = out["depth"][..., 0].float(), out["depth_conf"].float()
+        if isinstance(self.metric, DepthAnything3Metric):
+            # GeoVR runs DA3 under bf16 autocast on the GPU; on the CPU float32.
+            autocast = self.autocast_dtype if self.device.type == "cuda" else None
+            canonical, sky = self.metric.predict(images, self.cfg.metric_frames_per_call, autocast)
+            metric = [
+                canonical_to_metric(canonical[b], out["intrinsic"][b].float()) for b in range(len(frames))
+            ]
+            non_sky = [sky[b] < SKY_THRESHOLD for b in range(len(frames))]
+        else:
+            metric = [
+                self.metric.predict(clip, tuple(images.shape[-2:]), self.autocast_dtype) for clip in frames
+            ]
+            non_sky = [~self.metric.sky_mask(m) for m in metric]
+        fits = [
+            clip_metric_scale(
+                teacher_depth[b],
+                teacher_conf[b],
+                metric[b],
+                non_sky[b],
+                self.cfg.metric_fit,
+                self.cfg.metric_min_pixels,
+            )
+            for b in range(len(frames))
+        ]
+        return [(fit.scale, fit.valid) for fit in fits]
 
     def fingerprint_parts(self) -> dict[str, Any]:
         """What the labels depend on, for the store fingerprint: teacher, weights, config, preprocessing."""
         cfg = self.cfg
         metric_teacher = ""
-        metric_rule = None
-        if self.metric is not None:
-            digest = checkpoint_sha256(self.metric.path, METRIC_CHECKPOINT_FILES)
-            metric_teacher = f"{self.metric.name}@sha256:{digest}"
-            metric_rule = {
-                "resolution": "teacher depth resolution (half the teacher image)",
-                "sky": f"metric depth >= {cfg.metric_sky_fraction} * max_depth ({self.metric.max_depth} m)",
-                "pixels": "non-sky, VGGT confidence >= the clip's non-sky median",
-                "min_pixels": cfg.metric_min_pixels,
-                "fit": "geometry.fit_scale (robust least squares, metric ≈ scale * depth)",
-            }
+        if cfg.metric_checkpoint is not None:
+            files = (
+                da3_metric.CHECKPOINT_FILES
+                if cfg.metric_teacher == "da3-metric"
+                else metric_depth.CHECKPOINT_FILES
+            )
+            digest = checkpoint_sha256(cfg.metric_checkpoint, files)
+            metric_teacher = f"{Path(cfg.metric_checkpoint).resolve().name}@sha256:{digest}"
         return {
             "teacher": cfg.name,
             "checkpoint_sha256": checkpoint_sha256(cfg.checkpoint, VGGT_CHECKPOINT_FILES),
@@ -534,8 +539,39 @@ class TeacherLabeler:
                 "depth": "2x2 blocks: confidence-weighted mean depth, mean confidence",
                 "dtype": cfg.dtype,
                 "dpt_head_dtype": cfg.dtype if cfg.dpt_head_autocast else "float32",
-                "metric_scale": metric_rule,
+                "metric_scale": self._metric_rule(),
             },
+        }
+
+    def _metric_rule(self) -> dict[str, Any] | None:
+        """How the metric scale is computed (the fingerprint's `preprocess.metric_scale`), or None."""
+        cfg = self.cfg
+        if self.metric is None:
+            return None
+        if isinstance(self.metric, DepthAnything3Metric):
+            model = {
+                "input": "the teacher frames, ImageNet-normalised",
+                "metric_depth": "DA3 canonical depth * ((fx + fy) / 2) / 300, VGGT intrinsics",
+                "sky": f"DA3 sky output >= {SKY_THRESHOLD}",
+                "dtype": "bfloat16 backbone, float32 head"
+                if self.autocast_dtype and self.device.type == "cuda"
+                else "float32",
+            }
+        else:
+            model = {
+                "input": "the source frames through the checkpoint's image processor",
+                "metric_depth": "the prediction (metres), area-resized to the teacher image",
+                "sky": f"metric depth >= {cfg.metric_sky_fraction} * max_depth ({self.metric.max_depth} m)",
+                "dtype": cfg.dtype,
+            }
+        return {
+            "teacher": cfg.metric_teacher,
+            "fit": cfg.metric_fit,
+            **model,
+            "resolution": "the teacher image, VGGT depth and confidence before the 2x2 pooling",
+            "pixels": "non-sky, VGGT confidence >= its exact median over non-sky pixels, "
+            "metric depth > 0.01, VGGT depth > 0.001",
+            "min_pixels": cfg.metric_min_pixels,
         }
 
 

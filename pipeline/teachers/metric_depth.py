@@ -1,9 +1,10 @@
 """Monocular metric depth (Depth Anything V2 Metric through transformers) for the per-clip scale.
 
-The teacher (VGGT) predicts depth in a normalised, scale-free unit. One monocular metric-depth
-model run on the same frames gives depth in metres; the least-squares ratio between the two over
-trustworthy pixels (`teachers.labeler.clip_metric_scale`) is the clip's metric scale, metres per
-VGGT unit.
+The named option `teacher.metric_teacher: depth-anything-v2`; the default metric teacher is
+DA3-Metric (`da3_metric`), GeoVR's. The teacher (VGGT) predicts depth in a normalised, scale-free
+unit. One monocular metric-depth model run on the same clip gives depth in metres; the
+least-squares ratio between the two over trustworthy pixels (`metric_scale.clip_metric_scale`) is
+the clip's metric scale, metres per VGGT unit.
 
 Loading: `DepthAnythingForDepthEstimation` and its image processor from a local directory only
 (`local_files_only=True`), e.g. a snapshot of `depth-anything/Depth-Anything-V2-Metric-Indoor-Large-hf`.

@@ -553,6 +553,7 @@ def _check_state_dict(
     state: dict[str, Tensor],
     expected: dict[str, tuple[int, ...]],
     ignore_prefixes: Sequence[str],
+    model_name: str = "VGGT",
 ) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(k for k in set(state) - set(expected) if not k.startswith(tuple(ignore_prefixes)))
@@ -573,7 +574,7 @@ def _check_state_dict(
         if names
     ]
     if problems:
-        raise CheckpointError(f"{source} does not match the VGGT config: " + "; ".join(problems))
+        raise CheckpointError(f"{source} does not match the {model_name} config: " + "; ".join(problems))
 
 
 def _name_list(names: list[str], limit: int = 12) -> str:

@@ -114,30 +114,32 @@ def uv_position_embedding(
 
 
 class ResidualConvUnit(nn.Module):
-    """relu(x) + conv2(relu(conv1(relu(x)))).
+    """skip + conv2(relu(conv1(relu(x)))), where skip is relu(x) (`activated_skip`) or x.
 
-    The official unit applies an in-place ReLU to its input, so the skip connection carries relu(x),
-    not x; the checkpoint was trained that way, so it is reproduced here.
+    VGGT's official unit applies an in-place ReLU to its input, so its skip connection carries
+    relu(x), not x; the checkpoint was trained that way, so it is reproduced here. Depth Anything 3's
+    DPT builds the same unit with a ReLU that is not in place: its skip carries x.
     """
 
-    def __init__(self, features: int) -> None:
+    def __init__(self, features: int, activated_skip: bool = True) -> None:
         super().__init__()
+        self.activated_skip = activated_skip
         self.conv1 = nn.Conv2d(features, features, kernel_size=3, padding=1)
         self.conv2 = nn.Conv2d(features, features, kernel_size=3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(x)
-        return self.conv2(F.relu(self.conv1(x))) + x
+        activated = F.relu(x)
+        return self.conv2(F.relu(self.conv1(activated))) + (activated if self.activated_skip else x)
 
 
 class FusionBlock(nn.Module):
     """RefineNet fusion: (x + rcu1(skip)) -> rcu2 -> bilinear resize (x2 or to `size`) -> 1x1 conv."""
 
-    def __init__(self, features: int, has_residual: bool = True) -> None:
+    def __init__(self, features: int, has_residual: bool = True, activated_skip: bool = True) -> None:
         super().__init__()
         self.out_conv = nn.Conv2d(features, features, kernel_size=1)
-        self.resConfUnit1 = ResidualConvUnit(features) if has_residual else None
-        self.resConfUnit2 = ResidualConvUnit(features)
+        self.resConfUnit1 = ResidualConvUnit(features, activated_skip) if has_residual else None
+        self.resConfUnit2 = ResidualConvUnit(features, activated_skip)
 
     def forward(self, x: Tensor, skip: Tensor | None = None, size: tuple[int, int] | None = None) -> Tensor:
         if self.resConfUnit1 is not None:
@@ -146,6 +148,45 @@ class FusionBlock(nn.Module):
         if size is None:
             size = (int(x.shape[-2] * 2), int(x.shape[-1] * 2))
         return self.out_conv(chunked_interpolate(x, size))
+
+
+def dpt_reassemble_layers(dim_in: int, out_channels: Sequence[int]) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """DPT's per-stage 1x1 projections (dim_in -> out_channels[i]) and resizes relative to the patch
+    grid (x4 and x2 transposed convolutions, identity, stride-2 convolution): (projects, resize_layers)."""
+    projects = nn.ModuleList(nn.Conv2d(dim_in, oc, kernel_size=1) for oc in out_channels)
+    resize_layers = nn.ModuleList(
+        [
+            nn.ConvTranspose2d(out_channels[0], out_channels[0], kernel_size=4, stride=4),
+            nn.ConvTranspose2d(out_channels[1], out_channels[1], kernel_size=2, stride=2),
+            nn.Identity(),
+            nn.Conv2d(out_channels[3], out_channels[3], kernel_size=3, stride=2, padding=1),
+        ]
+    )
+    return projects, resize_layers
+
+
+def dpt_fusion_scratch(out_channels: Sequence[int], features: int, activated_skip: bool = True) -> nn.Module:
+    """DPT's `scratch` module: `layer{i}_rn` 3x3 convolutions (out_channels[i-1] -> features, no bias)
+    and the RefineNet fusion blocks `refinenet1..4` (the coarsest, 4, without a lateral input). The
+    caller adds its output convolutions to it."""
+    scratch = nn.Module()
+    for i, oc in enumerate(out_channels, start=1):
+        setattr(scratch, f"layer{i}_rn", nn.Conv2d(oc, features, kernel_size=3, padding=1, bias=False))
+    for i in (1, 2, 3, 4):
+        setattr(
+            scratch, f"refinenet{i}", FusionBlock(features, has_residual=i < 4, activated_skip=activated_skip)
+        )
+    return scratch
+
+
+def dpt_fuse(scratch: nn.Module, levels: Sequence[Tensor]) -> Tensor:
+    """Four resized stages (finest first) -> (N, features, h1, w1): RefineNet fusion from the
+    coarsest level up, each step resized to the next finer level, the last one doubled."""
+    rn = [getattr(scratch, f"layer{i}_rn")(level) for i, level in enumerate(levels, start=1)]
+    out = scratch.refinenet4(rn[3], size=rn[2].shape[2:])
+    out = scratch.refinenet3(out, rn[2], size=rn[1].shape[2:])
+    out = scratch.refinenet2(out, rn[1], size=rn[0].shape[2:])
+    return scratch.refinenet1(out, rn[0])
 
 
 class DPTHead(nn.Module):
@@ -184,24 +225,8 @@ class DPTHead(nn.Module):
         self.down_ratio = down_ratio
 
         self.norm = nn.LayerNorm(dim_in)
-        self.projects = nn.ModuleList(nn.Conv2d(dim_in, oc, kernel_size=1) for oc in out_channels)
-        self.resize_layers = nn.ModuleList(
-            [
-                nn.ConvTranspose2d(out_channels[0], out_channels[0], kernel_size=4, stride=4),
-                nn.ConvTranspose2d(out_channels[1], out_channels[1], kernel_size=2, stride=2),
-                nn.Identity(),
-                nn.Conv2d(out_channels[3], out_channels[3], kernel_size=3, stride=2, padding=1),
-            ]
-        )
-        self.scratch = nn.Module()
-        for i, oc in enumerate(out_channels, start=1):
-            setattr(
-                self.scratch, f"layer{i}_rn", nn.Conv2d(oc, features, kernel_size=3, padding=1, bias=False)
-            )
-        self.scratch.refinenet1 = FusionBlock(features)
-        self.scratch.refinenet2 = FusionBlock(features)
-        self.scratch.refinenet3 = FusionBlock(features)
-        self.scratch.refinenet4 = FusionBlock(features, has_residual=False)
+        self.projects, self.resize_layers = dpt_reassemble_layers(dim_in, out_channels)
+        self.scratch = dpt_fusion_scratch(out_channels, features)
         if feature_only:
             self.scratch.output_conv1 = nn.Conv2d(features, features, kernel_size=3, padding=1)
         else:
@@ -259,12 +284,7 @@ class DPTHead(nn.Module):
             levels.append(resize(x))
 
         scratch = self.scratch
-        rn = [getattr(scratch, f"layer{i}_rn")(level) for i, level in enumerate(levels, start=1)]
-        out = scratch.refinenet4(rn[3], size=rn[2].shape[2:])
-        out = scratch.refinenet3(out, rn[2], size=rn[1].shape[2:])
-        out = scratch.refinenet2(out, rn[1], size=rn[0].shape[2:])
-        out = scratch.refinenet1(out, rn[0])
-        out = scratch.output_conv1(out)
+        out = scratch.output_conv1(dpt_fuse(scratch, levels))
 
         out_size = (
             int(grid_h * self.patch_size / self.down_ratio),

@@ -1,5 +1,6 @@
 """Transformer building blocks of VGGT: attention with qk-norm and 2D RoPE, LayerScale blocks, and the
-DINOv2-with-registers patch embedding.
+DINOv2-with-registers patch embedding. The DINOv2 parts (`Block` without qk-norm and RoPE,
+`ConvPatchEmbed`, `resize_position_embedding`) are also DA3-Metric's backbone (`da3_metric`).
 
 Parameter names follow the official VGGT checkpoint (`qkv`, `q_norm`, `proj`, `ls1.gamma`, `mlp.fc1`,
 `cls_token`, `pos_embed`, `register_tokens`, `patch_embed.proj`, ...), so its state_dict loads as is.
@@ -11,6 +12,7 @@ float32 and `LayerScale` multiplies the bf16 branch output by a float32 `gamma`;
 
 from __future__ import annotations
 
+import math
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -186,6 +188,41 @@ class ConvPatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
+def resize_position_embedding(
+    pos_embed: Tensor, grid_hw: tuple[int, int], offset: float, antialias: bool
+) -> Tensor:
+    """DINOv2's learned position embedding for a (grid_h, grid_w) patch grid, in float32.
+
+    Args:
+        pos_embed: (1, 1 + M * M, C): the class token's row, then a square M x M patch grid.
+        grid_hw: (grid_h, grid_w) patch grid of the input.
+        offset: DINOv2's `interpolate_offset`. 0: bicubic resize to exactly (grid_h, grid_w).
+            Otherwise the resize is given by the scale factors ((grid_h + offset) / M,
+            (grid_w + offset) / M), which also set where the output samples fall (DINOv2's historical
+            kludge: the output size is the floor of M times the factor, the sampling grid differs).
+        antialias: antialiased bicubic (VGGT's patch embedding) or plain bicubic (DA3).
+
+    Returns:
+        (1, 1 + grid_h * grid_w, C) float32; `pos_embed` itself (as float32) for the M x M grid.
+    """
+    pos = pos_embed.float()
+    side = math.isqrt(pos.shape[1] - 1)
+    grid_h, grid_w = grid_hw
+    if (grid_h, grid_w) == (side, side):
+        return pos
+    dim = pos.shape[-1]
+    grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    if offset:
+        factors = ((grid_h + offset) / side, (grid_w + offset) / side)
+        grid = F.interpolate(grid, scale_factor=factors, mode="bicubic", antialias=antialias)
+    else:
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", antialias=antialias)
+    if grid.shape[-2:] != (grid_h, grid_w):
+        raise ValueError(f"position embedding resized to {tuple(grid.shape[-2:])}, expected {grid_hw}")
+    grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
+    return torch.cat((pos[:, :1], grid), dim=1)
+
+
 class DinoPatchEmbed(nn.Module):
     """DINOv2 ViT with register tokens, used as VGGT's patch embedding; returns the normalised patch tokens.
 
@@ -225,14 +262,7 @@ class DinoPatchEmbed(nn.Module):
 
     def position_embedding(self, grid_h: int, grid_w: int) -> Tensor:
         """(1, 1 + grid_h * grid_w, C) float32: cls row, then the patch grid resized to (grid_h, grid_w)."""
-        pos = self.pos_embed.float()
-        if (grid_h, grid_w) == (self.grid_size, self.grid_size):
-            return pos
-        dim = pos.shape[-1]
-        grid = pos[:, 1:].reshape(1, self.grid_size, self.grid_size, dim).permute(0, 3, 1, 2)
-        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", antialias=True)
-        grid = grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
-        return torch.cat((pos[:, :1], grid), dim=1)
+        return resize_position_embedding(self.pos_embed, (grid_h, grid_w), offset=0.0, antialias=True)
 
     def forward(self, images: Tensor) -> Tensor:
         """Normalised images (N, 3, H, W), H and W multiples of the patch size -> (N, H/p * W/p, C)."""
