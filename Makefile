@@ -42,9 +42,12 @@ install-processor: $(PROCESSOR_STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/geovr-pipeline demo --out $(DEMO_OUT)
 
+# ruff, then the layer contracts of pyproject.toml's [tool.importlinter] (an import that points up,
+# or across independent siblings, fails).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 # The processor tests are skipped in the main venv (no torchvision) and run, required, in the second.
 test: $(STAMP) lint slurm-deps

@@ -2,7 +2,7 @@
 
 What it runs (defaults: the GPU benchmark, as-is on one H100):
 1. A synthetic corpus: `--scenes` scenes of `--frames` frames at `--size`, rendered by
-   `geovr.pipeline.synth` at 2 fps so that GeoVR's sampling (2 fps, at most 32) keeps every frame,
+   `geovr.corpus.synth` at 2 fps so that GeoVR's sampling (2 fps, at most 32) keeps every frame,
    hard-linked to `--clips` videos (distinct clips; decoding cost is real for each).
 2. A full-size VGGT-1B with random weights (`VGGTConfig.vggt_1b()`, camera and depth heads), saved
    as a checkpoint directory. Random camera heads output a zero field of view through VGGT's ReLU
@@ -42,14 +42,15 @@ from rich.console import Console
 from safetensors.torch import load_file as load_torch_file
 from safetensors.torch import save_file
 
+from geovr.app.presets import load_section
+from geovr.corpus.synth import SynthConfig, write_corpus
+from geovr.corpus.video import SamplingConfig
 from geovr.pipeline.index import build_manifest, read_manifest
+from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler, teacher_size
 from geovr.pipeline.precompute import PrecomputeConfig, decode_clip, run_precompute
-from geovr.pipeline.synth import SynthConfig, write_corpus
-from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler, teacher_size
-from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
-from geovr.pipeline.video import SamplingConfig
-from geovr.teacher_cache.config import load_section, to_dict
+from geovr.teacher_cache.config import to_dict
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
+from geovr.teachers.vggt import VGGT, VGGTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = Path(os.environ.get("GEOVR_SHARED", REPO.parent / "shared")) / "reference"

@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler
-from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
-from geovr.pipeline.teachers.vggt_layers import ATTENTION_BACKENDS, xformers_available
+from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler
+from geovr.teachers.vggt import VGGT, VGGTConfig
+from geovr.teachers.vggt_layers import ATTENTION_BACKENDS, xformers_available
 
 BENCH = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("vggt_flops", BENCH / "flops.py")

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
+from geovr.app.presets import load_section
 from geovr.student.data import DataConfig, StudentSampleBuilder, TrainLoader, join_qa, student_collator
 from geovr.student.model import GeoVRStudent, StudentConfig
 from geovr.student.tiny import build_tiny_tokenizer, tiny_qwen3vl_config, write_tiny_qwen3vl
@@ -54,10 +54,10 @@ from geovr.student.train import (
     clip_and_check,
     peak_flops_per_device,
 )
-from geovr.teacher_cache.config import load_section
 from geovr.teacher_cache.frames import encode_jpeg
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint, clip_id_for
 from geovr.teacher_cache.store import open_store, open_writer
+from geovr.teachers.vggt import VGGT, VGGTConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAMPLING = {"fps": 2.0, "min_frames": 4, "max_frames": 32, "method": "uniform"}

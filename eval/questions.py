@@ -9,7 +9,7 @@ Input: a `SceneAnnotation` per scene, the only thing a new data source has to pr
 - `visible_pixels` (F, N): pixels of each object visible in each video frame (column n = objects[n])
   and `frame_pixels` = W * H. Only appearance order uses these.
 `load_synthetic_scene` builds it from the synthetic corpus (`gt/<scene>/scene.json` and
-`frames.safetensors`, see `geovr.pipeline.synth`); a ScanNet-like loader builds it from an
+`frames.safetensors`, see `geovr.corpus.synth`); a ScanNet-like loader builds it from an
 object list (category, oriented box) plus per-frame instance masks.
 
 Questions use VSI-Bench's templates and answer conventions, and are kept only when the answer is

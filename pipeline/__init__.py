@@ -1,1 +1,1 @@
-"""geovr.pipeline: the CLI, configs, corpus indexing, video decoding, teachers and the Ray precompute driver."""
+"""geovr.pipeline: stage 1: corpus indexing, the teacher labeler and metric-scale fit, and the Ray precompute driver."""

@@ -53,7 +53,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geovr.pipeline.video import SamplingConfig, VideoError, is_video_file, probe_video
+from geovr.corpus.video import SamplingConfig, VideoError, is_video_file, probe_video
 from geovr.teacher_cache.qa import QARowError, normalise_video, read_rows, video_of
 from geovr.teacher_cache.schema import clip_id_for
 

@@ -83,11 +83,7 @@ import ray
 from rich.console import Console
 from rich.markup import escape
 
-from geovr.pipeline.clip_split import SplitError, labels_to_dict, merge_halves, split_point
-from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
-from geovr.pipeline.index import Manifest, read_manifest
-from geovr.pipeline.progress import PrecomputeProgress, RunCounts, summary_table
-from geovr.pipeline.video import (
+from geovr.corpus.video import (
     SamplingConfig,
     VideoError,
     decode_frames,
@@ -97,6 +93,10 @@ from geovr.pipeline.video import (
     sample_indices,
     select_space_aware,
 )
+from geovr.pipeline.clip_split import SplitError, labels_to_dict, merge_halves, split_point
+from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
+from geovr.pipeline.index import Manifest, read_manifest
+from geovr.pipeline.progress import PrecomputeProgress, RunCounts, summary_table
 from geovr.teacher_cache import __version__
 from geovr.teacher_cache.config import from_dict, require, to_dict
 from geovr.teacher_cache.frames import (
@@ -230,7 +230,7 @@ def decode_clip(
     def output_sizes(height: int, width: int) -> list[tuple[int, int]]:
         teacher_hw = (height, width)
         if teacher_resize is not None:
-            from geovr.pipeline.teachers.labeler import teacher_size
+            from geovr.pipeline.labeler import teacher_size
 
             teacher_hw = teacher_size(height, width, *teacher_resize)
         return [teacher_hw, student_frame_size(keep, height, width, video_max_pixels, video_min_pixels)]
@@ -284,7 +284,7 @@ class TeacherActor:
     def __init__(self, teacher: dict[str, Any], device: str, max_teacher_frames: int, threads: int) -> None:
         import torch
 
-        from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler
+        from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler
 
         if device == "cpu":
             torch.set_num_threads(max(1, threads))
@@ -346,7 +346,7 @@ class TeacherActor:
 
     def _label_many(self, clips: list[np.ndarray]) -> list[dict[str, Any] | Exception]:
         """Label clips in one teacher call where possible; a clip that does not fit is split."""
-        from geovr.pipeline.teachers.labeler import TeacherOOM
+        from geovr.pipeline.labeler import TeacherOOM
 
         results: list[dict[str, Any] | Exception | None] = [None] * len(clips)
         todo = []
@@ -1071,7 +1071,7 @@ def run_precompute(
     """Read the manifest, check the teacher settings against the checkpoint, take the store's lease
     (refused while another run writes the store), connect to Ray, run, disconnect (if this call
     connected), give the lease up."""
-    from geovr.pipeline.teachers.labeler import TeacherConfig, check_teacher_config
+    from geovr.pipeline.labeler import TeacherConfig, check_teacher_config
 
     manifest = read_manifest(manifest_path)
     check_teacher_config(from_dict(TeacherConfig, teacher, where="teacher"))  # before any actor starts

@@ -267,7 +267,7 @@ def cli():
     """The same typer app, in process (for the cheaper checks)."""
     from typer.testing import CliRunner
 
-    from geovr.pipeline.commands.cache import app
+    from geovr.app.commands.cache import app
 
     runner = CliRunner()
     return lambda *args: runner.invoke(app, list(args))

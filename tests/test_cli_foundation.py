@@ -11,7 +11,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from geovr.pipeline.cli import _register_commands, app, main
+from geovr.app.cli import _register_commands, app, main
 
 CONSOLE_SCRIPT = Path(sys.executable).parent / "geovr-pipeline"
 

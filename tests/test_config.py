@@ -9,17 +9,9 @@ from typing import Literal
 import pytest
 import yaml
 
-from geovr.pipeline.synth import SynthConfig
-from geovr.teacher_cache.config import (
-    ConfigError,
-    from_dict,
-    load_section,
-    parse_overrides,
-    preset_names,
-    read_preset,
-    require,
-    to_dict,
-)
+from geovr.app.presets import load_section, parse_overrides, preset_names, read_preset
+from geovr.corpus.synth import SynthConfig
+from geovr.teacher_cache.config import ConfigError, from_dict, require, to_dict
 
 
 @dataclass

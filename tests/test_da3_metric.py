@@ -12,20 +12,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from geovr.pipeline.demo import write_tiny_vggt
-from geovr.pipeline.synth import SynthConfig, generate_scene, render_scene
-from geovr.pipeline.teachers.da3_metric import (
+from geovr.corpus.synth import SynthConfig, generate_scene, render_probe, render_scene
+from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler, preprocess_clip
+from geovr.pipeline.metric_scale import canonical_to_metric, clip_metric_scale
+from geovr.teacher_cache.config import ConfigError
+from geovr.teachers.da3_metric import (
     SKY_THRESHOLD,
     DA3MetricConfig,
     DepthAnything3Metric,
     exact_quantile,
     fill_sky_depth,
-    write_tiny_da3_metric,
 )
-from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler, preprocess_clip
-from geovr.pipeline.teachers.metric_scale import canonical_to_metric, clip_metric_scale
-from geovr.pipeline.teachers.vggt import VGGT, CheckpointError
-from geovr.teacher_cache.config import ConfigError
+from geovr.teachers.tiny import write_tiny_da3_metric, write_tiny_vggt
+from geovr.teachers.vggt import VGGT, CheckpointError
 from tests.conftest import REFERENCE
 
 DA3 = REFERENCE / "da3metric"
@@ -232,7 +231,7 @@ def synthetic_clip(index: int, frames: int = 4) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def tiny_da3(tmp_path_factory):
-    return write_tiny_da3_metric(tmp_path_factory.mktemp("da3") / "tiny-da3-metric", seed=0)
+    return write_tiny_da3_metric(tmp_path_factory.mktemp("da3") / "tiny-da3-metric", render_probe(0), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -242,9 +241,9 @@ def demo_vggt(tmp_path_factory):
 
 
 def test_tiny_writer_is_seeded_and_its_outputs_vary(tiny_da3, tmp_path):
-    again = write_tiny_da3_metric(tmp_path / "again", seed=0)
+    again = write_tiny_da3_metric(tmp_path / "again", render_probe(0), seed=0)
     assert (again / "model.safetensors").read_bytes() == (tiny_da3 / "model.safetensors").read_bytes()
-    other = write_tiny_da3_metric(tmp_path / "other", seed=1)
+    other = write_tiny_da3_metric(tmp_path / "other", render_probe(1), seed=1)
     assert (other / "model.safetensors").read_bytes() != (tiny_da3 / "model.safetensors").read_bytes()
     model = DepthAnything3Metric.from_pretrained(tiny_da3)
     images = torch.stack([preprocess_clip(synthetic_clip(i), (84, 112)) for i in range(2)])

@@ -176,8 +176,8 @@ def test_stores_verify_and_heldout_clips_are_unseen(demo_out: Path) -> None:
 
 
 def test_tiny_vggt_is_seeded_and_has_usable_fov_and_depth(tmp_path: Path) -> None:
-    from geovr.pipeline.demo import TINY_FOV, write_tiny_vggt
-    from geovr.pipeline.teachers.vggt import VGGT
+    from geovr.teachers.tiny import TINY_FOV, write_tiny_vggt
+    from geovr.teachers.vggt import VGGT
 
     a, b = write_tiny_vggt(tmp_path / "a", seed=3), write_tiny_vggt(tmp_path / "b", seed=3)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()

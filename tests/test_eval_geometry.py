@@ -17,6 +17,10 @@ import torch
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
+from geovr.app import commands  # noqa: F401  (registers the CLI commands)
+from geovr.app.cli import app
+from geovr.app.presets import load_section
+from geovr.corpus.synth import SynthConfig, write_corpus
 from geovr.eval.geometry_metrics import (
     clip_metrics,
     depth_metrics,
@@ -26,12 +30,8 @@ from geovr.eval.geometry_metrics import (
 )
 from geovr.eval.inspect import camera_centers, read_ply
 from geovr.eval.vsibench import read_video_frames
-from geovr.pipeline import commands  # noqa: F401  (registers the CLI commands)
-from geovr.pipeline.cli import app
-from geovr.pipeline.synth import SynthConfig, write_corpus
 from geovr.student.model import GeoVRStudent, StudentConfig
 from geovr.student.tiny import write_tiny_qwen3vl
-from geovr.teacher_cache.config import load_section
 from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame_size
 from geovr.teacher_cache.geometry import encode_pose, invert_extrinsic, relative_to_first, to_homogeneous
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint, clip_id_for

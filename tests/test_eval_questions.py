@@ -14,6 +14,9 @@ import pytest
 from safetensors.numpy import load_file
 from typer.testing import CliRunner
 
+from geovr.app import commands  # noqa: F401  (registers the CLI commands)
+from geovr.app.cli import app
+from geovr.corpus.synth import SynthConfig, write_corpus
 from geovr.eval.questions import (
     ObjectBox,
     QuestionConfig,
@@ -25,9 +28,6 @@ from geovr.eval.questions import (
 )
 from geovr.eval.report import vsibench_summary
 from geovr.eval.scoring import NA_QUESTION_TYPES, PARSERS, QUESTION_TYPES, TASKS, score_rows
-from geovr.pipeline import commands  # noqa: F401  (registers the CLI commands)
-from geovr.pipeline.cli import app
-from geovr.pipeline.synth import SynthConfig, write_corpus
 
 
 @pytest.fixture(scope="module")

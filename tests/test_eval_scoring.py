@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from geovr.app import commands  # noqa: F401  (registers the CLI commands)
+from geovr.app.cli import app
 from geovr.eval import scoring
 from geovr.eval.scoring import aggregate, extract_number, score_prediction, score_rows
-from geovr.pipeline import commands  # noqa: F401  (registers the CLI commands)
-from geovr.pipeline.cli import app
 
 # The lmms-eval profile's parsers: the reference cases were scored by lmms-eval's own code.
 LMMS_EVAL_PARSERS = ("original", "extract_number")

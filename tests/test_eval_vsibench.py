@@ -12,6 +12,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from geovr.app import commands  # noqa: F401  (registers the CLI commands)
+from geovr.app.cli import app
+from geovr.corpus.synth import SynthConfig, write_corpus
 from geovr.eval.questions import QuestionConfig, write_vsi_dataset
 from geovr.eval.vsibench import (
     PROFILES,
@@ -25,9 +28,6 @@ from geovr.eval.vsibench import (
     run_vsibench,
     sample_indices,
 )
-from geovr.pipeline import commands  # noqa: F401  (registers the CLI commands)
-from geovr.pipeline.cli import app
-from geovr.pipeline.synth import SynthConfig, write_corpus
 from geovr.student.tiny import write_tiny_qwen3vl
 
 NUM_QUESTIONS = 6

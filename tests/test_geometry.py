@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from geovr.pipeline.synth import load_scene_gt, read_corpus
+from geovr.corpus.synth import load_scene_gt, read_corpus
 from geovr.teacher_cache.geometry import (
     decode_pose,
     encode_pose,

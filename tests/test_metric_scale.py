@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from geovr.pipeline.synth import SynthConfig, generate_scene, render_scene
-from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler, downsample_depth, preprocess_clip
-from geovr.pipeline.teachers.metric_depth import MetricDepthModel, write_tiny_depth_anything
-from geovr.pipeline.teachers.metric_scale import clip_metric_scale
-from geovr.pipeline.teachers.vggt import VGGT
+from geovr.corpus.synth import SynthConfig, generate_scene, render_scene
+from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler, downsample_depth, preprocess_clip
+from geovr.pipeline.metric_scale import clip_metric_scale
 from geovr.teacher_cache.config import ConfigError
 from geovr.teacher_cache.geometry import fit_scale, normalize_clip
+from geovr.teachers.metric_depth import MetricDepthModel
+from geovr.teachers.tiny import write_tiny_depth_anything
+from geovr.teachers.vggt import VGGT
 from tests.conftest import REFERENCE
 
 TINY_VGGT = REFERENCE / "vggt" / "tiny-a"

@@ -15,10 +15,13 @@ import pytest
 from tests.conftest import REPO
 
 PACKAGES = {
-    "pipeline": "geovr.pipeline",
-    "teacher_cache": "geovr.teacher_cache",
-    "student": "geovr.student",
+    "app": "geovr.app",
     "eval": "geovr.eval",
+    "pipeline": "geovr.pipeline",
+    "student": "geovr.student",
+    "teachers": "geovr.teachers",
+    "corpus": "geovr.corpus",
+    "teacher_cache": "geovr.teacher_cache",
     "configs": "geovr.configs",
 }
 PRESETS = {"tiny", "vggt-1b", "qwen3vl-2b-geovr"}
@@ -81,7 +84,7 @@ def test_wheel_ships_every_module_the_presets_and_the_console_script(wheel: Path
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
-        assert "geovr-pipeline = geovr.pipeline.cli:main" in archive.read(entry_points).decode()
+        assert "geovr-pipeline = geovr.app.cli:main" in archive.read(entry_points).decode()
     for folder, package in PACKAGES.items():
         prefix = package.replace(".", "/") + "/"
         shipped = {n[len(prefix) :] for n in names if n.startswith(prefix)}
@@ -118,8 +121,8 @@ import importlib, json, sys
 sys.path.insert(0, {str(target)!r})
 sys.path.append({sysconfig.get_paths()["purelib"]!r})
 files = {{name: importlib.import_module(name).__file__ for name in {list(PACKAGES.values())!r}}}
-from geovr.teacher_cache.config import load_section, preset_names
-from geovr.pipeline.synth import SynthConfig
+from geovr.app.presets import load_section, preset_names
+from geovr.corpus.synth import SynthConfig
 print(json.dumps({{"files": files, "presets": preset_names(), "frames": load_section(SynthConfig, "synth", "tiny").frames}}))
 """
     report = json.loads(run_python(code, tmp_path, "-S"))
@@ -135,6 +138,6 @@ def test_editable_install_imports_from_the_repository(tmp_path: Path) -> None:
     for folder, package in PACKAGES.items():
         assert Path(files[package]) == REPO / folder / "__init__.py"
     presets = run_python(
-        "from geovr.teacher_cache.config import preset_names; print(' '.join(preset_names()))", tmp_path
+        "from geovr.app.presets import preset_names; print(' '.join(preset_names()))", tmp_path
     )
     assert set(presets.split()) >= PRESETS

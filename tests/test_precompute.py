@@ -29,16 +29,16 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from geovr.pipeline.cli import _register_commands, app
+from geovr.app.cli import _register_commands, app
+from geovr.corpus.synth import SynthConfig, write_corpus
+from geovr.corpus.video import SamplingConfig, read_timestamps, sample_indices
 from geovr.pipeline.index import build_manifest, read_manifest
 from geovr.pipeline.precompute import check_committed_shards
-from geovr.pipeline.synth import SynthConfig, write_corpus
-from geovr.pipeline.teachers.vggt import VGGT, CheckpointError
-from geovr.pipeline.video import SamplingConfig, read_timestamps, sample_indices
 from geovr.teacher_cache.frames import decode_jpeg, student_frame_size
 from geovr.teacher_cache.schema import ClipLabels
 from geovr.teacher_cache.store import open_store
 from geovr.teacher_cache.verify import verify_store
+from geovr.teachers.vggt import VGGT, CheckpointError
 from tests.conftest import REFERENCE
 from tests.test_precompute_video import write_bad_inputs
 
@@ -295,7 +295,7 @@ def test_a_teacher_actor_that_fails_to_start_is_one_line(cluster: str, work: Pat
     )
     assert result.returncode == 2, output(result)
     assert error_lines(result) == [
-        f"error: the teacher actor failed to start: geovr.pipeline.teachers.vggt.CheckpointError: {expected.value}"
+        f"error: the teacher actor failed to start: geovr.teachers.vggt.CheckpointError: {expected.value}"
     ]
 
 

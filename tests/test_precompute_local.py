@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from geovr.corpus.synth import SynthConfig, render_probe, write_corpus
 from geovr.pipeline.driver_watchdog import POLL_S, descendants, process_table
 from geovr.pipeline.index import build_manifest
-from geovr.pipeline.synth import SynthConfig, write_corpus
-from geovr.pipeline.teachers.da3_metric import write_tiny_da3_metric
 from geovr.teacher_cache.store import open_store
 from geovr.teacher_cache.verify import verify_store
+from geovr.teachers.tiny import write_tiny_da3_metric
 from tests.test_precompute import TINY, fov_fixed_teacher, output, precompute_command, ray_env
 
 
@@ -28,7 +28,7 @@ def test_local_cluster_whole_path(tmp_path: Path) -> None:
     build_manifest([tmp_path / "corpus" / "videos"], manifest, TINY, clips_per_shard=1, workers=1)
     teacher = fov_fixed_teacher(tmp_path / "teacher")
     store = tmp_path / "store"
-    metric = write_tiny_da3_metric(tmp_path / "da3-metric-tiny", seed=0)
+    metric = write_tiny_da3_metric(tmp_path / "da3-metric-tiny", render_probe(0), seed=0)
     command = precompute_command(
         "local", manifest, store, teacher, "--clips-per-batch", "2", "--metric-teacher", str(metric)
     )

@@ -1,4 +1,4 @@
-"""Decoding and frame sampling (pipeline/video.py) and split-clip merging (pipeline/clip_split.py).
+"""Decoding and frame sampling (corpus/video.py) and split-clip merging (pipeline/clip_split.py).
 
 Real mp4/mkv files written with PyAV; geometry from the synthetic corpus's exact ground truth.
 Also provides `write_video` and `write_bad_inputs` to the other precompute tests.
@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from geovr.pipeline.clip_split import SplitError, merge_halves, split_point
-from geovr.pipeline.synth import SynthConfig, load_scene_gt, write_corpus
-from geovr.pipeline.video import (
+from geovr.corpus.synth import SynthConfig, load_scene_gt, write_corpus
+from geovr.corpus.video import (
     SamplingConfig,
     VideoError,
     decode_frames,
@@ -26,6 +25,7 @@ from geovr.pipeline.video import (
     select_space_aware,
     uniform_in_time,
 )
+from geovr.pipeline.clip_split import SplitError, merge_halves, split_point
 from geovr.teacher_cache.frames import (
     VIDEO_MAX_PIXELS,
     VIDEO_MIN_PIXELS,
@@ -282,8 +282,8 @@ def test_teacher_resize_in_decode_gives_identical_labels(tmp_path: Path, referen
     Each clip is labelled in its own teacher call of the same shape (one clip, 5 frames, 84x112): the
     labeler's numerics may differ between batch positions of one call, which is not what this checks.
     """
+    from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler
     from geovr.pipeline.precompute import decode_clip
-    from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler
 
     write_video(tmp_path / "a.mp4", smooth_frames(10, 120, 160), fps=4)
     policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=8).policy()
@@ -315,8 +315,8 @@ def test_teacher_resize_in_decode_gives_identical_labels(tmp_path: Path, referen
 
 def test_encode_task_records_labels_the_store_refuses(tmp_path: Path, reference_dir: Path) -> None:
     """Teacher output with an infinite focal length (tiny-a's random camera head: FoV 0) fails at "encode"."""
+    from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler
     from geovr.pipeline.precompute import decode_clip, encode_labels
-    from geovr.pipeline.teachers.labeler import TeacherConfig, TeacherLabeler
     from geovr.teacher_cache.codecs import CodecConfig
     from geovr.teacher_cache.codecs import decode_clip as decode_encoded
 
@@ -356,8 +356,8 @@ import av
 mode, root, video = sys.argv[1:]
 if mode == "clip":
     from geovr.pipeline.precompute import decode_clip
-    from geovr.pipeline.teachers import labeler  # noqa: F401  (decode_clip imports it: not part of the peak)
-    from geovr.pipeline.video import SamplingConfig
+    from geovr.teachers import labeler  # noqa: F401  (decode_clip imports it: not part of the peak)
+    from geovr.corpus.video import SamplingConfig
 
 def status(key):
     with open("/proc/self/status") as f:
@@ -463,8 +463,8 @@ ROTATIONS = {
 @pytest.mark.parametrize("degrees", list(ROTATIONS))
 def test_display_rotation_is_applied_at_decode_and_recorded(tmp_path: Path, degrees: int) -> None:
     from geovr.eval.vsibench import read_video_frames
+    from geovr.pipeline.labeler import teacher_size
     from geovr.pipeline.precompute import decode_clip
-    from geovr.pipeline.teachers.labeler import teacher_size
 
     stored = smooth_frames(10, 96, 160)
     stored[:, :24, :24] = 255  # a white stored top-left corner shows where the picture went

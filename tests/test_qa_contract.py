@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from geovr.corpus.synth import SynthConfig, write_corpus
 from geovr.pipeline.index import build_manifest, read_manifest
-from geovr.pipeline.synth import SynthConfig, write_corpus
 from geovr.student.data import DataConfig, join_qa
 from geovr.teacher_cache import qa
 from geovr.teacher_cache.qa import QAFileError, QARowError, normalise_video, parse_turns, read_rows, video_of

@@ -11,13 +11,13 @@ from safetensors import safe_open
 from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 from typer.testing import CliRunner
 
-from geovr.pipeline.cli import _register_commands, app
+from geovr.app.cli import _register_commands, app
+from geovr.app.presets import load_section
 from geovr.student.batch import collate_samples, make_sample
 from geovr.student.export import export_plain
 from geovr.student.model import CONFIG_FILE, HEADS_FILE, GeoVRStudent, StudentConfig
 from geovr.student.tiny import tiny_clip_labels, write_tiny_qwen3vl
 from geovr.student.vision_inputs import VideoPreprocess, build_video_prompt, video_inputs
-from geovr.teacher_cache.config import load_section
 from geovr.teacher_cache.schema import StoreFingerprint
 
 FINGERPRINT = StoreFingerprint(

@@ -10,12 +10,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from geovr.app.presets import load_section
 from geovr.student.batch import StudentBatch, collate_samples, make_sample
 from geovr.student.heads import DenseHead, dense_target_grid
 from geovr.student.model import GeoVRStudent, StudentConfig, map_teacher_layers
 from geovr.student.tiny import tiny_clip_labels, write_tiny_qwen3vl
 from geovr.student.vision_inputs import VideoPreprocess, video_inputs
-from geovr.teacher_cache.config import load_section
 from geovr.teacher_cache.schema import StoreFingerprint
 from geovr.teacher_cache.store import open_store, open_writer
 

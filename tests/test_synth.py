@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from geovr.pipeline.synth import (
+from geovr.app.presets import load_section
+from geovr.corpus.synth import (
     CAMERA_CLEARANCE,
     CATEGORIES,
     SynthConfig,
@@ -22,7 +23,7 @@ from geovr.pipeline.synth import (
     render_frame,
     write_corpus,
 )
-from geovr.teacher_cache.config import ConfigError, load_section
+from geovr.teacher_cache.config import ConfigError
 from geovr.teacher_cache.geometry import unproject_to_world
 from tests.conftest import SYNTH_TEST_CONFIG
 

@@ -12,7 +12,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
+from geovr.teachers.vggt import VGGT, VGGTConfig
 from tests.conftest import REFERENCE, REPO
 
 _spec = importlib.util.spec_from_file_location("vggt_flops", REPO / "bench" / "flops.py")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from geovr.pipeline.teachers.labeler import (
+from geovr.app.presets import load_section
+from geovr.pipeline.labeler import (
     VGGT_CHECKPOINT_FILES,
     TeacherConfig,
     TeacherLabeler,
@@ -18,7 +19,7 @@ from geovr.pipeline.teachers.labeler import (
     preprocess_clip,
     teacher_size,
 )
-from geovr.teacher_cache.config import ConfigError, load_section
+from geovr.teacher_cache.config import ConfigError
 from tests.conftest import REFERENCE
 
 TINY_VGGT = REFERENCE / "vggt" / "tiny-a"  # width 64, 4 stages, patch 14

@@ -140,7 +140,7 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_losses(workspace, uninter
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
-    from geovr.pipeline.cli import main
+    from geovr.app.cli import main
 
     old = sys.argv
     sys.argv = ["geovr-pipeline", *args]
@@ -229,11 +229,11 @@ def test_ray_train_launch_matches_torchrun(workspace, uninterrupted):
     losses as the torchrun run for the same steps."""
     import ray
 
+    from geovr.app.presets import load_section
     from geovr.student.data import DataConfig
     from geovr.student.model import StudentConfig
     from geovr.student.ray_train import train_with_ray
     from geovr.student.train import TrainConfig, TrainInputs
-    from geovr.teacher_cache.config import load_section
 
     settings = [*TRAIN_SETTINGS, "train.steps=2"]
     out = workspace["root"] / "run_ray"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from geovr.pipeline.teachers.vggt import VGGT, CheckpointError, VGGTConfig
 from geovr.teacher_cache.config import ConfigError
+from geovr.teachers.vggt import VGGT, CheckpointError, VGGTConfig
 
 TINY = ("tiny-a", "tiny-b")
 # Measured bf16-autocast deviation from the float32 reference on CPU (torch 2.13), as max|a-b|/max|b|:

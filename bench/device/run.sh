@@ -15,7 +15,7 @@ if [ ! -d "$site/geovr" ]; then
         tar -xJf "$archive" -C "$site"
     done
     # The repository's folders are the subpackages of the `geovr` namespace (as pyproject.toml maps them).
-    for package in pipeline teacher_cache student eval configs; do
+    for package in app eval pipeline student teachers corpus teacher_cache configs; do
         ln -s "$PWD/$package" "$site/geovr/$package"
     done
 fi
@@ -36,7 +36,7 @@ for name in ("ray", "av", "zarr", "numcodecs", "webdataset", "transformers", "xf
         print(name, importlib.import_module(name).__version__)
     except ImportError as err:
         print(name, "missing:", err)
-import geovr.pipeline.precompute, geovr.student.train, geovr.teacher_cache.store  # noqa: E401
+import geovr.app.cli, geovr.pipeline.precompute, geovr.student.train, geovr.teacher_cache.store  # noqa: E401
 print("geovr imports ok")
 PY
             ;;

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from geovr.pipeline.teachers.da3_metric import exact_quantile
 from geovr.teacher_cache.geometry import fit_scale
+from geovr.teachers.da3_metric import exact_quantile
 
 SCALE_FITS = ("least_squares", "robust")
 CANONICAL_FOCAL = 300.0

@@ -802,6 +802,21 @@ def write_corpus(out: str | Path, config: SynthConfig, progress: bool = False) -
     return scene_ids
 
 
+def render_probe(
+    seed: int = 0, scenes: int = 2, frames: int = 4, width: int = 112, height: int = 84
+) -> np.ndarray:
+    """(scenes, frames, height, width, 3) uint8 RGB frames of rendered rooms (no video written): the
+    calibration frames of the tiny metric teacher (`geovr.teachers.tiny.write_tiny_da3_metric`),
+    at its size by default. Scene i of `seed` is the corpus's scene i of that seed."""
+    cfg = SynthConfig(scenes=scenes, frames=frames, width=width, height=height, seed=seed)
+    return np.stack(
+        [
+            np.stack([frame.rgb for frame in render_scene(generate_scene(cfg, index))])
+            for index in range(scenes)
+        ]
+    )
+
+
 def read_corpus(path: str | Path) -> dict:
     """`corpus.json` of a corpus directory; ValueError if it is missing or of another format."""
     corpus_json = Path(path) / "corpus.json"

@@ -46,21 +46,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from geovr.pipeline.teachers.vggt import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, _check_state_dict
-from geovr.pipeline.teachers.vggt_heads import (
+from geovr.teacher_cache.config import ConfigError, from_dict, require
+from geovr.teachers.vggt import IMAGENET_MEAN, IMAGENET_STD, CheckpointError, _check_state_dict
+from geovr.teachers.vggt_heads import (
     chunked_interpolate,
     dpt_fuse,
     dpt_fusion_scratch,
     dpt_reassemble_layers,
 )
-from geovr.pipeline.teachers.vggt_layers import Block, ConvPatchEmbed, resize_position_embedding
-from geovr.teacher_cache.config import ConfigError, from_dict, require, to_dict
+from geovr.teachers.vggt_layers import Block, ConvPatchEmbed, resize_position_embedding
 
 PRESET = "da3metric-large"
 CHECKPOINT_PREFIX = "model."
@@ -351,70 +350,6 @@ def fill_sky_depth(depth: Tensor, sky: Tensor, threshold: float = SKY_THRESHOLD)
     return torch.where(non_sky, depth, far)
 
 
-def write_tiny_da3_metric(
-    out: str | Path,
-    seed: int = 0,
-    depth_mean: float = 12.0,
-    depth_gain: float = 20.0,
-    sky_fraction: float = 0.1,
-) -> Path:
-    """Write a tiny random DA3-Metric checkpoint directory (the reference's tiny sizes) in the Hub layout.
-
-    PyTorch's default initialisation (seeded; the global random state is left as it was), a random
-    position embedding, and the last convolution of each branch set so that the outputs vary over an
-    image as a trained model's do rather than being nearly constant: the depth branch's weights are
-    multiplied by `depth_gain` and its bias set so that the probe has mean canonical depth
-    `depth_mean` (at a focal length of 80 pixels, 12 is 3.2 m: a room); the sky branch's bias is set
-    so that `sky_fraction` of the probe's pixels are sky. The probe: frames of rendered synthetic
-    rooms (`_synthetic_probe`). The same `seed` writes the same files.
-
-    Returns `out`, which `DepthAnything3Metric.from_pretrained` loads.
-    """
-    cfg = DA3MetricConfig(
-        embed_dim=64,
-        depth=4,
-        num_heads=4,
-        out_layers=(0, 1, 2, 3),
-        dpt_features=32,
-        dpt_out_channels=(16, 32, 64, 64),
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DepthAnything3Metric(cfg)
-        encoder = model.backbone["pretrained"]
-        nn.init.trunc_normal_(encoder.pos_embed, std=0.02)
-        nn.init.normal_(encoder.cls_token, std=1e-6)
-    probe = _synthetic_probe(seed)
-    depth_out = model.head.scratch.output_conv2[-1]
-    sky_out = model.head.scratch.sky_output_conv2[-1]
-    with torch.no_grad():
-        depth_out.weight.mul_(depth_gain)
-        depth_out.bias.zero_()
-        sky_out.bias.fill_(1e3)  # the ReLU passes every logit: the quantile below sees them all
-        depth, sky_logit = model.predict(probe)
-        depth_out.bias.fill_(math.log(depth_mean) - float(depth.log().mean()))
-        sky_out.bias.fill_(1e3 + SKY_THRESHOLD - float(exact_quantile(sky_logit, 1.0 - sky_fraction)))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {CHECKPOINT_PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1) + "\n")
-    return out
-
-
-def _synthetic_probe(seed: int) -> Tensor:
-    """(2, 4, 3, 84, 112) frames in [0, 1] of two rendered synthetic rooms (`geovr.pipeline.synth`,
-    the demo's and the tests' corpus, at the tiny teacher size): a random network responds to
-    textured rooms quite differently from noise, so the outputs are calibrated on what it will see."""
-    from geovr.pipeline.synth import SynthConfig, generate_scene, render_scene
-
-    cfg = SynthConfig(scenes=2, frames=4, width=112, height=84, seed=seed)
-    clips = [
-        np.stack([frame.rgb for frame in render_scene(generate_scene(cfg, index))]) for index in range(2)
-    ]
-    return torch.from_numpy(np.stack(clips)).permute(0, 1, 4, 2, 3).float() / 255.0
-
-
 __all__ = [
     "CHECKPOINT_FILES",
     "SKY_THRESHOLD",
@@ -422,5 +357,4 @@ __all__ = [
     "DepthAnything3Metric",
     "exact_quantile",
     "fill_sky_depth",
-    "write_tiny_da3_metric",
 ]

@@ -1,4 +1,4 @@
-"""`geovr-pipeline synth`: write the procedural scene corpus (a thin wrapper over pipeline.synth)."""
+"""`geovr-pipeline synth`: write the procedural scene corpus (a thin wrapper over `corpus.synth`)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from geovr.pipeline.cli import DATA, UsageError, app
+from geovr.app.cli import DATA, UsageError, app
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -34,8 +34,8 @@ def synth(
     overrides: list[str] | None = typer.Option(None, "--set", help="override a value: synth.key=value"),
 ) -> None:
     """Render procedural indoor scenes to H.264 videos with exact depth, poses and object ground truth."""
-    from geovr.pipeline.synth import SynthConfig, write_corpus
-    from geovr.teacher_cache.config import load_section
+    from geovr.app.presets import load_section
+    from geovr.corpus.synth import SynthConfig, write_corpus
 
     width, height = parse_size(size) if size is not None else (None, None)
     config = load_section(

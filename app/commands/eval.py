@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import EVALUATION, app
+from geovr.app.cli import EVALUATION, app
 
 eval_app = typer.Typer(
     help="Evaluate models: VSI-Bench, scoring, geometry of the student heads.", no_args_is_help=True

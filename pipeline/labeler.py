@@ -69,11 +69,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from geovr.pipeline.teachers import da3_metric, metric_depth
-from geovr.pipeline.teachers.da3_metric import SKY_THRESHOLD, DepthAnything3Metric
-from geovr.pipeline.teachers.metric_depth import MetricDepthModel
-from geovr.pipeline.teachers.metric_scale import canonical_to_metric, clip_metric_scale
+from geovr.pipeline.metric_scale import canonical_to_metric, clip_metric_scale
 from geovr.teacher_cache.config import ConfigError, require, to_dict
+from geovr.teachers import da3_metric, metric_depth
+from geovr.teachers.da3_metric import SKY_THRESHOLD, DepthAnything3Metric
+from geovr.teachers.metric_depth import MetricDepthModel
 
 VGGT_CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
 """The files of a VGGT checkpoint directory that determine its outputs (hashed for the fingerprint)."""
@@ -314,7 +314,7 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
     """Check that the teacher settings fit the checkpoint's architecture, from its config file alone
     (no weights are read), so that the precompute driver can refuse a mismatch in one line before any
     actor starts. Raises `ConfigError` (or `FileNotFoundError`) naming the setting and the checkpoint."""
-    from geovr.pipeline.teachers.vggt import checkpoint_config
+    from geovr.teachers.vggt import checkpoint_config
 
     if cfg.checkpoint is None:
         raise ConfigError(
@@ -345,7 +345,7 @@ class TeacherLabeler:
     """VGGT (+ optional metric depth model) loaded once on `device`; labels clips in batches."""
 
     def __init__(self, cfg: TeacherConfig, device: torch.device | str = "cuda") -> None:
-        from geovr.pipeline.teachers.vggt import VGGT
+        from geovr.teachers.vggt import VGGT
 
         check_teacher_config(cfg)
         self.cfg = cfg

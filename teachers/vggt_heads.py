@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geovr.pipeline.teachers.vggt_layers import Block, Mlp
+from geovr.teachers.vggt_layers import Block, Mlp
 
 # F.interpolate indexes its output with 32-bit integers; the official head splits larger batches.
 _INTERPOLATE_MAX_ELEMENTS = 1_610_612_736

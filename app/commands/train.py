@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import STAGE_2, app
+from geovr.app.cli import STAGE_2, app
 
 
 @app.command("train", rich_help_panel=STAGE_2)
@@ -46,10 +46,10 @@ def train_command(
     """Train the student on cached teacher labels (DDP / FSDP2 under torchrun), with exact resume."""
     # Imported here: transformers and the student take seconds to import, which every other command
     # (and `--help`) would pay if they were module-level imports.
+    from geovr.app.presets import load_section
     from geovr.student.data import DataConfig
     from geovr.student.model import StudentConfig
     from geovr.student.train import TrainConfig, TrainInputs, train
-    from geovr.teacher_cache.config import load_section
 
     train_cfg = load_section(TrainConfig, "train", preset, overrides)
     root = str(corpus_root) if corpus_root is not None else None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import STAGE_1, app
+from geovr.app.cli import STAGE_1, app
 
 # Imported inside the commands: the store backends pull in zarr and webdataset, which would slow
 # down every `geovr-pipeline` invocation, `--help` included.

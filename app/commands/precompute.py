@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from geovr.pipeline.cli import STAGE_1, UsageError, app
+from geovr.app.cli import STAGE_1, UsageError, app
 
 PRESET_HELP = "config preset (tiny, vggt-1b, ...) or a YAML file"
 SET_HELP = "override a preset value: section.key=value (repeatable)"
@@ -33,9 +33,9 @@ def index(
     overrides: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Index videos into a clip manifest: probe, deduplicate across QA rows, assign shards."""
+    from geovr.app.presets import load_section
+    from geovr.corpus.video import SamplingConfig
     from geovr.pipeline.index import build_manifest
-    from geovr.pipeline.video import SamplingConfig
-    from geovr.teacher_cache.config import load_section
 
     policy = load_section(
         SamplingConfig,
@@ -92,9 +92,10 @@ def precompute(
     overrides: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Label every clip of the manifest with the teacher on Ray and commit the cache shards."""
+    from geovr.app.presets import load_section
+    from geovr.pipeline.labeler import TeacherConfig
     from geovr.pipeline.precompute import PrecomputeConfig, run_precompute
-    from geovr.pipeline.teachers.labeler import TeacherConfig
-    from geovr.teacher_cache.config import load_section, to_dict
+    from geovr.teacher_cache.config import to_dict
 
     sampling = [item for item in overrides or [] if item.strip().startswith("sampling.")]
     if sampling:  # the manifest's sampling policy is what precompute uses: an override would be ignored

@@ -50,8 +50,10 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from geovr.pipeline.teachers.vggt_heads import CameraHead, DPTHead, TrackHeadParameters
-from geovr.pipeline.teachers.vggt_layers import (
+from geovr.teacher_cache.config import ConfigError, from_dict, require, to_dict
+from geovr.teacher_cache.geometry import decode_pose
+from geovr.teachers.vggt_heads import CameraHead, DPTHead, TrackHeadParameters
+from geovr.teachers.vggt_layers import (
     ATTENTION_BACKENDS,
     Block,
     DinoPatchEmbed,
@@ -59,8 +61,6 @@ from geovr.pipeline.teachers.vggt_layers import (
     attention_kernel_context,
     xformers_available,
 )
-from geovr.teacher_cache.config import ConfigError, from_dict, require, to_dict
-from geovr.teacher_cache.geometry import decode_pose
 
 logger = logging.getLogger(__name__)
 

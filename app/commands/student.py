@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import STAGE_2, app
+from geovr.app.cli import STAGE_2, app
 
 
 @app.command("export", rich_help_panel=STAGE_2)

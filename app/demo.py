@@ -27,18 +27,8 @@ of the student against the teacher labels is set beside predictors that see no i
 constant and the training clips' mean depth map, both with the per-frame median alignment that
 `eval geometry` applies to the student, and without alignment (the training-set mean depth).
 
-The tiny teacher (`write_tiny_vggt`) is random but for two output rows. Field of view: a random
-camera head can output a zero field of view through VGGT's ReLU (an infinite focal length, which
-the store refuses), so the field-of-view rows of the pose branch's last layer are shrunk and their
-bias set so that the fields of view stay near `TINY_FOV` radians while still varying with the image.
-Depth: a random DPT head outputs an almost constant depth (log-depth varies by 0.3% over an image,
-nothing for a student to learn or for a constant predictor to lose to), so its log-depth row is
-scaled by `DEPTH_GAIN` (as a trained model's, depth then varies by tens of percent over an image)
-and its bias set so that a grey probe image has mean depth 1 (VGGT's normalised scene scale).
-The tiny metric teacher (`da3_metric.write_tiny_da3_metric`) is treated alike, on rendered rooms:
-its depth varies over an image, its mean is a room's size in metres at the tiny teacher's focal
-length, and about a tenth of the pixels are sky, so that every clip gets a valid scale (about 2.5
-metres per VGGT unit) from GeoVR's chain.
+The tiny teachers are random checkpoints written by `geovr.teachers.tiny` (its docstring says how
+their outputs are calibrated); the metric teacher is calibrated on rendered rooms of the corpus.
 """
 
 from __future__ import annotations
@@ -59,20 +49,18 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
+from geovr.app.presets import load_section
+from geovr.corpus.synth import SynthConfig, render_probe, write_corpus
+from geovr.corpus.video import SamplingConfig
 from geovr.eval.geometry_metrics import depth_metrics, evaluate_geometry, predict_clip
 from geovr.eval.inspect import inspect_clip
 from geovr.eval.questions import QuestionConfig, write_vsi_dataset
 from geovr.eval.vsibench import VSIBenchConfig, build_prompt, run_vsibench
 from geovr.pipeline.index import build_manifest
+from geovr.pipeline.labeler import TeacherConfig
 from geovr.pipeline.precompute import PrecomputeConfig, run_precompute
-from geovr.pipeline.synth import SynthConfig, write_corpus
-from geovr.pipeline.teachers.da3_metric import write_tiny_da3_metric
-from geovr.pipeline.teachers.labeler import TeacherConfig
-from geovr.pipeline.teachers.vggt import VGGT, VGGTConfig
-from geovr.pipeline.video import SamplingConfig
 from geovr.student.batch import camera_target, collate_samples, make_sample
 from geovr.student.data import DataConfig, QASample, join_qa
 from geovr.student.export import export_plain
@@ -81,17 +69,16 @@ from geovr.student.model import GeoVRStudent, StudentConfig
 from geovr.student.tiny import write_tiny_qwen3vl
 from geovr.student.train import TrainConfig, TrainInputs, seed_everything, train
 from geovr.student.vision_inputs import VideoPreprocess
-from geovr.teacher_cache.config import load_section, require, to_dict
+from geovr.teacher_cache.config import require, to_dict
 from geovr.teacher_cache.schema import ClipLabels
 from geovr.teacher_cache.store import open_store, open_writer
 from geovr.teacher_cache.verify import verify_store
+from geovr.teachers.tiny import write_tiny_da3_metric, write_tiny_vggt
 
 DEMO_MARKER = ".geovr-demo"  # an output directory holding it was written by the demo (safe to replace)
 SUMMARY_FORMAT_VERSION = 1
 GEOMETRIC_LOSSES = ("camera", "depth", "scale", "distill")
 TARGET_REDUCTION = 0.30  # issue 9: each held-out geometric loss at least 30% lower after training
-TINY_FOV = 1.2  # radians, the tiny teacher's fields of view (about 69 degrees)
-DEPTH_GAIN = 100.0  # the tiny teacher's log-depth row: a per-image std of about 0.35 (random init: 0.003)
 
 
 # The sizes of shared/reference/vggt/tiny-a (written here, not read from there: users may not have it).
@@ -140,39 +127,6 @@ class DemoConfig:
         require(self.heldout_rows_per_clip >= 1, "demo.heldout_rows_per_clip must be >= 1")
         require(self.vsibench_frames >= 1, "demo.vsibench_frames must be >= 1")
         require(self.vsibench_limit >= 0, "demo.vsibench_limit must be >= 0 (0: all questions)")
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiny teacher
-
-
-def write_tiny_vggt(out: str | Path, seed: int = 0, fov: float = TINY_FOV) -> Path:
-    """A random VGGT with the tiny-a sizes (camera and depth heads) as a checkpoint directory.
-
-    config.json + model.safetensors, loadable with `VGGT.from_pretrained(out)`; the same seed
-    writes the same weights. Two output rows are rescaled (module docstring): the fields of view
-    stay near `fov` radians, and the depth varies over the image around a mean of about 1.
-    """
-    cfg = VGGTConfig.tiny()
-    torch.manual_seed(seed)
-    model = VGGT(cfg, heads=cfg.heads).eval()
-    with torch.no_grad():
-        # pose_enc = [translation (3), quaternion (4), fields of view (2)]: rows 7 and 8. The head
-        # adds the branch's output once per refinement iteration, so a bias of fov / iterations sums to fov.
-        pose_out = model.camera_head.pose_branch.fc2
-        pose_out.weight[7:9] *= 0.1
-        pose_out.bias[7:9] = fov / model.camera_head.num_iterations
-        # Output channel 0 of the DPT head is log-depth; channel 1 the confidence.
-        depth_out = model.depth_head.scratch.output_conv2[-1]
-        depth_out.weight[0] *= DEPTH_GAIN
-        depth_out.bias[0] = 0.0
-        probe = torch.full((1, 2, 3, 4 * cfg.patch_size, 4 * cfg.patch_size), 0.5)
-        depth_out.bias[0] = -model(probe)["depth"].log().mean()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +481,7 @@ class DemoRun:
         )
         cfg = self.cfg
         plan = [
-            ("corpus", "synthetic indoor scenes (pipeline.synth)", self.write_corpus),
+            ("corpus", "synthetic indoor scenes (corpus.synth)", self.write_corpus),
             ("models", "tiny random teachers and student base, fixed seed", self.write_models),
             ("questions", "VSI-Bench-style questions from the scenes' 3D ground truth", self.write_questions),
             ("index", "clip manifest from the QA files", self.index),
@@ -574,7 +528,7 @@ class DemoRun:
         seed = self.cfg.seed
         self.teacher_dir = write_tiny_vggt(self.models / "vggt-tiny", seed)
         self.metric_dir = (
-            write_tiny_da3_metric(self.models / "da3-metric-tiny", seed=seed)
+            write_tiny_da3_metric(self.models / "da3-metric-tiny", render_probe(seed), seed=seed)
             if self.cfg.metric_depth
             else None
         )
@@ -841,7 +795,7 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         "",
         "**The models in this demo are tiny and random-initialised** (fixed seed): the teacher is a VGGT with",
         "the tiny-a sizes (width 64, 4 stages) and random weights (two output rows rescaled so that its fields",
-        "of view stay positive and its depth varies over the image: `pipeline/demo.py` says why),"
+        "of view stay positive and its depth varies over the image: `app/demo.py` says why),"
         + (" the metric-depth model a tiny random DA3-Metric," if cfg["metric_depth"] else "")
         + " the student",
         "a 4-layer Qwen3-VL of width 64 with random weights. Their labels and answers",

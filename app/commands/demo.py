@@ -1,4 +1,4 @@
-"""`geovr-pipeline demo`: the whole pipeline on CPU with tiny random models (a thin wrapper over pipeline.demo)."""
+"""`geovr-pipeline demo`: the whole pipeline on CPU with tiny random models (a thin wrapper over `app.demo`)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from geovr.pipeline.cli import DEMO, app
+from geovr.app.cli import DEMO, app
 
 
 @app.command(rich_help_panel=DEMO)
@@ -33,8 +33,8 @@ def demo(
     Synthetic corpus -> tiny teacher -> index -> precompute on a local Ray cluster -> train -> export
     -> eval vsibench / geometry -> inspect.
     """
-    from geovr.pipeline.demo import DemoConfig, run_demo
-    from geovr.teacher_cache.config import load_section
+    from geovr.app.demo import DemoConfig, run_demo
+    from geovr.app.presets import load_section
 
     cfg = load_section(
         DemoConfig,

@@ -53,7 +53,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def _register_commands() -> None:
-    from geovr.pipeline import commands  # noqa: F401  (registers the commands on `app`)
+    from geovr.app import commands  # noqa: F401  (registers the commands on `app`)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""geovr.corpus: video probing, decoding and frame sampling, and the synthetic scene corpus (renderer, reader, scene types)."""
