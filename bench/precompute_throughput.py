@@ -45,10 +45,11 @@ from safetensors.torch import save_file
 from geovr.app.presets import load_section
 from geovr.corpus.synth import SynthConfig, write_corpus
 from geovr.corpus.video import SamplingConfig
+from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
 from geovr.pipeline.index import build_manifest, read_manifest
-from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler, teacher_size
-from geovr.pipeline.precompute import PrecomputeConfig, decode_clip, run_precompute
-from geovr.teacher_cache.config import to_dict
+from geovr.pipeline.labeler import TeacherLabeler, teacher_size
+from geovr.pipeline.precompute import run_precompute
+from geovr.pipeline.tasks import decode_clip
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 from geovr.teachers.vggt import VGGT, VGGTConfig
 
@@ -189,7 +190,7 @@ def main() -> None:
 
     store = args.work / "store"
     shutil.rmtree(store, ignore_errors=True)
-    result = run_precompute(manifest, store, to_dict(teacher), cfg, "local", console)
+    result = run_precompute(manifest, store, teacher, cfg, "local", console)
     timings = result.timings
     frames = result.counts.frames
     steady = frames / (timings["wall_s"] - timings["actor_startup_s"])

@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler
+from geovr.pipeline.config import TeacherConfig
+from geovr.pipeline.labeler import TeacherLabeler
 from geovr.teachers.vggt import VGGT, VGGTConfig
 from geovr.teachers.vggt_layers import ATTENTION_BACKENDS, xformers_available
 

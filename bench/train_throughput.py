@@ -43,17 +43,15 @@ import torch
 from PIL import Image, ImageDraw
 
 from geovr.app.presets import load_section
-from geovr.student.data import DataConfig, StudentSampleBuilder, TrainLoader, join_qa, student_collator
-from geovr.student.model import GeoVRStudent, StudentConfig
+from geovr.student.config import DataConfig, StudentConfig
+from geovr.student.data import StudentSampleBuilder, TrainLoader, join_qa, student_collator
+from geovr.student.model import GeoVRStudent
 from geovr.student.tiny import build_tiny_tokenizer, tiny_qwen3vl_config, write_tiny_qwen3vl
-from geovr.student.train import (
-    DistEnv,
-    TrainConfig,
-    accumulate_gradients,
-    build_optimizer,
-    clip_and_check,
-    peak_flops_per_device,
-)
+from geovr.student.training.config import TrainConfig
+from geovr.student.training.distributed import DistEnv
+from geovr.student.training.flops import peak_flops_per_device
+from geovr.student.training.optimizer import build_optimizer, clip_and_check
+from geovr.student.training.step import accumulate_gradients
 from geovr.teacher_cache.frames import encode_jpeg
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint, clip_id_for
 from geovr.teacher_cache.store import open_store, open_writer

@@ -106,3 +106,22 @@ def write_vsibench_report(out: Path, summary: dict[str, Any]) -> dict[str, Path]
     paths["table"].write_text(vsibench_table(summary))
     vsibench_chart(summary, paths["chart"])
     return paths
+
+
+def answer_examples(base_dir: Path, student_dir: Path, count: int = 6) -> list[dict[str, Any]]:
+    """The first `count` questions of `eval vsibench` with both models' answers."""
+
+    def predictions(path: Path) -> dict[Any, dict[str, Any]]:
+        rows = (json.loads(line) for line in (path / "predictions.jsonl").read_text().splitlines() if line)
+        return {row["id"]: row for row in rows}
+
+    base, student = predictions(base_dir), predictions(student_dir)
+    return [
+        {
+            "question_type": row["question_type"],
+            "ground_truth": row["ground_truth"],
+            "base": base[qid]["prediction"] if qid in base else None,
+            "student": row["prediction"],
+        }
+        for qid, row in list(student.items())[:count]
+    ]

@@ -19,8 +19,8 @@ Two evaluation profiles (`--profile`, `PROFILES`), the two published protocols:
 `--frames`, `--parser`, `--max-new-tokens` and `--max-frame-tokens` override a profile's value.
 
 Per question:
-- frames: N frames sampled uniformly, indices round(linspace(0, total - 1, n)), decoded with PyAV
-  and rotated as players show them (the stream's display matrix), n = min(N, total) for lmms-eval
+- frames: N frames sampled uniformly, indices round(linspace(0, total - 1, n)), decoded by `geovr.corpus.video`
+  (the one decoder of the pipeline) and rotated as players show them (the stream's display matrix), n = min(N, total) for lmms-eval
   (qwen-vl-utils), n = N for geovr (transformers' sampler repeats frames of a video shorter than
   N); resized as the Qwen3-VL processor sizes a whole clip (`teacher_cache.frames.student_frame_size`)
   under the clip budget `max_frame_tokens` * 32 * 32 * t_bar pixels (t_bar: n rounded up to even)
@@ -59,6 +59,7 @@ import torch
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress
 
+from geovr.corpus.video import VideoError, decode_frames, read_timestamps
 from geovr.eval.report import vsibench_summary, write_vsibench_report
 from geovr.eval.scoring import MCA_QUESTION_TYPES, NA_QUESTION_TYPES, PARSERS, QUESTION_TYPES, score_rows
 from geovr.student.vision_inputs import (
@@ -68,12 +69,7 @@ from geovr.student.vision_inputs import (
     build_video_prompt,
     video_inputs,
 )
-from geovr.teacher_cache.frames import (
-    VIDEO_MIN_PIXELS,
-    display_rotated,
-    resize_frames,
-    student_frame_size,
-)
+from geovr.teacher_cache.frames import VIDEO_MIN_PIXELS, resize_frames, student_frame_size
 
 PRE_PROMPT = "These are frames of a video."
 NA_POST_PROMPT = "Please answer the question using a single word or phrase."
@@ -282,36 +278,13 @@ def sample_indices(total_frames: int, num_frames: int, cap: bool = True) -> np.n
     return np.round(np.linspace(0, total_frames - 1, count)).astype(np.int64)
 
 
-def _count_frames(path: Path) -> int:
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for packet in container.demux(stream) if packet.size)
-
-
 def read_video_frames(path: Path, num_frames: int, cap: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Uniformly sampled frames (`sample_indices`) as displayed: (S, H, W, 3) uint8 RGB and (S,) seconds."""
-    total = _count_frames(path)
-    if total == 0:
-        raise ValueError(f"{path}: video has no frames")
-    for _ in range(2):  # a second pass when the container's frame count was wrong
-        wanted = sample_indices(total, num_frames, cap)
-        keep = set(wanted.tolist())
-        frames, times, decoded = {}, {}, 0
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            fps = float(stream.average_rate or 1)
-            for index, frame in enumerate(container.decode(stream)):
-                decoded = index + 1
-                if index in keep:
-                    frames[index] = display_rotated(frame.to_ndarray(format="rgb24"), frame.rotation)
-                    times[index] = float(frame.time) if frame.time is not None else index / fps
-        if len(frames) == len(keep):
-            return np.stack([frames[i] for i in wanted]), np.array([times[i] for i in wanted])
-        total = decoded
-    raise ValueError(f"{path}: could not decode the sampled frames")
+    """Uniformly sampled frames (`sample_indices` over the stream's frames) as players show them,
+    decoded by `geovr.corpus.video`: (S, H, W, 3) uint8 RGB and (S,) seconds from the first frame.
+    Raises `VideoError` for a video that cannot be read."""
+    pts, seconds = read_timestamps(path)
+    decoded = decode_frames(path, sample_indices(len(pts), num_frames, cap), (pts, seconds))
+    return decoded.outputs[0], decoded.seconds
 
 
 # ---------------------------------------------------------------------------------------------
@@ -471,78 +444,14 @@ def run_vsibench(
     out_dir.mkdir(parents=True, exist_ok=True)
     predictions_path = out_dir / "predictions.jsonl"
     answered = _open_predictions(predictions_path)
-    other_frames = {row.get("frames") for row in answered.values()} - {cfg.frames}
-    if other_frames:
-        raise ValueError(
-            f"{predictions_path}: answered with {sorted(other_frames, key=str)} frames, this run uses "
-            f"{cfg.frames}; resume with the same --frames or choose another --out"
-        )
-    # Rows written before these options existed were answered with "repeat" and lmms-eval's protocol.
-    for key, option, legacy in (
-        ("frame_pairing", "--frame-pairing", "repeat"),
-        ("profile", "--profile", "lmms-eval"),
-    ):
-        used = getattr(cfg, key)
-        other = {row.get(key, legacy) for row in answered.values()} - {used}
-        if other:
-            raise ValueError(
-                f"{predictions_path}: answered with {key.replace('_', ' ')} {sorted(other)}, this run uses "
-                f"{used!r}; resume with the same {option} or choose another --out"
-            )
-
-    pending = [row for row in rows if row["id"] not in answered]
-    videos: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in pending:  # group by video, keeping the order of first appearance
-        videos.setdefault((row["dataset"], row["scene_name"]), []).append(row)
-    pending = [row for group in videos.values() for row in group]
+    _check_resumable(answered, cfg, predictions_path)
+    pending = _pending_by_video(rows, answered)
     console.print(
         f"VSI-Bench: {len(rows)} questions, {len(rows) - len(pending)} answered before, {len(pending)} to ask"
     )
-
-    cache = _FrameCache(cfg)
-    batch: list[tuple[dict[str, Any], VideoQuestion]] = []
-    progress = Progress(
-        *Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=True
-    )
-    task = progress.add_task("answering", total=len(pending))
-    with predictions_path.open("a") as out, progress:
-
-        def flush() -> None:
-            nonlocal generator
-            if not batch:
-                return
-            if generator is None:
-                generator = Qwen3VLGenerator(model_dir, cfg)
-            torch.manual_seed(batch_seed(cfg.seed, [row["id"] for row, _ in batch]))
-            answers = generator.generate([request for _, request in batch])
-            for (row, _), answer in zip(batch, answers, strict=True):
-                record = {key: row[key] for key in RECORD_FIELDS} | {
-                    "prediction": answer,
-                    "frames": cfg.frames,
-                    "frame_pairing": cfg.frame_pairing,
-                    "profile": cfg.profile,
-                }
-                out.write(json.dumps(record) + "\n")
-                answered[row["id"]] = record
-            out.flush()
-            os.fsync(out.fileno())
-            progress.advance(task, len(batch))
-            batch.clear()
-
-        for row in pending:
-            video = data_dir / row["dataset"] / f"{row['scene_name']}.mp4"
-            try:
-                frames, times = cache.get(video)
-                request = VideoQuestion(frames, times, cfg.spec.prompt(row))
-            except (OSError, ValueError, av.error.FFmpegError) as err:
-                errors.append({"id": row["id"], "reason": str(err)})
-                progress.advance(task)
-                continue
-            batch.append((row, request))
-            if len(batch) == cfg.batch_size:
-                flush()
-        flush()
-
+    answerer = _Answerer(model_dir, data_dir, cfg, generator, answered, errors)
+    with predictions_path.open("a") as out:
+        answerer.answer(pending, out)
     wanted = {row["id"] for row in rows}
     scored, score_errors = score_rows([answered[i] for i in answered if i in wanted], cfg.parser)
     errors += score_errors
@@ -562,6 +471,99 @@ def run_vsibench(
     )
     write_vsibench_report(out_dir, summary)
     return summary
+
+
+def _check_resumable(answered: dict[Any, dict[str, Any]], cfg: VSIBenchConfig, path: Path) -> None:
+    """Refuse to add answers of other frames, pairing or profile to a predictions file."""
+    other_frames = {row.get("frames") for row in answered.values()} - {cfg.frames}
+    if other_frames:
+        raise ValueError(
+            f"{path}: answered with {sorted(other_frames, key=str)} frames, this run uses "
+            f"{cfg.frames}; resume with the same --frames or choose another --out"
+        )
+    # Rows written before these options existed were answered with "repeat" and lmms-eval's protocol.
+    for key, option, legacy in (
+        ("frame_pairing", "--frame-pairing", "repeat"),
+        ("profile", "--profile", "lmms-eval"),
+    ):
+        used = getattr(cfg, key)
+        other = {row.get(key, legacy) for row in answered.values()} - {used}
+        if other:
+            raise ValueError(
+                f"{path}: answered with {key.replace('_', ' ')} {sorted(other)}, this run uses "
+                f"{used!r}; resume with the same {option} or choose another --out"
+            )
+
+
+def _pending_by_video(rows: list[dict[str, Any]], answered: dict[Any, Any]) -> list[dict[str, Any]]:
+    """The rows not answered yet, grouped by video in the order of first appearance."""
+    videos: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["id"] not in answered:
+            videos.setdefault((row["dataset"], row["scene_name"]), []).append(row)
+    return [row for group in videos.values() for row in group]
+
+
+class _Answerer:
+    """Asks the pending questions in batches of `cfg.batch_size` and appends each answered batch to
+    the predictions file at once (fsynced: a killed run resumes after it); a question whose video
+    cannot be read is an error row."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        data_dir: Path,
+        cfg: VSIBenchConfig,
+        generator: Generator | None,
+        answered: dict[Any, dict[str, Any]],
+        errors: list[dict[str, Any]],
+    ) -> None:
+        self.model_dir, self.data_dir, self.cfg = model_dir, data_dir, cfg
+        self.generator, self.answered, self.errors = generator, answered, errors
+        self.cache = _FrameCache(cfg)
+        self.batch: list[tuple[dict[str, Any], VideoQuestion]] = []
+
+    def answer(self, pending: list[dict[str, Any]], out: Any) -> None:
+        progress = Progress(
+            *Progress.get_default_columns(), MofNCompleteColumn(), console=console, transient=True
+        )
+        task = progress.add_task("answering", total=len(pending))
+        with progress:
+            for row in pending:
+                video = self.data_dir / row["dataset"] / f"{row['scene_name']}.mp4"
+                try:
+                    frames, times = self.cache.get(video)
+                    self.batch.append((row, VideoQuestion(frames, times, self.cfg.spec.prompt(row))))
+                except (OSError, ValueError, VideoError, av.error.FFmpegError) as err:
+                    self.errors.append({"id": row["id"], "reason": str(err)})
+                    progress.advance(task)
+                    continue
+                if len(self.batch) == self.cfg.batch_size:
+                    progress.advance(task, self.flush(out))
+            progress.advance(task, self.flush(out))
+
+    def flush(self, out: Any) -> int:
+        """Answer and record the batch; returns how many questions it held."""
+        if not self.batch:
+            return 0
+        cfg = self.cfg
+        if self.generator is None:
+            self.generator = Qwen3VLGenerator(self.model_dir, cfg)
+        torch.manual_seed(batch_seed(cfg.seed, [row["id"] for row, _ in self.batch]))
+        answers = self.generator.generate([request for _, request in self.batch])
+        for (row, _), answer in zip(self.batch, answers, strict=True):
+            record = {key: row[key] for key in RECORD_FIELDS} | {
+                "prediction": answer,
+                "frames": cfg.frames,
+                "frame_pairing": cfg.frame_pairing,
+                "profile": cfg.profile,
+            }
+            out.write(json.dumps(record) + "\n")
+            self.answered[row["id"]] = record
+        out.flush()
+        os.fsync(out.fileno())
+        count, self.batch = len(self.batch), []
+        return count
 
 
 def batch_seed(seed: int, ids: Sequence[Any]) -> int:

@@ -61,7 +61,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,84 +69,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from geovr.pipeline.config import TeacherConfig
 from geovr.pipeline.metric_scale import canonical_to_metric, clip_metric_scale
-from geovr.teacher_cache.config import ConfigError, require, to_dict
+from geovr.teacher_cache.config import ConfigError, to_dict
 from geovr.teachers import da3_metric, metric_depth
 from geovr.teachers.da3_metric import SKY_THRESHOLD, DepthAnything3Metric
 from geovr.teachers.metric_depth import MetricDepthModel
 
 VGGT_CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
 """The files of a VGGT checkpoint directory that determine its outputs (hashed for the fingerprint)."""
-
-
-@dataclass
-class TeacherConfig:
-    """Section `teacher` of the presets.
-
-    Attributes:
-        checkpoint: VGGT checkpoint: a directory (config.json + model.safetensors), a bare
-            model.safetensors, or the official model.pt. Required to build a labeler.
-        name: teacher name recorded in the store fingerprint.
-        image_long_side: the teacher image's longer side in pixels (GeoVR: 504).
-        size_multiple: the shorter side is rounded to a multiple of this (2 patches, so the
-            patch grid pools 2x2 exactly).
-        feature_layers: aggregator layers whose frame-attention patch tokens are stored.
-        dtype: "bfloat16" (autocast) or "float32".
-        attention: "sdpa" (PyTorch's kernel choice), "cudnn" (SDPA with cuDNN's fused attention
-            first) or "xformers" (when installed).
-        dpt_head_autocast: run the DPT depth head under the bf16 autocast (True) or in fp32.
-        compile: `torch.compile` the model (GPU runs with many calls of one shape).
-        dpt_frame_chunk: frames per DPT-head chunk (None: all at once).
-        max_frames_per_call: at most this many frames (clips x frames) per forward pass.
-        metric_checkpoint: local metric-depth checkpoint directory, or None for no metric scale.
-        metric_teacher: what `metric_checkpoint` holds: "da3-metric" (DA3METRIC-LARGE, GeoVR's
-            scale teacher) or "depth-anything-v2" (a Depth Anything V2 Metric directory).
-        metric_fit: "least_squares" (GeoVR's plain fit) or "robust" (`geometry.fit_scale`).
-        metric_sky_fraction: Depth Anything V2 only: metric depth at or beyond this fraction of the
-            model's max depth is sky (DA3-Metric has a sky output).
-        metric_min_pixels: fewer pixels in the scale fit (non-sky, confident, positive depths) than
-            this: scale invalid.
-        metric_frames_per_call: frames per metric-depth forward pass.
-    """
-
-    checkpoint: Path | None = None
-    name: str = "vggt-1b"
-    image_long_side: int = 504
-    size_multiple: int = 28
-    feature_layers: tuple[int, ...] = (4, 11, 17, 23)
-    dtype: Literal["bfloat16", "float32"] = "bfloat16"
-    attention: Literal["sdpa", "cudnn", "xformers"] = "sdpa"
-    dpt_head_autocast: bool = True
-    compile: bool = False
-    dpt_frame_chunk: int | None = 8
-    max_frames_per_call: int = 64
-    metric_checkpoint: Path | None = None
-    metric_teacher: Literal["da3-metric", "depth-anything-v2"] = "da3-metric"
-    metric_fit: Literal["least_squares", "robust"] = "least_squares"
-    metric_sky_fraction: float = 0.95
-    metric_min_pixels: int = 1000
-    metric_frames_per_call: int = 16
-
-    def validate(self) -> None:
-        require(
-            self.size_multiple > 0 and self.size_multiple % 2 == 0,
-            "teacher.size_multiple must be a positive even number",
-        )
-        require(
-            self.image_long_side > 0 and self.image_long_side % self.size_multiple == 0,
-            f"teacher.image_long_side ({self.image_long_side}) must be a positive multiple of "
-            f"teacher.size_multiple ({self.size_multiple})",
-        )
-        require(len(self.feature_layers) > 0, "teacher.feature_layers must name at least one layer")
-        require(all(layer >= 0 for layer in self.feature_layers), "teacher.feature_layers must be >= 0")
-        require(
-            self.dpt_frame_chunk is None or self.dpt_frame_chunk > 0,
-            "teacher.dpt_frame_chunk must be positive",
-        )
-        require(self.max_frames_per_call > 0, "teacher.max_frames_per_call must be positive")
-        require(0.0 < self.metric_sky_fraction <= 1.0, "teacher.metric_sky_fraction must be in (0, 1]")
-        require(self.metric_min_pixels >= 16, "teacher.metric_min_pixels must be at least 16")
-        require(self.metric_frames_per_call > 0, "teacher.metric_frames_per_call must be positive")
 
 
 @dataclass

@@ -68,450 +68,41 @@ metadata records the split.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import ray
 from rich.console import Console
 from rich.markup import escape
 
-from geovr.corpus.video import (
-    SamplingConfig,
-    VideoError,
-    decode_frames,
-    duration_of,
-    num_sampled_frames,
-    read_timestamps,
-    sample_indices,
-    select_space_aware,
-)
-from geovr.pipeline.clip_split import SplitError, labels_to_dict, merge_halves, split_point
+from geovr.corpus.video import SamplingConfig
+from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
 from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
 from geovr.pipeline.index import Manifest, read_manifest
 from geovr.pipeline.progress import PrecomputeProgress, RunCounts, summary_table
+from geovr.pipeline.tasks import TeacherActor, decode_clip, encode_labels, write_shard
 from geovr.teacher_cache import __version__
-from geovr.teacher_cache.config import from_dict, require, to_dict
-from geovr.teacher_cache.frames import (
-    VIDEO_MAX_PIXELS,
-    VIDEO_MIN_PIXELS,
-    encode_jpeg,
-    student_frame_size,
-)
+from geovr.teacher_cache.config import to_dict
 from geovr.teacher_cache.lease import StoreLease, acquire_lease
-from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint
+from geovr.teacher_cache.records import ClipFailure, write_failures, write_run_record
+from geovr.teacher_cache.schema import StoreFingerprint
+from geovr.teacher_cache.store import StoreWriter, open_store, open_writer
 
 # Batches queued per teacher actor (and its threads): the next batch's frames are fetched, and the
 # last batch's labels stored, while the current one runs.
 ACTOR_QUEUE = 2
 # The run stops when this many clips (or all, when fewer) come out of the teacher non-finite before
-# any comes out finite (`Precompute._check_teacher_output` says why).
+# any comes out finite (`Scheduler.check_teacher_output` says why).
 NONFINITE_STOP_CLIPS = 4
 
 
-@dataclass
-class PrecomputeConfig:
-    """Section `precompute` of the presets (CLI options override it).
-
-    Attributes:
-        format: store format, "zarr" or "wds".
-        device: "cuda" (one GPU per teacher actor) or "cpu" (tests, demo).
-        num_actors: teacher actors; 0 = one per GPU of the cluster (cuda) or 1 (cpu).
-        clips_per_batch: clips per teacher call.
-        decode_workers: decode tasks in flight at most; 0 = the cluster's CPUs not held by actors.
-        decode_cpus: CPUs reserved per decode task.
-        actor_cpus: CPUs reserved per teacher actor (its torch threads on --device cpu).
-        max_inflight_shards: shards open at once; 0 = enough to queue two batches on every actor,
-            plus two shards being encoded and written.
-        max_failure_ratio: exit non-zero when failed / all clips of the store is above this.
-        max_teacher_frames: clips with more frames are labelled as overlapping halves (0: never;
-            out-of-memory splits happen regardless).
-        video_max_pixels, video_min_pixels: the student frames' clip pixel budget, as the Qwen3-VL video
-            processor applies it (`frames.student_frame_size`; GeoVR: 32 * 300 * 32 * 32 and
-            4 * 16 * 32 * 32): the cache stores the frames at the size the student feeds.
-        jpeg_quality: quality of the stored student frames.
-        max_actor_restarts: Ray restarts of a crashed teacher actor before its batches fail.
-    """
-
-    format: Literal["zarr", "wds"] = "zarr"
-    device: Literal["cuda", "cpu"] = "cuda"
-    num_actors: int = 0
-    clips_per_batch: int = 4
-    decode_workers: int = 0
-    decode_cpus: float = 1.0
-    actor_cpus: float = 1.0
-    max_inflight_shards: int = 0
-    max_failure_ratio: float = 0.01
-    max_teacher_frames: int = 0
-    video_max_pixels: int = VIDEO_MAX_PIXELS
-    video_min_pixels: int = VIDEO_MIN_PIXELS
-    jpeg_quality: int = 90
-    max_actor_restarts: int = 2
-
-    def validate(self) -> None:
-        require(self.num_actors >= 0, f"precompute.num_actors must be >= 0, got {self.num_actors}")
-        require(
-            self.clips_per_batch >= 1, f"precompute.clips_per_batch must be >= 1, got {self.clips_per_batch}"
-        )
-        require(
-            self.decode_workers >= 0, f"precompute.decode_workers must be >= 0, got {self.decode_workers}"
-        )
-        require(self.decode_cpus > 0 and self.actor_cpus > 0, "precompute.decode_cpus/actor_cpus must be > 0")
-        require(self.max_inflight_shards >= 0, "precompute.max_inflight_shards must be >= 0")
-        require(
-            0.0 <= self.max_failure_ratio <= 1.0,
-            f"precompute.max_failure_ratio must be in [0, 1], got {self.max_failure_ratio}",
-        )
-        require(
-            self.max_teacher_frames == 0 or self.max_teacher_frames >= 3,
-            "precompute.max_teacher_frames must be 0 (no limit) or at least 3",
-        )
-        require(
-            0 < self.video_min_pixels <= self.video_max_pixels,
-            f"precompute.video_min_pixels ({self.video_min_pixels}) must be in (0, video_max_pixels "
-            f"({self.video_max_pixels})]",
-        )
-        require(
-            1 <= self.jpeg_quality <= 100,
-            f"precompute.jpeg_quality must be in [1, 100], got {self.jpeg_quality}",
-        )
-
-
 # ----------------------------------------------------------------------------------------------
-# Decode (CPU task)
-
-
-def _failure(stage: str, reason: str) -> dict[str, Any]:
-    return {"ok": False, "stage": stage, "reason": reason}
-
-
-def decode_clip(
-    video: str,
-    corpus_root: str,
-    policy: dict[str, Any],
-    video_max_pixels: int,
-    video_min_pixels: int,
-    jpeg_quality: int,
-    teacher_resize: tuple[int, int] | None = None,
-) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any] | None]:
-    """Sample and decode one clip; the body of the `decode_clip` Ray task.
-
-    Every frame is resized as it is decoded (`video.decode_frames`), to the student size and the
-    teacher size, so the task's memory follows those sizes (bound in `decode_frames`): the student
-    frames at `frames.student_frame_size` of the clip's kept frames under the clip budget
-    (`video_max_pixels`, `video_min_pixels`: GeoVR's processor settings), PIL bicubic, JPEG-encoded.
-
-    `teacher_resize` = (long side, multiple): the teacher's frames at the teacher size, with the
-    labeler's own rule and resampling (`teacher_size`, PIL bicubic from uint8). The labeler then finds
-    them at its size and PIL leaves same-size images untouched, so the labels are bit-identical, the
-    GPU actor skips the resize, and the object store carries teacher-size frames instead of
-    source-size ones (10x less for 1080p). Not used with the Depth Anything V2 metric teacher, which
-    reads the source frames (DA3-Metric reads the teacher's): then the task also holds the S
-    source-size frames.
-
-    Returns (status, frames, info):
-        status: {"ok": True, "frames": S decoded, "keep": frames to keep, "decode_s"} or a failure
-            {"ok": False, "stage", "reason"}.
-        frames: (S, H, W, 3) uint8 RGB for the teacher (the candidates for space-aware sampling),
-            at the displayed source size or at the teacher size (`teacher_resize`).
-        info: frame_indices (S,) int64, timestamps (S,) float64, frames_jpeg (S student JPEGs), meta.
-    """
-    started = time.perf_counter()
-    path = Path(corpus_root) / video
-    cfg = SamplingConfig.from_policy(policy)
-
-    def output_sizes(height: int, width: int) -> list[tuple[int, int]]:
-        teacher_hw = (height, width)
-        if teacher_resize is not None:
-            from geovr.pipeline.labeler import teacher_size
-
-            teacher_hw = teacher_size(height, width, *teacher_resize)
-        return [teacher_hw, student_frame_size(keep, height, width, video_max_pixels, video_min_pixels)]
-
-    try:
-        pts, seconds = read_timestamps(path)
-        indices = sample_indices(seconds, cfg, video)
-        keep = len(indices)
-        if cfg.method == "space_aware":
-            keep = num_sampled_frames(duration_of(seconds), len(seconds), cfg)
-        decoded = decode_frames(path, indices, (pts, seconds), output_sizes)
-    except VideoError as err:
-        return _failure(err.stage, str(err)), None, None
-    except Exception as err:  # an unexpected decoder error must not stop the run
-        return _failure("decode", f"{type(err).__name__}: {err}"), None, None
-    frames, student_frames = decoded.outputs
-    height, width = decoded.source_hw
-    info = {
-        "frame_indices": indices.astype(np.int64),
-        "timestamps": decoded.seconds.astype(np.float64),
-        "frames_jpeg": [encode_jpeg(f, jpeg_quality) for f in student_frames],
-        "meta": {
-            "source_size": [int(width), int(height)],
-            "rotation": decoded.rotation,
-            "source_frames": len(seconds),
-            "source_fps": (len(seconds) - 1) / float(seconds[-1]) if seconds[-1] > 0 else 0.0,
-            "student_size": [int(student_frames.shape[2]), int(student_frames.shape[1])],
-        },
-    }
-    status = {
-        "ok": True,
-        "frames": len(indices),
-        "keep": int(keep),
-        "decode_s": time.perf_counter() - started,
-    }
-    return status, frames, info
-
-
-# ----------------------------------------------------------------------------------------------
-# Teacher (GPU actor)
-
-
-class TeacherActor:
-    """One teacher per actor, loaded once; `label` labels a batch of decoded clips.
-
-    `label(jobs, *clips)` returns `[statuses, labels_0, ..., labels_{n-1}]` (call it with
-    `num_returns = n + 1`): statuses[i] is {"ok", "frames", "split", ...} or a failure, labels_i the
-    clip's `clip_split.labels_to_dict` dict (plus "selected" for space-aware clips) or None.
-    """
-
-    def __init__(self, teacher: dict[str, Any], device: str, max_teacher_frames: int, threads: int) -> None:
-        import torch
-
-        from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler
-
-        if device == "cpu":
-            torch.set_num_threads(max(1, threads))
-        self.labeler = TeacherLabeler(from_dict(TeacherConfig, teacher, where="teacher"), device)
-        self.max_teacher_frames = max_teacher_frames
-        self.device_lock = threading.Lock()  # one batch on the device at a time
-
-    def fingerprint_parts(self) -> dict[str, Any]:
-        return self.labeler.fingerprint_parts()
-
-    def label(self, jobs: list[dict[str, Any]], *clips: np.ndarray) -> list[Any]:
-        with self.device_lock:
-            return self._label_locked(jobs, clips)
-
-    def _label_locked(self, jobs: list[dict[str, Any]], clips: tuple[np.ndarray, ...]) -> list[Any]:
-        started = time.perf_counter()
-        results = self._label_many(list(clips))
-        # Space-aware clips: choose `keep` of the candidates from their reconstruction, then label
-        # the chosen frames on their own (the teacher sees exactly the frames that are stored).
-        chosen: dict[int, np.ndarray] = {}
-        for i, job in enumerate(jobs):
-            result = results[i]
-            if job.get("voxel_size") and isinstance(result, dict) and job["keep"] < len(clips[i]):
-                chosen[i] = select_space_aware(
-                    result["depth"],
-                    result["depth_conf"],
-                    result["extrinsic"],
-                    result["intrinsic"],
-                    result["teacher_hw"],
-                    job["keep"],
-                    job["voxel_size"],
-                )
-        if chosen:
-            order = sorted(chosen)
-            relabelled = self._label_many([clips[i][chosen[i]] for i in order])
-            for i, result in zip(order, relabelled, strict=True):
-                if isinstance(result, dict):
-                    result["selected"] = chosen[i]
-                results[i] = result
-        elapsed = time.perf_counter() - started
-        statuses: list[dict[str, Any]] = []
-        labels: list[dict[str, Any] | None] = []
-        for result in results:
-            nonfinite = nonfinite_outputs(result) if isinstance(result, dict) else None
-            if isinstance(result, dict) and not nonfinite:
-                frames = int(result["extrinsic"].shape[0])
-                statuses.append({"ok": True, "frames": frames, "split": bool(result.get("split"))})
-                labels.append(result)
-            elif nonfinite:
-                statuses.append(
-                    {**_failure("teacher", f"non-finite teacher output {nonfinite}"), "nonfinite": True}
-                )
-                labels.append(None)
-            else:
-                statuses.append(_failure("teacher", f"{type(result).__name__}: {result}"))
-                labels.append(None)
-        statuses[0]["teacher_s"] = elapsed  # the batch's busy time, reported once
-        return [statuses, *labels]
-
-    def _label_many(self, clips: list[np.ndarray]) -> list[dict[str, Any] | Exception]:
-        """Label clips in one teacher call where possible; a clip that does not fit is split."""
-        from geovr.pipeline.labeler import TeacherOOM
-
-        results: list[dict[str, Any] | Exception | None] = [None] * len(clips)
-        todo = []
-        for i, clip in enumerate(clips):
-            if self.max_teacher_frames and len(clip) > self.max_teacher_frames:
-                results[i] = self._split_or_error(clip)
-            else:
-                todo.append(i)
-        while todo:
-            try:
-                labelled = self.labeler.label([clips[i] for i in todo])
-            except TeacherOOM as err:
-                results[todo[err.clip_index]] = self._split_or_error(clips[todo[err.clip_index]])
-                del todo[err.clip_index]
-                continue
-            except Exception as err:
-                if len(todo) == 1:
-                    results[todo[0]] = err
-                else:  # find the clip at fault: the others still get labelled
-                    for i in todo:
-                        results[i] = self._label_many([clips[i]])[0]
-                todo = []
-                continue
-            for i, labels in zip(todo, labelled, strict=True):
-                results[i] = labels_to_dict(labels)
-            todo = []
-        return results  # type: ignore[return-value]
-
-    def _split_or_error(self, clip: np.ndarray) -> dict[str, Any] | Exception:
-        try:
-            m = split_point(len(clip))
-            first, second = self._label_many([clip[: m + 1], clip[m:]])
-            for part in (first, second):
-                if isinstance(part, Exception):
-                    return part
-            return merge_halves(first, second)  # type: ignore[arg-type]
-        except SplitError as err:
-            return err
-
-
-# Teacher outputs that must be finite for a clip to be stored (the scale may be NaN: not valid).
-LABEL_OUTPUTS = ("pose_enc", "extrinsic", "intrinsic", "depth", "depth_conf", "features")
-
-
-def nonfinite_outputs(labels: dict[str, Any]) -> str:
-    """The teacher outputs of one clip's labels that hold non-finite values, with the likely cause
-    where it is known ("" when all are finite), e.g. "intrinsic (the camera head's field of view is 0
-    in 5 of 5 frames: an infinite focal length)"."""
-    names = [name for name in LABEL_OUTPUTS if not np.isfinite(labels[name]).all()]
-    if not names:
-        return ""
-    zero_fov = int((labels["pose_enc"][:, 7:9] <= 0).any(axis=1).sum())
-    if "intrinsic" in names and zero_fov:
-        frames = len(labels["pose_enc"])
-        return (
-            f"{', '.join(names)} (the camera head's field of view is 0 in {zero_fov} of {frames} frames: "
-            "an infinite focal length)"
-        )
-    return ", ".join(names)
-
-
-# ----------------------------------------------------------------------------------------------
-# Shard writer (CPU task)
-
-
-def assemble_clip(row: dict[str, Any], info: dict[str, Any], labels: dict[str, Any]) -> ClipLabels:
-    """ClipLabels of one clip from its decode `info` and teacher `labels` (see `TeacherActor.label`)."""
-    indices, times, jpegs = info["frame_indices"], info["timestamps"], info["frames_jpeg"]
-    meta = dict(info["meta"])
-    meta["teacher_size"] = [int(labels["teacher_hw"][1]), int(labels["teacher_hw"][0])]
-    selected = labels.get("selected")
-    if selected is not None:
-        meta["space_aware"] = {
-            "candidate_frame_indices": [int(i) for i in indices],
-            "selected": [int(i) for i in selected],
-        }
-        indices, times, jpegs = indices[selected], times[selected], [jpegs[int(i)] for i in selected]
-    if labels.get("split"):
-        meta["split"] = labels["split"]
-    clip = ClipLabels(
-        clip_id=row["clip_id"],
-        video=row["video"],
-        frame_indices=np.asarray(indices, dtype=np.int64),
-        timestamps=np.asarray(times, dtype=np.float64),
-        frames_jpeg=list(jpegs),
-        pose_enc=labels["pose_enc"].astype(np.float32),
-        extrinsic=labels["extrinsic"].astype(np.float32),
-        intrinsic=labels["intrinsic"].astype(np.float32),
-        depth=labels["depth"].astype(np.float32),
-        depth_conf=labels["depth_conf"].astype(np.float32),
-        scale=float(labels["scale"]),
-        scale_valid=bool(labels["scale_valid"]),
-        features=labels["features"].astype(np.float32),
-        meta=meta,
-    )
-    clip.validate()
-    return clip
-
-
-def encode_labels(
-    row: dict[str, Any], info: dict[str, Any], labels: dict[str, Any], codecs: Any
-) -> tuple[dict[str, Any], Any]:
-    """Body of the `encode_labels` Ray task: one labelled clip -> its stored form (`EncodedClip`).
-
-    Encoding per clip, on CPU workers, as soon as the teacher is done: the float32 labels (about
-    4 MB of features per VGGT-1B frame) leave the object store early and the shard writer only
-    concatenates ~7x smaller encoded clips. Returns (status, encoded clip or None); labels the
-    store's codecs refuse (non-finite values, bad shapes) fail at stage "encode".
-    """
-    from geovr.teacher_cache.codecs import encode_clip
-
-    started = time.perf_counter()
-    try:
-        encoded = encode_clip(assemble_clip(row, info, labels), codecs)
-    except ValueError as err:  # SchemaError names the clip and the field
-        return _failure("encode", str(err)), None
-    status = {
-        "ok": True,
-        "frames": int(encoded.num_frames),
-        "split": bool(labels.get("split")),
-        "scale_valid": bool(labels["scale_valid"]),
-        "encode_s": time.perf_counter() - started,
-    }
-    return status, encoded
-
-
-def write_shard(
-    store: str,
-    fingerprint: dict[str, Any],
-    store_format: str,
-    shard: str,
-    encoded_refs: list[Any],
-    failures: list[dict[str, Any]],
-    keep_stored: bool,
-    lease_token: str,
-) -> dict[str, Any]:
-    """Body of the `write_shard` Ray task: commit one shard whole, clips in clip-id (manifest) order.
-
-    `encoded_refs`: object refs of the shard's `EncodedClip`s, fetched here, not by the driver.
-    `keep_stored` (retry-failed): the clips the store already holds for this shard are kept as
-    stored bytes (rewritten bit for bit) beside the newly labelled ones. `lease_token`: the run's
-    store lease (held by the driver), checked before the commit.
-    """
-    from geovr.teacher_cache.store import open_store, open_writer
-
-    started = time.perf_counter()
-    encoded = {clip.clip_id: clip for clip in ray.get(list(encoded_refs))}
-    writer = open_writer(
-        Path(store), StoreFingerprint.from_json(fingerprint), store_format, lease_token=lease_token
-    )
-    committed = writer.is_committed(shard)
-    if committed and not keep_stored:  # a retried task whose first try committed
-        return {"shard": shard, "clips": len(encoded), "write_s": time.perf_counter() - started}
-    if keep_stored:
-        for clip in open_store(store).iter_shard_encoded(shard):
-            encoded.setdefault(clip.clip_id, clip)
-    # keep_stored: the new version replaces the committed one atomically (the store's commit protocol).
-    record = writer.write_encoded_shard(
-        shard, [encoded[k] for k in sorted(encoded)], failures, replace=keep_stored
-    )
-    return {"shard": shard, "clips": record["num_clips"], "write_s": time.perf_counter() - started}
-
-
-# ----------------------------------------------------------------------------------------------
-# Driver
+# What the driver tracks: clips, shards, batches, and the events it waits for
 
 
 @dataclass
@@ -523,13 +114,16 @@ class _Clip:
     encoded_ref: Any = None
     keep: int = 0
 
+    def failure(self, stage: str, reason: str) -> ClipFailure:
+        return ClipFailure(self.row["clip_id"], self.row["video"], stage, reason)
+
 
 @dataclass
 class _Shard:
     shard_id: str
     clips: list[_Clip]
     keep_stored: bool = False
-    failures: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[ClipFailure] = field(default_factory=list)
     next_to_batch: int = 0  # clips before this index are resolved (decoded or failed) and batched
     forming: list[_Clip] = field(default_factory=list)
     writing: bool = False
@@ -543,6 +137,52 @@ class _Batch:
     shard: _Shard
     clips: list[_Clip]
     attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A clip's decode task finished (the event of its status ref)."""
+
+    shard: _Shard
+    clip: _Clip
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """A teacher call finished: `label_refs` hold each clip's labels."""
+
+    batch: _Batch
+    actor: int
+    label_refs: list[Any]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A clip's encode task finished."""
+
+    shard: _Shard
+    clip: _Clip
+
+
+@dataclass(frozen=True)
+class Written:
+    """A shard's write task finished (committed, or failed)."""
+
+    shard: _Shard
+
+
+Event = Decoded | Labelled | Encoded | Written
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The run's resolved sizes (module docstring, "Backpressure")."""
+
+    actors: int
+    decode_workers: int
+    max_shards: int  # shards open at once
+    max_waiting: int  # decoded clips waiting for a teacher, plus decodes in flight
+    teacher_resize: tuple[int, int] | None  # (long side, multiple): teacher frames resized at decode
 
 
 def check_committed_shards(
@@ -604,14 +244,19 @@ def connect_ray(address: str | None, cpus: int | None = None) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------------------
+# The run: actors, fingerprint, plan, the scheduler, the records at the end
+
+
 class Precompute:
-    """One precompute run: builds the actors, schedules decode/label/write, writes run.json."""
+    """One precompute run: starts the teacher actors, fingerprints the store, plans the shards, runs
+    the `Scheduler` and writes the store's run records (`teacher_cache.records`)."""
 
     def __init__(
         self,
         manifest: Manifest,
         store: Path,
-        teacher: dict[str, Any],
+        teacher: TeacherConfig,
         cfg: PrecomputeConfig,
         console: Console,
         lease: StoreLease,
@@ -630,7 +275,6 @@ class Precompute:
         self.sampling = SamplingConfig.from_policy(manifest.sampling)
         self.counts = RunCounts()
         self.timings: dict[str, float] = {"decode_s": 0.0, "teacher_s": 0.0, "encode_s": 0.0, "write_s": 0.0}
-        self.teacher_clips = {"finite": 0, "nonfinite": 0}  # clips the teacher returned, by output
 
     # -- setup ---------------------------------------------------------------------------------
 
@@ -676,14 +320,12 @@ class Precompute:
             metric_teacher=parts["metric_teacher"],
             preprocess=preprocess,
             sampling=self.manifest.sampling,
-            feature_layers=tuple(int(x) for x in self.teacher["feature_layers"]),
+            feature_layers=tuple(int(x) for x in self.teacher.feature_layers),
             code_version=__version__,
         )
 
     def _plan(self, writer: Any) -> list[_Shard]:
         """The shards this run labels: uncommitted ones, or with --retry-failed the failed clips of committed ones."""
-        from geovr.teacher_cache.store import open_store
-
         committed = set(writer.committed_shards())
         by_shard = self.manifest.shards()
         self.counts.shards_total = len(by_shard)
@@ -710,6 +352,22 @@ class Precompute:
         self.counts.clips_todo = sum(len(s.clips) for s in shards)
         return shards
 
+    def limits(self, actors: int) -> Limits:
+        cfg = self.cfg
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        decode_workers = cfg.decode_workers or max(
+            1, int((cpus - actors * cfg.actor_cpus) // cfg.decode_cpus)
+        )
+        # Enough open shards to queue two batches per actor, plus two being encoded and written.
+        max_shards = cfg.max_inflight_shards or (
+            math.ceil(2 * actors * cfg.clips_per_batch / max(self.manifest.clips_per_shard, 1)) + 2
+        )
+        # Depth Anything V2 reads the source frames; VGGT and DA3-Metric read the teacher-size ones.
+        teacher = self.teacher
+        v2 = teacher.metric_checkpoint is not None and teacher.metric_teacher == "depth-anything-v2"
+        resize = None if v2 else (int(teacher.image_long_side), int(teacher.size_multiple))
+        return Limits(actors, decode_workers, max_shards, 2 * cfg.clips_per_batch * actors, resize)
+
     # -- run -----------------------------------------------------------------------------------
 
     def run(self) -> RunResult:
@@ -721,14 +379,7 @@ class Precompute:
             for actor in actors:
                 ray.kill(actor)
 
-    def _warn(self, message: str) -> None:
-        warn_line(self.console, message)
-
     def _run(self, actors: list[Any], started: float) -> RunResult:
-        from geovr.teacher_cache.store import open_writer
-
-        cfg = self.cfg
-        num_actors = len(actors)
         try:
             parts = ray.get(actors[0].fingerprint_parts.remote())
         except ray.exceptions.RayActorError as err:
@@ -741,188 +392,229 @@ class Precompute:
         self.timings["actor_startup_s"] = time.perf_counter() - started
         fingerprint = self.fingerprint(parts)
         # Refuses a different fingerprint; removes what killed writers left (under the run's lease).
-        writer = open_writer(self.store, fingerprint, cfg.format, lease=self.lease)
+        writer = open_writer(self.store, fingerprint, self.cfg.format, lease=self.lease)
         shards = self._plan(writer)
+        limits = self.limits(len(actors))
+        Scheduler(self, actors, writer, limits).run(shards)
+        self.timings["wall_s"] = time.perf_counter() - started
+        return self._finish(limits)
 
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        decode_workers = cfg.decode_workers or max(
-            1, int((cpus - num_actors * cfg.actor_cpus) // cfg.decode_cpus)
+    def warn(self, message: str) -> None:
+        warn_line(self.console, message)
+
+    # -- end of run ----------------------------------------------------------------------------
+
+    def _finish(self, limits: Limits) -> RunResult:
+        """`failures.jsonl` and `run.json` (`teacher_cache.records`), the summary table, the result."""
+        reader = open_store(self.store)
+        failures = reader.failures()
+        stored = len(reader.clip_ids())
+        total = stored + len(failures)
+        ratio = len(failures) / total if total else 0.0
+        write_failures(self.store, failures)
+        exit_code = 1 if ratio > self.cfg.max_failure_ratio else 0
+        counts = self.counts
+        resolved = {
+            "num_actors": limits.actors,
+            "decode_workers": limits.decode_workers,
+            "max_inflight_shards": limits.max_shards,
+        }
+        record = {
+            "config": {
+                **self.config_record,
+                "precompute": to_dict(self.cfg),
+                "teacher": to_dict(self.teacher),
+                "sampling": self.manifest.sampling,
+                "resolved": resolved,
+                "retry_failed": self.retry_failed,
+            },
+            "timings": self.timings,
+            "counts": {
+                **{k: v for k, v in vars(counts).items()},
+                "store_clips": stored,
+                "store_failures": len(failures),
+                "store_failure_ratio": ratio,
+            },
+            "exit_code": exit_code,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_run_record(self.store, record)
+        self.console.print(summary_table(counts, self.timings, ratio))
+        return RunResult(counts, self.timings, ratio, stored, len(failures), exit_code)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scheduler: decode, label, encode and write tasks in flight, one typed event per object ref
+
+
+class Scheduler:
+    """The event loop of one run (module docstring: data flow, batches, backpressure).
+
+    Every object ref the driver waits for maps to its typed event (`Decoded`, `Labelled`, `Encoded`,
+    `Written`); `handle` dispatches on the event's type. A clip that cannot be used becomes a
+    `ClipFailure` on its shard (`fail`), which the shard's write task commits into the store.
+    """
+
+    def __init__(self, run: Precompute, actors: list[Any], writer: StoreWriter, limits: Limits) -> None:
+        cfg = run.cfg
+        self.run_, self.actors, self.writer, self.limits, self.cfg = run, actors, writer, limits, cfg
+        self.counts, self.timings = run.counts, run.timings
+        self.decode_task = ray.remote(decode_clip).options(
+            num_returns=3, num_cpus=cfg.decode_cpus, max_retries=1
         )
-        # Enough open shards to queue two batches per actor, plus two being encoded and written.
-        max_shards = cfg.max_inflight_shards or (
-            math.ceil(2 * num_actors * cfg.clips_per_batch / max(self.manifest.clips_per_shard, 1)) + 2
-        )
-        max_waiting = 2 * cfg.clips_per_batch * num_actors
-        decode_task = ray.remote(decode_clip).options(num_returns=3, num_cpus=cfg.decode_cpus, max_retries=1)
-        encode_task = ray.remote(encode_labels).options(
+        self.encode_task = ray.remote(encode_labels).options(
             num_returns=2, num_cpus=cfg.decode_cpus, max_retries=1
         )
-        write_task = ray.remote(write_shard).options(num_cpus=0, max_retries=2)
-        fingerprint_json = fingerprint.to_json()
+        self.write_task = ray.remote(write_shard).options(num_cpus=0, max_retries=2)
+        self.fingerprint_json = writer.fingerprint.to_json()
+        self.voxel_size = run.sampling.voxel_size if run.sampling.method == "space_aware" else 0.0
+        self.queue: deque[_Shard] = deque()
+        self.active: list[_Shard] = []
+        self.batches: deque[_Batch] = deque()
+        self.load = [0] * limits.actors  # batches queued on each actor (at most ACTOR_QUEUE)
+        self.pending: dict[Any, Event] = {}
+        self.decoding = 0
+        self.waiting = 0  # decoded clips whose frames wait for a teacher
+        self.teacher_clips = {"finite": 0, "nonfinite": 0}  # clips the teacher returned, by output
 
-        queue = deque(shards)
-        active: list[_Shard] = []
-        batches: deque[_Batch] = deque()
-        load = [0] * num_actors  # batches queued on each actor (at most ACTOR_QUEUE)
-        pending: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, payload)
-        decoding = 0
-        waiting = 0  # decoded clips whose frames wait for a teacher
-        space_aware = self.sampling.method == "space_aware"
-        # Depth Anything V2 reads the source frames; VGGT and DA3-Metric read the teacher-size ones.
-        teacher_resize = (
-            None
-            if self.teacher.get("metric_checkpoint")
-            and self.teacher.get("metric_teacher") == "depth-anything-v2"
-            else (int(self.teacher["image_long_side"]), int(self.teacher["size_multiple"]))
-        )
-
-        def fail(shard: _Shard, clip: _Clip, stage: str, reason: str) -> None:
-            clip.state = "failed"
-            clip.frames_ref = clip.info_ref = clip.encoded_ref = None
-            shard.failures.append(
-                {"clip_id": clip.row["clip_id"], "video": clip.row["video"], "stage": stage, "reason": reason}
-            )
-            self.counts.clips_failed += 1
-            self.counts.failures_by_stage[stage] = self.counts.failures_by_stage.get(stage, 0) + 1
-
-        def form_batches(shard: _Shard) -> None:
-            """Batch the shard's decoded clips in manifest order once every earlier clip is resolved."""
-            while shard.next_to_batch < len(shard.clips):
-                clip = shard.clips[shard.next_to_batch]
-                if clip.state in ("pending", "decoding"):
-                    break
-                if clip.state == "decoded":
-                    shard.forming.append(clip)
-                shard.next_to_batch += 1
-                if len(shard.forming) == cfg.clips_per_batch:
-                    batches.append(_Batch(shard, shard.forming))
-                    shard.forming = []
-            if shard.next_to_batch == len(shard.clips) and shard.forming:
-                batches.append(_Batch(shard, shard.forming))
-                shard.forming = []
-
-        def submit_decodes() -> None:
-            nonlocal decoding
-            while queue and len(active) < max_shards:
-                shard = queue.popleft()
-                active.append(shard)
-                for clip in shard.clips:
-                    if clip.row["status"] != "ok":
-                        fail(shard, clip, "index", clip.row["reason"] or clip.row["status"])
-                form_batches(shard)
-            for shard in active:
-                for clip in shard.clips:
-                    if decoding >= decode_workers or waiting + decoding >= max_waiting:
-                        return
-                    if clip.state != "pending":
-                        continue
-                    status, frames, info = decode_task.remote(
-                        clip.row["video"],
-                        str(self.manifest.corpus_root),
-                        self.manifest.sampling,
-                        cfg.video_max_pixels,
-                        cfg.video_min_pixels,
-                        cfg.jpeg_quality,
-                        teacher_resize,
-                    )
-                    clip.state, clip.frames_ref, clip.info_ref = "decoding", frames, info
-                    pending[status] = ("decode", (shard, clip))
-                    decoding += 1
-
-        def dispatch_batches() -> None:
-            nonlocal waiting
-            while batches and min(load) < ACTOR_QUEUE:
-                batch = batches.popleft()
-                actor = load.index(min(load))
-                load[actor] += 1
-                jobs = [
-                    {
-                        "clip_id": c.row["clip_id"],
-                        "keep": c.keep,
-                        "voxel_size": self.sampling.voxel_size if space_aware else 0.0,
-                    }
-                    for c in batch.clips
-                ]
-                refs = (
-                    actors[actor]
-                    .label.options(num_returns=len(batch.clips) + 1)
-                    .remote(jobs, *[c.frames_ref for c in batch.clips])
-                )
-                for c in batch.clips:
-                    c.state = "labelling"
-                pending[refs[0]] = ("label", (batch, actor, refs[1:]))
-
-        def submit_writes() -> None:
-            for shard in list(active):
-                if shard.writing or not shard.complete():
-                    continue
-                ref = write_task.remote(
-                    str(self.store),
-                    fingerprint_json,
-                    cfg.format,
-                    shard.shard_id,
-                    [c.encoded_ref for c in shard.clips if c.state == "done"],
-                    shard.failures,
-                    shard.keep_stored,
-                    self.lease.token,
-                )
-                shard.writing = True
-                pending[ref] = ("write", shard)
-
-        progress = PrecomputeProgress(self.console, self.counts, num_actors)
+    def run(self, shards: list[_Shard]) -> None:
+        self.queue.extend(shards)
+        progress = PrecomputeProgress(self.run_.console, self.counts, self.limits.actors)
         with progress:
-            submit_decodes()
-            submit_writes()  # shards whose clips all failed at indexing
-            while pending or batches or queue:
-                self.lease.check()  # a run whose lease was taken over stops
-                dispatch_batches()
-                ready, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            self.submit_decodes()
+            self.submit_writes()  # shards whose clips all failed at indexing
+            while self.pending or self.batches or self.queue:
+                self.run_.lease.check()  # a run whose lease was taken over stops
+                self.dispatch_batches()
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=1.0)
                 for ref in ready:
-                    kind, payload = pending.pop(ref)
-                    if kind == "decode":
-                        decoding -= 1
-                        self._on_decoded(ref, *payload, fail)
-                        if payload[1].state == "decoded":
-                            waiting += 1
-                        form_batches(payload[0])
-                    elif kind == "label":
-                        batch, actor, label_refs = payload
-                        waiting -= self._on_labelled(ref, batch, fail, batches)
-                        load[actor] -= 1
-                        for clip, label_ref in zip(batch.clips, label_refs, strict=True):
-                            if clip.state == "encoding":
-                                status, clip.encoded_ref = encode_task.remote(
-                                    clip.row, clip.info_ref, label_ref, writer.codecs
-                                )
-                                clip.info_ref = None  # the encode task holds it until it has run
-                                pending[status] = ("encode", (batch.shard, clip))
-                    elif kind == "encode":
-                        self._on_encoded(ref, *payload, fail)
-                    else:
-                        self._on_written(ref, payload)
-                        active.remove(payload)
-                submit_decodes()
-                submit_writes()
-                progress.update(sum(1 for n in load if n))
+                    self.handle(ref, self.pending.pop(ref))
+                self.submit_decodes()
+                self.submit_writes()
+                progress.update(sum(1 for n in self.load if n))
 
-        self.timings["wall_s"] = time.perf_counter() - started
-        return self._finish(decode_workers, max_shards, num_actors)
+    def handle(self, ref: Any, event: Event) -> None:
+        match event:
+            case Decoded(shard, clip):
+                self.decoding -= 1
+                self.on_decoded(ref, shard, clip)
+                if clip.state == "decoded":
+                    self.waiting += 1
+                self.form_batches(shard)
+            case Labelled(batch, actor, label_refs):
+                self.waiting -= self.on_labelled(ref, batch)
+                self.load[actor] -= 1
+                for clip, label_ref in zip(batch.clips, label_refs, strict=True):
+                    if clip.state == "encoding":
+                        status, clip.encoded_ref = self.encode_task.remote(
+                            clip.row, clip.info_ref, label_ref, self.writer.codecs
+                        )
+                        clip.info_ref = None  # the encode task holds it until it has run
+                        self.pending[status] = Encoded(batch.shard, clip)
+            case Encoded(shard, clip):
+                self.on_encoded(ref, shard, clip)
+            case Written(shard):
+                self.on_written(ref, shard)
+                self.active.remove(shard)
 
-    # -- event handlers ------------------------------------------------------------------------
+    def fail(self, shard: _Shard, clip: _Clip, failure: ClipFailure) -> None:
+        clip.state = "failed"
+        clip.frames_ref = clip.info_ref = clip.encoded_ref = None
+        shard.failures.append(failure)
+        self.counts.clips_failed += 1
+        stages = self.counts.failures_by_stage
+        stages[failure.stage] = stages.get(failure.stage, 0) + 1
 
-    def _on_decoded(self, ref: Any, shard: _Shard, clip: _Clip, fail: Any) -> None:
+    # -- submitting work -----------------------------------------------------------------------
+
+    def form_batches(self, shard: _Shard) -> None:
+        """Batch the shard's decoded clips in manifest order once every earlier clip is resolved."""
+        while shard.next_to_batch < len(shard.clips):
+            clip = shard.clips[shard.next_to_batch]
+            if clip.state in ("pending", "decoding"):
+                break
+            if clip.state == "decoded":
+                shard.forming.append(clip)
+            shard.next_to_batch += 1
+            if len(shard.forming) == self.cfg.clips_per_batch:
+                self.batches.append(_Batch(shard, shard.forming))
+                shard.forming = []
+        if shard.next_to_batch == len(shard.clips) and shard.forming:
+            self.batches.append(_Batch(shard, shard.forming))
+            shard.forming = []
+
+    def submit_decodes(self) -> None:
+        while self.queue and len(self.active) < self.limits.max_shards:
+            shard = self.queue.popleft()
+            self.active.append(shard)
+            for clip in shard.clips:
+                if clip.row["status"] != "ok":
+                    self.fail(shard, clip, clip.failure("index", clip.row["reason"] or clip.row["status"]))
+            self.form_batches(shard)
+        cfg, manifest = self.cfg, self.run_.manifest
+        for shard in self.active:
+            for clip in shard.clips:
+                if (
+                    self.decoding >= self.limits.decode_workers
+                    or self.waiting + self.decoding >= self.limits.max_waiting
+                ):
+                    return
+                if clip.state != "pending":
+                    continue
+                status, frames, info = self.decode_task.remote(
+                    clip.row["video"], str(manifest.corpus_root), manifest.sampling, cfg.video_max_pixels,
+                    cfg.video_min_pixels, cfg.jpeg_quality, self.limits.teacher_resize,
+                )  # fmt: skip
+                clip.state, clip.frames_ref, clip.info_ref = "decoding", frames, info
+                self.pending[status] = Decoded(shard, clip)
+                self.decoding += 1
+
+    def dispatch_batches(self) -> None:
+        while self.batches and min(self.load) < ACTOR_QUEUE:
+            batch = self.batches.popleft()
+            actor = self.load.index(min(self.load))
+            self.load[actor] += 1
+            jobs = [
+                {"clip_id": c.row["clip_id"], "keep": c.keep, "voxel_size": self.voxel_size}
+                for c in batch.clips
+            ]
+            refs = (
+                self.actors[actor]
+                .label.options(num_returns=len(batch.clips) + 1)
+                .remote(jobs, *[c.frames_ref for c in batch.clips])
+            )
+            for c in batch.clips:
+                c.state = "labelling"
+            self.pending[refs[0]] = Labelled(batch, actor, refs[1:])
+
+    def submit_writes(self) -> None:
+        for shard in list(self.active):
+            if shard.writing or not shard.complete():
+                continue
+            ref = self.write_task.remote(
+                str(self.run_.store), self.fingerprint_json, self.cfg.format, shard.shard_id,
+                [c.encoded_ref for c in shard.clips if c.state == "done"], shard.failures,
+                shard.keep_stored, self.run_.lease.token,
+            )  # fmt: skip
+            shard.writing = True
+            self.pending[ref] = Written(shard)
+
+    # -- events --------------------------------------------------------------------------------
+
+    def on_decoded(self, ref: Any, shard: _Shard, clip: _Clip) -> None:
         try:
             status = ray.get(ref)
         except ray.exceptions.RayError as err:  # the worker died (e.g. a decoder crash)
-            fail(shard, clip, "decode", f"decode task failed: {type(err).__name__}: {str(err)[:300]}")
+            reason = f"decode task failed: {type(err).__name__}: {str(err)[:300]}"
+            self.fail(shard, clip, clip.failure("decode", reason))
             return
         if not status["ok"]:
-            fail(shard, clip, status["stage"], status["reason"])
+            self.fail(shard, clip, clip.failure(status["stage"], status["reason"]))
             return
         self.timings["decode_s"] += status["decode_s"]
         clip.state, clip.keep = "decoded", status["keep"]
 
-    def _on_labelled(self, ref: Any, batch: _Batch, fail: Any, batches: deque) -> int:
+    def on_labelled(self, ref: Any, batch: _Batch) -> int:
         """Handle a finished teacher call; returns how many decoded clips left the waiting set."""
         try:
             statuses = ray.get(ref)
@@ -931,26 +623,26 @@ class Precompute:
             if batch.attempts <= self.cfg.max_actor_restarts:
                 for c in batch.clips:
                     c.state = "decoded"
-                batches.appendleft(batch)
+                self.batches.appendleft(batch)
                 return 0
             for c in batch.clips:
-                fail(batch.shard, c, "teacher", f"teacher actor died: {str(err)[:300]}")
+                self.fail(batch.shard, c, c.failure("teacher", f"teacher actor died: {str(err)[:300]}"))
             return len(batch.clips)
         except ray.exceptions.RayError as err:
             for c in batch.clips:
-                fail(batch.shard, c, "teacher", f"{type(err).__name__}: {str(err)[:300]}")
+                self.fail(batch.shard, c, c.failure("teacher", f"{type(err).__name__}: {str(err)[:300]}"))
             return len(batch.clips)
         self.timings["teacher_s"] += statuses[0].get("teacher_s", 0.0)
         for clip, status in zip(batch.clips, statuses, strict=True):
             clip.frames_ref = None  # the frames are no longer needed: let the object store free them
-            self._check_teacher_output(clip, status)
+            self.check_teacher_output(clip, status)
             if status["ok"]:
                 clip.state = "encoding"
             else:
-                fail(batch.shard, clip, status["stage"], status["reason"])
+                self.fail(batch.shard, clip, clip.failure(status["stage"], status["reason"]))
         return len(batch.clips)
 
-    def _check_teacher_output(self, clip: _Clip, status: dict[str, Any]) -> None:
+    def check_teacher_output(self, clip: _Clip, status: dict[str, Any]) -> None:
         """Non-finite teacher output is said once, at the first clip that has it; the run stops when
         the first `NONFINITE_STOP_CLIPS` clips the teacher returned all have it.
 
@@ -965,9 +657,9 @@ class Precompute:
             counts["finite"] += int(status["ok"])
             return
         counts["nonfinite"] += 1
-        checkpoint = self.teacher.get("checkpoint")
+        checkpoint = self.run_.teacher.checkpoint
         if counts["nonfinite"] == 1:
-            self._warn(
+            self.run_.warn(
                 f"clip {clip.row['clip_id']} ({clip.row['video']}): {status['reason']}; the teacher checkpoint "
                 f"{checkpoint} is the likely cause (further clips like this are counted, not reported)"
             )
@@ -978,14 +670,15 @@ class Precompute:
                 f"{self.counts.clips_todo - counts['nonfinite']} clips"
             )
 
-    def _on_encoded(self, ref: Any, shard: _Shard, clip: _Clip, fail: Any) -> None:
+    def on_encoded(self, ref: Any, shard: _Shard, clip: _Clip) -> None:
         try:
             status = ray.get(ref)
         except ray.exceptions.RayError as err:
-            fail(shard, clip, "encode", f"encode task failed: {type(err).__name__}: {str(err)[:300]}")
+            reason = f"encode task failed: {type(err).__name__}: {str(err)[:300]}"
+            self.fail(shard, clip, clip.failure("encode", reason))
             return
         if not status["ok"]:
-            fail(shard, clip, status["stage"], status["reason"])
+            self.fail(shard, clip, clip.failure(status["stage"], status["reason"]))
             return
         clip.state = "done"
         self.timings["encode_s"] += status["encode_s"]
@@ -994,74 +687,24 @@ class Precompute:
         self.counts.clips_split += int(status["split"])
         self.counts.clips_without_scale += int(not status["scale_valid"])
 
-    def _on_written(self, ref: Any, shard: _Shard) -> None:
+    def on_written(self, ref: Any, shard: _Shard) -> None:
         try:
             result = ray.get(ref)
         except ray.exceptions.RayError as err:
-            self.lease.check()  # a lost lease is the cause to report
-            raise RuntimeError(f"shard {shard.shard_id} could not be written to {self.store}: {err}") from err
+            self.run_.lease.check()  # a lost lease is the cause to report
+            raise RuntimeError(
+                f"shard {shard.shard_id} could not be written to {self.run_.store}: {err}"
+            ) from err
         self.timings["write_s"] += result["write_s"]
         self.counts.shards_written += 1
         for clip in shard.clips:
             clip.encoded_ref = None
 
-    # -- end of run ----------------------------------------------------------------------------
-
-    def _finish(self, decode_workers: int, max_shards: int, num_actors: int) -> RunResult:
-        from geovr.teacher_cache.store import open_store
-
-        reader = open_store(self.store)
-        failures = reader.failures()
-        stored = len(reader.clip_ids())
-        total = stored + len(failures)
-        ratio = len(failures) / total if total else 0.0
-        tmp = self.store / "failures.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(f, sort_keys=True) + "\n" for f in failures))
-        tmp.replace(self.store / "failures.jsonl")
-        exit_code = 1 if ratio > self.cfg.max_failure_ratio else 0
-        record = {
-            "config": {
-                **self.config_record,
-                "precompute": to_dict(self.cfg),
-                "teacher": {k: str(v) if isinstance(v, Path) else v for k, v in self.teacher.items()},
-                "sampling": self.manifest.sampling,
-                "resolved": {
-                    "num_actors": num_actors,
-                    "decode_workers": decode_workers,
-                    "max_inflight_shards": max_shards,
-                },
-                "retry_failed": self.retry_failed,
-            },
-            "timings": self.timings,
-            "counts": {
-                "shards_total": self.counts.shards_total,
-                "shards_skipped": self.counts.shards_skipped,
-                "shards_written": self.counts.shards_written,
-                "clips_todo": self.counts.clips_todo,
-                "clips_ok": self.counts.clips_ok,
-                "clips_failed": self.counts.clips_failed,
-                "clips_split": self.counts.clips_split,
-                "clips_without_scale": self.counts.clips_without_scale,
-                "frames": self.counts.frames,
-                "failures_by_stage": self.counts.failures_by_stage,
-                "store_clips": stored,
-                "store_failures": len(failures),
-                "store_failure_ratio": ratio,
-            },
-            "exit_code": exit_code,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        tmp = self.store / "run.json.tmp"
-        tmp.write_text(json.dumps(record, indent=1, default=str))
-        tmp.replace(self.store / "run.json")
-        self.console.print(summary_table(self.counts, self.timings, ratio))
-        return RunResult(self.counts, self.timings, ratio, stored, len(failures), exit_code)
-
 
 def run_precompute(
     manifest_path: Path,
     store: Path,
-    teacher: dict[str, Any],
+    teacher: TeacherConfig,
     cfg: PrecomputeConfig,
     ray_address: str | None,
     console: Console,
@@ -1071,10 +714,10 @@ def run_precompute(
     """Read the manifest, check the teacher settings against the checkpoint, take the store's lease
     (refused while another run writes the store), connect to Ray, run, disconnect (if this call
     connected), give the lease up."""
-    from geovr.pipeline.labeler import TeacherConfig, check_teacher_config
+    from geovr.pipeline.labeler import check_teacher_config
 
     manifest = read_manifest(manifest_path)
-    check_teacher_config(from_dict(TeacherConfig, teacher, where="teacher"))  # before any actor starts
+    check_teacher_config(teacher)  # before any actor starts
     what = "precompute --retry-failed" if retry_failed else "precompute"
     with acquire_lease(store, what, warn=lambda message: warn_line(console, message)) as lease:
         started_ray = connect_ray(ray_address)

@@ -50,14 +50,14 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from geovr.student.config import DataConfig
 from geovr.teacher_cache.codecs import EncodedClip, decode_clip
-from geovr.teacher_cache.config import require
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 from geovr.teacher_cache.qa import (
     QAFileError,
@@ -73,77 +73,6 @@ from geovr.teacher_cache.schema import ClipLabels, DamagedClipError, StoreFinger
 
 class DataError(ValueError):
     """A QA row or a clip cannot be used; the message names the file, the line and the problem."""
-
-
-@dataclass
-class DataConfig:
-    """Section `data` of the presets: how QA rows become micro-batches.
-
-    Attributes:
-        access: "random" (map-style, `read_clip`), "stream" (WebDataset pipeline over shards), or
-            "auto": stream for WebDataset stores, random access for Zarr stores.
-        micro_batch: samples per rank per forward/backward (GeoVR: 2 per GPU).
-        max_seq_len: longest sample in tokens (GeoVR: 16k); a longer one is a bad row (`on_bad_row`).
-        max_batch_tokens: padded tokens (batch x longest) per forward chunk; a micro-batch above it
-            is split into chunks run one after another.
-        shuffle_buffer: samples held by the streaming shuffle buffer (per worker).
-        shuffle_initial: samples buffered before the first one is yielded.
-        resampled: streaming draws shards with replacement (`wds.ResampledShards`); False walks a
-            deterministic per-epoch shard permutation split by node and worker, repeated as needed.
-        samples_per_epoch: streaming: samples per epoch over all ranks; 0 = the number of joined QA
-            samples (random access always covers each joined sample once per epoch).
-        num_workers: DataLoader worker processes per rank (0 = load in the training process).
-        prefetch_factor: micro-batches prefetched per worker.
-        pin_memory: pin batches in page-locked memory (only used with a CUDA device).
-        on_missing_clip: "skip" (count) or "error" for rows whose clip is absent or failed in the store.
-        on_bad_row: "skip" (count) or "error" for malformed rows and conversations.
-        corpus_root: the folder `index` took video paths relative to (its `--corpus-root`); needed
-            only for rows that name their video by an absolute path.
-        on_damaged_clip: a sample whose cached clip is damaged on disk (an absent chunk, a failed
-            checksum, a broken tar): "skip" (count, bounded by `max_damaged_ratio`) or "error"
-            (every rank stops at that step with the one-line report naming store, shard, clip, field).
-        max_damaged_ratio: under "skip", every rank stops once the damaged samples exceed this
-            fraction of the samples drawn, counted over at least one epoch's samples (so that an
-            early damaged sample does not stop a run on its own).
-    """
-
-    access: Literal["auto", "random", "stream"] = "auto"
-    micro_batch: int = 2
-    max_seq_len: int = 16384
-    max_batch_tokens: int = 32768
-    shuffle_buffer: int = 1000
-    shuffle_initial: int = 100
-    resampled: bool = True
-    samples_per_epoch: int = 0
-    num_workers: int = 4
-    prefetch_factor: int = 4
-    pin_memory: bool = True
-    on_missing_clip: Literal["skip", "error"] = "skip"
-    on_bad_row: Literal["skip", "error"] = "skip"
-    corpus_root: str = ""
-    on_damaged_clip: Literal["skip", "error"] = "skip"
-    max_damaged_ratio: float = 0.01
-
-    def validate(self) -> None:
-        require(self.micro_batch >= 1, f"data.micro_batch must be >= 1, got {self.micro_batch}")
-        require(self.max_seq_len >= 1, f"data.max_seq_len must be >= 1, got {self.max_seq_len}")
-        require(
-            self.max_batch_tokens >= self.max_seq_len,
-            f"data.max_batch_tokens ({self.max_batch_tokens}) must hold one sample of data.max_seq_len "
-            f"({self.max_seq_len})",
-        )
-        require(self.shuffle_buffer >= 1, f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
-        require(
-            0 <= self.shuffle_initial <= self.shuffle_buffer,
-            f"data.shuffle_initial must be in [0, shuffle_buffer], got {self.shuffle_initial}",
-        )
-        require(self.samples_per_epoch >= 0, "data.samples_per_epoch must be >= 0")
-        require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
-        require(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
-        require(
-            0.0 <= self.max_damaged_ratio <= 1.0,
-            f"data.max_damaged_ratio must be in [0, 1], got {self.max_damaged_ratio}",
-        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -731,6 +660,15 @@ class TrainLoader:
 
     def state(self) -> LoaderState:
         return LoaderState(self.position.epoch, self.position.batches)
+
+    def state_dict(self) -> dict[str, int]:
+        """The position after the last returned micro-batch (a checkpoint's per-rank "loader")."""
+        return self.position.to_json()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue with the micro-batch after the position `state` (from `state_dict`)."""
+        self.position = LoaderState.from_json(state)
+        self._iterator = None
 
     def _open_epoch(self) -> Iterator[MicroBatch]:
         epoch, done = self.position.epoch, self.position.batches

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from transformers import Qwen3VLForConditionalGeneration
 
-from geovr.student.model import copy_processor_files, resolve_checkpoint
+from geovr.student.checkpoint import copy_processor_files, resolve_checkpoint
 
 
 def export_plain(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:

@@ -22,148 +22,31 @@ Teacher layer l maps to index round((l + 1) / teacher_depth * N): [4, 11, 17, 23
 [6, 14, 21, 28] for 28 layers, [1, 2, 3, 4] for the tiny 4-layer model. The camera and scale heads
 read index N, and so do the depth and distillation heads at their deepest level, as in GeoVR.
 
-Checkpoint format (`save_pretrained` / `from_pretrained`), one directory:
-    config.json, model.safetensors (or shards), generation_config.json   the base Qwen3-VL, plain
-    tokenizer / chat template / processor json files                      copied from the base dir
-    geovr_heads.safetensors   camera_token.*, scale_token.*, camera_head.*, dense_head.*,
-                              scale_head.*, distill_heads.<i>.* (only the enabled parts)
-    student_config.json       {"format_version": 1, "student": StudentConfig as a dict}
-A run directory may hold several as RUN/checkpoints/<name>/; the last in natural sort order is used
-(names containing ".tmp", checkpoints still being written, are skipped).
+Checkpoints: `save_pretrained` / `from_pretrained` write and read the format of `student.checkpoint`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import Qwen3VLForConditionalGeneration
 from transformers.masking_utils import create_causal_mask
 
 from geovr.student.batch import StudentBatch
-from geovr.student.heads import CameraHead, DenseHead, DistillHead, ScaleHead
-from geovr.student.losses import (
-    IGNORE_INDEX,
-    camera_loss,
-    causal_lm_loss,
-    depth_loss,
-    distill_loss,
-    scale_loss,
+from geovr.student.checkpoint import (
+    CONFIG_FILE,
+    load_heads,
+    read_student_config,
+    resolve_checkpoint,
+    write_checkpoint,
 )
-from geovr.teacher_cache.config import from_dict, require, to_dict
-from geovr.teacher_cache.schema import StoreFingerprint
-
-CHECKPOINT_FORMAT_VERSION = 1
-HEADS_FILE = "geovr_heads.safetensors"
-CONFIG_FILE = "student_config.json"
-# Files of a model directory besides the weights that a plain Qwen3-VL checkpoint needs.
-PROCESSOR_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "video_preprocessor_config.json",
-    "processor_config.json",
-)
-
-
-@dataclass
-class StudentConfig:
-    """Section `student` of the presets. Defaults: GeoVR on Qwen3-VL-2B with VGGT-1B as teacher.
-
-    Attributes:
-        base_model: local directory of the Qwen3-VL checkpoint to start from.
-        teacher_layers / teacher_depth: the distilled teacher layers (the cache's L axis) and the
-            teacher's number of layers, for the hidden-state mapping.
-        teacher_feature_dim: C of the cached features (1024: VGGT's frame-attention half).
-        camera / depth / scale / distill: which geometric parts exist (and train).
-        camera_hidden, scale_hidden, dense_features, dense_channels: head widths.
-        depth_shuffle: pixel-shuffle factor from the teacher patch grid to the cached depth.
-        *_weight: weights of the five losses in `total`.
-        camera_part_weights: translation, rotation, FoV weights inside the camera loss.
-        video_max_pixels, video_min_pixels: the clip pixel budget of the student frames, as the
-            Qwen3-VL video processor applies it to a whole clip (`teacher_cache.frames.student_frame_size`;
-            GeoVR: 32 * 300 * 32 * 32 and 4 * 16 * 32 * 32). Must equal the store's (precompute's).
-        train_deepstack_mergers: also train the vision tower's DeepStack mergers (GeoVR freezes
-            them: it unfreezes only `visual.merger`); they then train at the LLM rate.
-    """
-
-    base_model: str = ""
-    teacher_layers: tuple[int, ...] = (4, 11, 17, 23)
-    teacher_depth: int = 24
-    teacher_feature_dim: int = 1024
-    camera: bool = True
-    depth: bool = True
-    scale: bool = True
-    distill: bool = True
-    camera_hidden: int = 1536
-    scale_hidden: int = 512
-    dense_features: int = 256
-    dense_channels: tuple[int, ...] = (256, 512, 1024, 1024)
-    depth_shuffle: int = 7
-    lm_weight: float = 1.0
-    camera_weight: float = 2.5
-    depth_weight: float = 1.0
-    distill_weight: float = 1.0
-    scale_weight: float = 1.0
-    camera_part_weights: tuple[float, ...] = (1.0, 1.0, 0.5)
-    translation_clamp: float = 100.0
-    depth_quantile: float = 0.98
-    depth_quantile_min_elements: int = 1000
-    depth_grad_scales: int = 4
-    depth_grad_clamp: float = 100.0
-    video_max_pixels: int = 32 * 300 * 32 * 32
-    video_min_pixels: int = 4 * 16 * 32 * 32
-    train_deepstack_mergers: bool = False
-
-    def validate(self) -> None:
-        require(len(self.teacher_layers) > 0, "student.teacher_layers: at least one layer")
-        require(
-            all(0 <= layer < self.teacher_depth for layer in self.teacher_layers),
-            f"student.teacher_layers {self.teacher_layers} must lie in [0, teacher_depth={self.teacher_depth})",
-        )
-        require(
-            not self.depth or len(self.teacher_layers) == 4, "student.depth: the dense head needs 4 layers"
-        )
-        require(len(self.dense_channels) == 4, "student.dense_channels: 4 values")
-        require(len(self.camera_part_weights) == 3, "student.camera_part_weights: 3 values (T, q, FoV)")
-        require(0.0 < self.depth_quantile <= 1.0, "student.depth_quantile must lie in (0, 1]")
-        require(self.depth_shuffle > 0, "student: sizes must be positive")
-        require(
-            0 < self.video_min_pixels <= self.video_max_pixels,
-            "student.video_min_pixels must be in (0, student.video_max_pixels]",
-        )
-
-    def matched_to(self, fingerprint: StoreFingerprint) -> StudentConfig:
-        """This config with the teacher fields taken from a cache store's fingerprint: the stored
-        layers (the features' L axis), the teacher's depth and feature width (its `embed_dim`)."""
-        teacher = fingerprint.teacher_config
-        missing = [k for k in ("depth", "embed_dim") if k not in teacher]
-        if missing:
-            raise ValueError(
-                f"store fingerprint teacher_config lacks {missing}; cannot size the student's heads"
-            )
-        matched = dataclasses.replace(
-            self,
-            teacher_layers=tuple(fingerprint.feature_layers),
-            teacher_depth=int(teacher["depth"]),
-            teacher_feature_dim=int(teacher["embed_dim"]),
-        )
-        matched.validate()
-        return matched
+from geovr.student.config import StudentConfig
+from geovr.student.losses import IGNORE_INDEX, causal_lm_loss
+from geovr.student.objectives import OBJECTIVES, HiddenStates, depth_inside, enabled_objectives
 
 
 def map_teacher_layers(teacher_layers: tuple[int, ...], teacher_depth: int, num_layers: int) -> list[int]:
@@ -228,64 +111,91 @@ def insert_geometry_tokens(
     batch = input_ids.shape[0]
     if video_grid_thw.shape[0] != batch:
         raise ValueError(f"one video per sample expected: {batch} rows but {video_grid_thw.shape[0]} videos")
-    rows = []
-    for b in range(batch):
-        kept = attention_mask[b].bool().nonzero().squeeze(1)
-        ids = input_ids[b, kept]
-        t, h, w = (int(v) for v in video_grid_thw[b])
-        per_frame = h * w // (merge_size * merge_size)
-        video_pos = (ids == video_token_id).nonzero().squeeze(1)
-        if video_pos.numel() != t * per_frame:
-            raise ValueError(
-                f"sample {b}: {video_pos.numel()} video tokens, grid {t}x{h}x{w} needs {t * per_frame} "
-                "(the batch must hold the plain processor sequence, without geometric tokens)"
-            )
-        frame_last = video_pos.view(t, per_frame)[:, -1]
-        inserted = torch.zeros_like(ids)
-        if camera:
-            inserted[frame_last] += 1
-        if scale:
-            inserted[frame_last[-1]] += 1
-        new_index = torch.arange(ids.numel(), device=ids.device) + torch.cumsum(inserted, 0) - inserted
-        camera_pos = new_index[frame_last] + 1 if camera else frame_last[:0]
-        scale_pos = new_index[frame_last[-1]] + 1 + int(camera) if scale else new_index.new_tensor(-1)
-        patches = new_index[video_pos].view(t, per_frame)
-        rows.append((kept, new_index, patches, camera_pos, scale_pos, ids.numel() + int(inserted.sum())))
-
-    length = max(r[-1] for r in rows)
+    rows = [
+        _row_insertion(b, input_ids[b], attention_mask[b], video_grid_thw[b], video_token_id, merge_size, camera, scale)
+        for b in range(batch)
+    ]  # fmt: skip
+    length = max(row.length for row in rows)
     full = input_ids.new_full
     out_ids, out_mask = full((batch, length), pad_token_id), full((batch, length), 0)
     out_labels, out_types = full((batch, length), IGNORE_INDEX), full((batch, length), 0)
     out_pos = position_ids.new_zeros((3, batch, length))
     visual_mask = torch.zeros((batch, length), dtype=torch.bool, device=input_ids.device)
-    patch_positions, camera_positions, scale_positions = [], [], []
-    for b, (kept, new_index, patches, camera_pos, scale_pos, _) in enumerate(rows):
+    for b, row in enumerate(rows):
+        new_index, kept = row.new_index, row.kept
         out_ids[b, new_index] = input_ids[b, kept]
         out_mask[b, new_index] = 1
         out_labels[b, new_index] = labels[b, kept]
         out_types[b, new_index] = mm_token_type_ids[b, kept]
         out_pos[:, b, new_index] = position_ids[:, b, kept]
-        slots = torch.cat((camera_pos, scale_pos.view(-1)[scale_pos.view(-1) >= 0]))
+        slots = torch.cat((row.camera_pos, row.scale_pos.view(-1)[row.scale_pos.view(-1) >= 0]))
         out_ids[b, slots] = video_token_id
         out_mask[b, slots] = 1
         out_types[b, slots] = 2
         for slot in slots.tolist():  # in order, so the scale token copies the camera token's position
             out_pos[:, b, slot] = out_pos[:, b, slot - 1]
-        visual_mask[b, patches.reshape(-1)] = True
-        patch_positions.append(patches)
-        camera_positions.append(camera_pos)
-        scale_positions.append(scale_pos)
+        visual_mask[b, row.patches.reshape(-1)] = True
     return GeometryLayout(
         input_ids=out_ids,
         attention_mask=out_mask,
         labels=out_labels,
         mm_token_type_ids=out_types,
         position_ids=out_pos,
-        patch_positions=patch_positions,
-        camera_positions=camera_positions,
-        scale_positions=torch.stack(scale_positions),
+        patch_positions=[row.patches for row in rows],
+        camera_positions=[row.camera_pos for row in rows],
+        scale_positions=torch.stack([row.scale_pos for row in rows]),
         visual_mask=visual_mask,
     )
+
+
+@dataclass
+class _RowInsertion:
+    """Where one row's tokens go once the geometric tokens are inserted (padding dropped).
+
+    kept: (n,) positions of the row's real tokens; new_index: (n,) their new positions; patches:
+    (t, per_frame) new positions of the visual tokens; camera_pos: (t,) or (0,); scale_pos: () or -1.
+    """
+
+    kept: Tensor
+    new_index: Tensor
+    patches: Tensor
+    camera_pos: Tensor
+    scale_pos: Tensor
+    length: int
+
+
+def _row_insertion(
+    b: int,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    grid_thw: Tensor,
+    video_token_id: int,
+    merge_size: int,
+    camera: bool,
+    scale: bool,
+) -> _RowInsertion:
+    """The insertion plan of row `b` (input_ids, attention_mask: (L,); grid_thw: (3,))."""
+    kept = attention_mask.bool().nonzero().squeeze(1)
+    ids = input_ids[kept]
+    t, h, w = (int(v) for v in grid_thw)
+    per_frame = h * w // (merge_size * merge_size)
+    video_pos = (ids == video_token_id).nonzero().squeeze(1)
+    if video_pos.numel() != t * per_frame:
+        raise ValueError(
+            f"sample {b}: {video_pos.numel()} video tokens, grid {t}x{h}x{w} needs {t * per_frame} "
+            "(the batch must hold the plain processor sequence, without geometric tokens)"
+        )
+    frame_last = video_pos.view(t, per_frame)[:, -1]
+    inserted = torch.zeros_like(ids)
+    if camera:
+        inserted[frame_last] += 1
+    if scale:
+        inserted[frame_last[-1]] += 1
+    new_index = torch.arange(ids.numel(), device=ids.device) + torch.cumsum(inserted, 0) - inserted
+    camera_pos = new_index[frame_last] + 1 if camera else frame_last[:0]
+    scale_pos = new_index[frame_last[-1]] + 1 + int(camera) if scale else new_index.new_tensor(-1)
+    patches = new_index[video_pos].view(t, per_frame)
+    return _RowInsertion(kept, new_index, patches, camera_pos, scale_pos, ids.numel() + int(inserted.sum()))
 
 
 @dataclass
@@ -293,23 +203,32 @@ class GeometryPredictions:
     """The heads' outputs for a batch (padded like the batch; NaN where a clip has no value).
 
     Attributes:
-        pose_enc: (B, S, 9) cameras relative to frame 0. depth: (B, S, Hd, Wd). scale: (B,).
-        frame_mask: (B, S) bool. features: per distilled layer (B, S, h, w, C), the distillation
-        heads' outputs on the teacher's pooled grid (empty without feature distillation).
+        frame_mask: (B, S) bool.
+        outputs: by `Objective.output`, for the enabled objectives: "pose_enc" (B, S, 9) cameras
+            relative to frame 0, "depth" (B, S, Hd, Wd), "scale" (B,), "features" per distilled
+            layer (B, S, h, w, C) on the teacher's pooled grid. Also readable as attributes
+            (`pred.pose_enc`); an objective that is off has no entry.
     """
 
-    pose_enc: Tensor | None
-    depth: Tensor | None
-    scale: Tensor | None
     frame_mask: Tensor
-    features: list[Tensor] = field(default_factory=list)
+    outputs: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        outputs = self.__dict__.get("outputs", {})
+        if name in outputs:
+            return outputs[name]
+        raise AttributeError(f"no prediction {name!r} (its objective is off or unknown)")
+
+
+# The inserted tokens each kind of reader needs (created right before the first head that reads them).
+_TOKENS = {"camera_tokens": ("camera_token",), "scale_token": ("scale_token",)}
 
 
 class GeoVRStudent(nn.Module):
     """A Qwen3-VL (`self.base`) with GeoVR's geometric tokens and heads.
 
-    `forward(batch)` returns the losses {lm, camera, depth, scale, distill, total} (the ones of
-    disabled parts are zero); `predict(batch)` the heads' outputs; `generate(**inputs)` is the plain
+    `forward(batch)` returns the losses {total, lm, and one per objective of `student.objectives`}
+    (the ones of disabled objectives are zero); `predict(batch)` the heads' outputs; `generate(**inputs)` is the plain
     model's (no geometric tokens), which is what `export_plain` keeps.
     """
 
@@ -328,20 +247,19 @@ class GeoVRStudent(nn.Module):
         width = text.hidden_size
         self.num_layers = text.num_hidden_layers
         self.layer_indices = map_teacher_layers(config.teacher_layers, config.teacher_depth, self.num_layers)
-        if config.camera:
-            self.camera_token = nn.Embedding(2, width)
-            self.camera_head = CameraHead(width, config.camera_hidden)
-        if config.scale:
-            self.scale_token = nn.Embedding(1, width)
-            self.scale_head = ScaleHead(width, config.scale_hidden)
-        if config.depth:
-            self.dense_head = DenseHead(
-                width, config.dense_features, config.dense_channels, config.depth_shuffle
+        self.objectives = enabled_objectives(config)
+        unknown = sorted(set(config.objective_weights) - {o.weight_key for o in OBJECTIVES.values()})
+        if unknown:
+            raise ValueError(
+                f"student.objective_weights: no registered objective has the weight key(s) {unknown}"
             )
-        if config.distill:
-            self.distill_heads = nn.ModuleList(
-                DistillHead(width, config.teacher_feature_dim) for _ in config.teacher_layers
-            )
+        # In table order, each token right before the first head that reads it: a seed gives the same weights.
+        for objective in self.objectives:
+            if objective.reads == "camera_tokens" and not hasattr(self, "camera_token"):
+                self.camera_token = nn.Embedding(2, width)  # row 0: the first frame, row 1: the others
+            if objective.reads == "scale_token" and not hasattr(self, "scale_token"):
+                self.scale_token = nn.Embedding(1, width)
+            setattr(self, objective.module, objective.build_head(width, config))
         self.freeze_vision_tower()
 
     # ----------------------------------------------------------------- parameters
@@ -356,8 +274,12 @@ class GeoVRStudent(nn.Module):
 
     def geometry_modules(self) -> dict[str, nn.Module]:
         """The parts added to Qwen3-VL (dropped at export), by state-dict prefix."""
-        names = ("camera_token", "camera_head", "scale_token", "scale_head", "dense_head", "distill_heads")
-        return {name: getattr(self, name) for name in names if hasattr(self, name)}
+        names = [
+            name
+            for objective in self.objectives
+            for name in (*_TOKENS.get(objective.reads, ()), objective.module)
+        ]
+        return {name: getattr(self, name) for name in dict.fromkeys(names) if hasattr(self, name)}
 
     def param_groups(
         self, lr_llm: float = 2e-5, lr_heads: float = 1e-4, weight_decay: float = 0.0
@@ -409,8 +331,8 @@ class GeoVRStudent(nn.Module):
             video_token_id=cfg.video_token_id,
             merge_size=cfg.vision_config.spatial_merge_size,
             pad_token_id=pad if pad is not None else 0,
-            camera=self.config.camera,
-            scale=self.config.scale,
+            camera=hasattr(self, "camera_token"),
+            scale=hasattr(self, "scale_token"),
         )
 
     def _input_embeddings(self, batch: StudentBatch, layout: GeometryLayout) -> tuple[Tensor, list[Tensor]]:
@@ -422,14 +344,14 @@ class GeoVRStudent(nn.Module):
             rows.append(torch.full((patches.numel(),), b, device=embeds.device))
             cols.append(patches.reshape(-1))
             values.append(vision.pooler_output[b].to(embeds.dtype))
-            if self.config.camera:
+            if hasattr(self, "camera_token"):
                 frames = layout.camera_positions[b].numel()
                 # embedding row 0 for the first frame, row 1 for the others
                 which = (torch.arange(frames, device=embeds.device) > 0).long()
                 rows.append(torch.full((frames,), b, device=embeds.device))
                 cols.append(layout.camera_positions[b])
                 values.append(self.camera_token(which).to(embeds.dtype))
-            if self.config.scale:
+            if hasattr(self, "scale_token"):
                 rows.append(torch.full((1,), b, device=embeds.device))
                 cols.append(layout.scale_positions[b].view(1))
                 values.append(self.scale_token.weight.to(embeds.dtype))
@@ -464,152 +386,55 @@ class GeoVRStudent(nn.Module):
             kept[len(lm.layers)] = last
         return last, kept
 
-    def _run(self, batch: StudentBatch) -> tuple[Tensor, GeometryLayout, list[Tensor], GeometryPredictions]:
-        """Normed last hidden state, layout, distilled features per layer (B, S, h, w, C) and the
-        head predictions, zero-padded like the batch."""
+    def _run(self, batch: StudentBatch) -> tuple[Tensor, GeometryLayout, dict[str, Any]]:
+        """Normed last hidden state, layout, and each enabled objective's prediction by its output
+        name (zero-padded like the batch)."""
         layout = self._layout(batch)
         embeds, deepstack = self._input_embeddings(batch, layout)
         wanted = {self.num_layers}
-        if self.config.depth or self.config.distill:
+        if any(objective.levels for objective in self.objectives):
             wanted |= set(self.layer_indices)
         last, states = self._decoder(embeds, layout, deepstack, wanted)
-        grids, merge = batch.video_grid_thw, self.base.config.vision_config.spatial_merge_size
-        frames = [int(t) for t in grids[:, 0]]
+        frames = [int(t) for t in batch.video_grid_thw[:, 0]]
         if frames != [int(n) for n in batch.frame_mask.sum(1)]:
             raise ValueError(
                 f"video frames {frames} differ from labelled frames {batch.frame_mask.sum(1).tolist()}"
             )
-        num_frames = batch.frame_mask.shape[1]
-
-        def video_states(index: int, b: int, head: nn.Module) -> Tensor:
-            """(S_b, hq, wq, d) states of clip b's visual tokens at hidden state `index`, in `head`'s dtype."""
-            _, h, w = (int(v) for v in grids[b])
-            x = states[index][b, layout.patch_positions[b]].unflatten(1, (h // merge, w // merge))
-            return x.to(_dtype_of(head))
-
-        last_states = states[self.num_layers]
-        pose = scale = depth = None
-        features: list[Tensor] = []
-        if self.config.camera:
-            pose = torch.stack(
-                [
-                    _pad_to(
-                        self.camera_head(last_states[b, pos].to(_dtype_of(self.camera_head))).float(),
-                        (num_frames, 9),
-                    )
-                    for b, pos in enumerate(layout.camera_positions)
-                ]
-            )
-        if self.config.scale:
-            rows = torch.arange(len(grids), device=last_states.device)
-            scale = self.scale_head(
-                last_states[rows, layout.scale_positions].to(_dtype_of(self.scale_head))
-            ).float()
-        if self.config.depth:
-            maps = []
-            for b in range(len(grids)):
-                levels = [video_states(i, b, self.dense_head) for i in self.layer_indices]
-                depth_hw = (int(batch.depth_hw[b, 0]), int(batch.depth_hw[b, 1]))
-                pred = self.dense_head(levels, depth_hw, int(grids[b, 2]) / int(grids[b, 1])).float()
-                maps.append(_pad_to(pred, (num_frames, *batch.depth.shape[2:])))
-            depth = torch.stack(maps)
-        if self.config.distill:
-            grid_hw = batch.features.shape[3:5]
-            for head, index in zip(self.distill_heads, self.layer_indices, strict=True):
-                per_clip = []
-                for b in range(len(grids)):
-                    pred = head(
-                        video_states(index, b, head),
-                        (int(batch.feature_hw[b, 0]), int(batch.feature_hw[b, 1])),
-                    )
-                    per_clip.append(_pad_to(pred.float(), (num_frames, *grid_hw, pred.shape[-1])))
-                features.append(torch.stack(per_clip))
-        return last, layout, features, GeometryPredictions(pose, depth, scale, batch.frame_mask)
+        merge = self.base.config.vision_config.spatial_merge_size
+        hidden = HiddenStates(
+            states, self.num_layers, self.layer_indices, layout, batch.video_grid_thw, merge
+        )
+        outputs = {o.output: o.predict(getattr(self, o.module), hidden, batch) for o in self.objectives}
+        return last, layout, outputs
 
     def forward(self, batch: StudentBatch) -> dict[str, Tensor]:
-        """Losses {lm, camera, depth, scale, distill, total} for a `StudentBatch` (float32 scalars)."""
+        """Losses {total, lm, <objective>...} for a `StudentBatch` (float32 scalars), one per objective of
+        the table (`student.objectives`; zero for the ones this student does not have).
+        total = lm_weight * lm + the sum of each objective's weight times its loss."""
         cfg = self.config
-        last, layout, features, pred = self._run(batch)
+        last, layout, outputs = self._run(batch)
         losses = {"lm": causal_lm_loss(last, layout.labels, self.base.lm_head)}
         zero = losses["lm"].new_zeros(())
-        losses["camera"] = zero
-        if pred.pose_enc is not None:
-            losses["camera"], _ = camera_loss(
-                pred.pose_enc,
-                batch.pose_enc.float(),
-                batch.frame_mask,
-                tuple(cfg.camera_part_weights),
-                cfg.translation_clamp,
-            )
-        losses["depth"] = zero
-        if pred.depth is not None:
-            losses["depth"], _ = depth_loss(
-                pred.depth,
-                batch.depth.float(),
-                self.depth_valid(batch),
-                cfg.depth_quantile,
-                cfg.depth_quantile_min_elements,
-                grad_scales=cfg.depth_grad_scales,
-                grad_clamp=cfg.depth_grad_clamp,
-            )
-        losses["scale"] = zero
-        if pred.scale is not None:
-            losses["scale"] = scale_loss(pred.scale, batch.scale.float(), batch.scale_valid)
-        losses["distill"] = zero
-        if features:
-            losses["distill"] = distill_loss(features, batch.features, self.feature_valid(batch))
-        losses["total"] = (
-            cfg.lm_weight * losses["lm"]
-            + cfg.camera_weight * losses["camera"]
-            + cfg.depth_weight * losses["depth"]
-            + cfg.distill_weight * losses["distill"]
-            + cfg.scale_weight * losses["scale"]
-        )
+        total = cfg.lm_weight * losses["lm"]
+        for objective in OBJECTIVES.values():
+            losses[objective.name] = zero
+            if objective.output in outputs:
+                losses[objective.name] = objective.loss(outputs[objective.output], batch, cfg)
+                total = total + objective.weight(cfg) * losses[objective.name]
+        losses["total"] = total
         return losses
-
-    @staticmethod
-    def depth_inside(batch: StudentBatch) -> Tensor:
-        """(B, S, Hd, Wd) bool: real frames, inside the clip's own depth map."""
-        _, _, height, width = batch.depth.shape
-        rows = (
-            torch.arange(height, device=batch.depth.device)[None, :, None] < batch.depth_hw[:, 0, None, None]
-        )
-        cols = (
-            torch.arange(width, device=batch.depth.device)[None, None, :] < batch.depth_hw[:, 1, None, None]
-        )
-        return batch.frame_mask[:, :, None, None] & (rows & cols)[:, None]
-
-    @staticmethod
-    def feature_valid(batch: StudentBatch) -> Tensor:
-        """(B, S, h, w) bool: feature tokens of real frames inside the clip's own feature grid."""
-        _, _, _, height, width, _ = batch.features.shape
-        rows = (
-            torch.arange(height, device=batch.features.device)[None, :, None]
-            < batch.feature_hw[:, 0, None, None]
-        )
-        cols = (
-            torch.arange(width, device=batch.features.device)[None, None, :]
-            < batch.feature_hw[:, 1, None, None]
-        )
-        return batch.frame_mask[:, :, None, None] & (rows & cols)[:, None]
-
-    @classmethod
-    def depth_valid(cls, batch: StudentBatch) -> Tensor:
-        """(B, S, Hd, Wd) bool: `depth_inside` with a finite positive target."""
-        return cls.depth_inside(batch) & torch.isfinite(batch.depth) & (batch.depth > 0)
 
     @torch.no_grad()
     def predict(self, batch: StudentBatch) -> GeometryPredictions:
         """The heads' predictions (camera poses relative to frame 0, depth, metric scale, distilled
-        features), NaN in padding."""
-        _, _, features, pred = self._run(batch)
-        pred.features = features
+        features, ...), NaN in padded frames and outside a clip's depth map."""
+        _, _, outputs = self._run(batch)
         frames = batch.frame_mask
-        if pred.pose_enc is not None:
-            pred.pose_enc = pred.pose_enc.masked_fill(~frames[..., None], float("nan"))
-        if pred.depth is not None:
-            pred.depth = pred.depth.masked_fill(~self.depth_inside(batch), float("nan"))
-        return pred
+        if "pose_enc" in outputs:
+            outputs["pose_enc"] = outputs["pose_enc"].masked_fill(~frames[..., None], float("nan"))
+        if "depth" in outputs:
+            outputs["depth"] = outputs["depth"].masked_fill(~depth_inside(batch), float("nan"))
+        return GeometryPredictions(frames, outputs)
 
     def generate(self, **inputs):
         """Plain Qwen3-VL generation (no geometric tokens): what the exported model does."""
@@ -634,97 +459,13 @@ class GeoVRStudent(nn.Module):
     ) -> GeoVRStudent:
         """Load a student checkpoint, the last checkpoint of a run, or start from a plain Qwen3-VL dir
         (then with `config`, fresh heads)."""
-        path = Path(path)
-        checkpoint = resolve_checkpoint(path, allow_plain=True)
+        checkpoint = resolve_checkpoint(Path(path), allow_plain=True)
         if not (checkpoint / CONFIG_FILE).is_file():
             return cls.from_base(checkpoint, config, dtype)
-        student_config = read_student_config(checkpoint)
-        student = cls.from_base(checkpoint, student_config, dtype)
-        heads = load_file(checkpoint / HEADS_FILE)
-        expected = {
-            f"{name}.{key}"
-            for name, module in student.geometry_modules().items()
-            for key in module.state_dict()
-        }
-        if set(heads) != expected:
-            missing, unexpected = sorted(expected - set(heads)), sorted(set(heads) - expected)
-            raise ValueError(f"{checkpoint / HEADS_FILE}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for name, module in student.geometry_modules().items():
-            prefix = name + "."
-            module.load_state_dict({k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)})
+        student = cls.from_base(checkpoint, read_student_config(checkpoint), dtype)
+        load_heads(checkpoint, student.geometry_modules())
         return student
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
-        """Write the checkpoint format of the module docstring to `out_dir`."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        self.base.save_pretrained(out, safe_serialization=True)
-        heads = {
-            f"{name}.{key}": value.detach().contiguous().cpu()
-            for name, module in self.geometry_modules().items()
-            for key, value in module.state_dict().items()
-        }
-        save_file(heads, out / HEADS_FILE, metadata={"format_version": str(CHECKPOINT_FORMAT_VERSION)})
-        record = {"format_version": CHECKPOINT_FORMAT_VERSION, "student": to_dict(self.config)}
-        (out / CONFIG_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        if self.source_dir is not None and self.source_dir.resolve() != out.resolve():
-            copy_processor_files(self.source_dir, out)
-        return out
-
-
-def _dtype_of(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _pad_to(x: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Zero-pad `x` at the end of each dimension up to `shape`."""
-    pads = []
-    for have, want in zip(reversed(x.shape), reversed(shape), strict=True):
-        pads += [0, want - have]
-    return F.pad(x, pads)
-
-
-def read_student_config(checkpoint: Path) -> StudentConfig:
-    """The `StudentConfig` recorded in a checkpoint directory."""
-    path = checkpoint / CONFIG_FILE
-    try:
-        record = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if record.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint format {record.get('format_version')}, this code reads {CHECKPOINT_FORMAT_VERSION}"
-        )
-    return from_dict(StudentConfig, record["student"], where=str(path))
-
-
-def _natural_key(name: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def resolve_checkpoint(path: Path, allow_plain: bool = False) -> Path:
-    """A student checkpoint dir itself, or the last of RUN/checkpoints/*/ (natural sort); with
-    `allow_plain`, also a plain model dir (config.json only)."""
-    if (path / CONFIG_FILE).is_file():
-        return path
-    complete = (
-        p.parent for p in (path / "checkpoints").glob(f"*/{CONFIG_FILE}") if ".tmp" not in p.parent.name
-    )
-    candidates = sorted(complete, key=lambda p: _natural_key(p.name))
-    if candidates:
-        return candidates[-1]
-    if allow_plain and (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(
-        f"{path}: neither a student checkpoint ({CONFIG_FILE}) nor a run with checkpoints/*/"
-    )
-
-
-def copy_processor_files(source: Path, out: Path) -> list[str]:
-    """Copy the tokenizer, chat template and processor files a model directory has; returns their names."""
-    copied = []
-    for name in PROCESSOR_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out / name)
-            copied.append(name)
-    return copied
+        """Write the checkpoint format of `student.checkpoint` to `out_dir`."""
+        return write_checkpoint(out_dir, self)

@@ -17,9 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from geovr.student.data import DataConfig
-from geovr.student.model import StudentConfig
-from geovr.student.train import TrainConfig, TrainInputs, train
+from geovr.student.config import DataConfig, StudentConfig
+from geovr.student.training.config import TrainConfig, TrainInputs
+from geovr.student.training.trainer import train
 from geovr.teacher_cache.config import from_dict, to_dict
 
 

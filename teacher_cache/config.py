@@ -89,6 +89,13 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         item = args[0] if args else Any
         items = [_coerce(v, item, name) for v in value]
         return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if isinstance(value, str):
+            value = yaml.safe_load(value) if value.strip() else {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        key_hint, value_hint = args if args else (Any, Any)
+        return {_coerce(k, key_hint, name): _coerce(v, value_hint, f"{name}.{k}") for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value

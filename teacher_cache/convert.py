@@ -16,7 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from geovr.teacher_cache.store import FAILURE_KEYS, open_store, open_writer
+from geovr.teacher_cache.records import ClipFailure
+from geovr.teacher_cache.store import open_store, open_writer
 
 
 def convert_store(src: str | Path, dst: str | Path, format: str) -> dict[str, Any]:
@@ -37,7 +38,7 @@ def convert_store(src: str | Path, dst: str | Path, format: str) -> dict[str, An
                 continue
             clips = list(reader.iter_shard_encoded(shard_id))
             failures = [
-                {k: row[k] for k in FAILURE_KEYS}
+                ClipFailure.from_row(row)
                 for row in reader.markers[shard_id]["clips"]
                 if row["status"] == "failed"
             ]
@@ -45,3 +46,18 @@ def convert_store(src: str | Path, dst: str | Path, format: str) -> dict[str, An
             summary["shards_written"] += 1
             summary["clips"] += len(clips)
     return summary
+
+
+def copy_clips(src: str | Path, dst: str | Path, clip_ids: list[str], clips_per_shard: int) -> int:
+    """Copy the clips `clip_ids` of `src` into a new store `dst` of the same format, fingerprint and
+    codecs, as encoded (no re-quantisation: the copy decodes to exactly the same labels),
+    `clips_per_shard` per shard in the given order, shards "000000", "000001", ...: a subset of a
+    store (the demo's held-out clips for `eval geometry`). Returns the number of clips copied."""
+    if Path(src).resolve() == Path(dst).resolve():
+        raise ValueError(f"copy: source and destination are the same store ({src})")
+    reader = open_store(src)
+    with open_writer(dst, reader.fingerprint, reader.format, codecs=reader.codecs) as writer:
+        for index in range(0, len(clip_ids), clips_per_shard):
+            encoded = [reader.read_encoded(c) for c in clip_ids[index : index + clips_per_shard]]
+            writer.write_encoded_shard(f"{index // clips_per_shard:06d}", encoded, [])
+    return len(clip_ids)

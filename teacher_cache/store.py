@@ -12,7 +12,7 @@ On disk (STORE is a directory):
     STORE/_done/<shard_id>.json   the done marker: its presence commits the shard
     STORE/_tmp/               shards and markers being written
     STORE/_lease.json         the writing run's lease, see `lease` (absent when no run writes)
-    STORE/run.json, STORE/failures.jsonl   written by precompute at the end of each run; part of no shard
+    STORE/run.json, STORE/failures.jsonl   written at the end of each precompute run (`records`); part of no shard
 
 Writers: one run at a time per store, holding the store lease (`lease`, `STORE/_lease.json`):
 precompute, precompute --retry-failed and `cache convert` into a store take it for their whole run;
@@ -71,6 +71,7 @@ from typing import Any, Literal
 from geovr.teacher_cache import wds_backend, zarr_backend
 from geovr.teacher_cache.codecs import CODEC_VERSION, CodecConfig, EncodedClip, decode_clip, encode_clip
 from geovr.teacher_cache.lease import LEASE_FILE, StoreLease, acquire_lease, check_lease
+from geovr.teacher_cache.records import FAILURE_KEYS, ClipFailure
 from geovr.teacher_cache.schema import (
     SCHEMA_VERSION,
     ClipLabels,
@@ -91,7 +92,6 @@ OLD_LAYOUT_VERSIONS = (1,)
 STORE_JSON = "store.json"
 DONE_DIR = "_done"
 TMP_DIR = "_tmp"
-FAILURE_KEYS = ("clip_id", "video", "stage", "reason")
 # A superseded revision is deleted by the next writer run at least this long after the replacement.
 REVISION_GRACE_S = 3600.0
 _SHARD_ID = re.compile(r"^[0-9A-Za-z_-]+$")
@@ -235,24 +235,21 @@ class StoreWriter:
         return (self.root / DONE_DIR / f"{shard_id}.json").is_file()
 
     def write_shard(
-        self, shard_id: str, clips: list[ClipLabels], failures: list[dict], replace: bool = False
+        self, shard_id: str, clips: list[ClipLabels], failures: list[ClipFailure], replace: bool = False
     ) -> dict[str, Any]:
-        """Encode and commit one shard. A clip that fails validation or encoding becomes a failure row
-        (stage "encode"). failures rows: {"clip_id", "video", "stage", "reason"}. `replace`: see
-        `write_encoded_shard`. Returns the marker."""
+        """Encode and commit one shard. A clip that fails validation or encoding becomes a failure
+        (stage "encode"). `replace`: see `write_encoded_shard`. Returns the marker."""
         encoded: list[EncodedClip] = []
         failures = list(failures)
         for clip in clips:
             try:
                 encoded.append(encode_clip(clip, self.codecs))
             except SchemaError as err:
-                failures.append(
-                    {"clip_id": clip.clip_id, "video": clip.video, "stage": "encode", "reason": str(err)}
-                )
+                failures.append(ClipFailure(clip.clip_id, clip.video, "encode", str(err)))
         return self.write_encoded_shard(shard_id, encoded, failures, replace)
 
     def write_encoded_shard(
-        self, shard_id: str, clips: list[EncodedClip], failures: list[dict], replace: bool = False
+        self, shard_id: str, clips: list[EncodedClip], failures: list[ClipFailure], replace: bool = False
     ) -> dict[str, Any]:
         """Commit already encoded clips (used by `write_shard` and by conversion between backends).
 
@@ -269,10 +266,9 @@ class StoreWriter:
             raise ValueError(f"shard {shard_id}: duplicate clip ids")
         for clip in clips:
             clip.validate()
-        for row in failures:
-            missing = [k for k in FAILURE_KEYS if k not in row]
-            if missing:
-                raise ValueError(f"shard {shard_id}: failure row {row!r} lacks {', '.join(missing)}")
+        for failure in failures:
+            if not isinstance(failure, ClipFailure):
+                raise TypeError(f"shard {shard_id}: failure {failure!r} is not a ClipFailure")
 
         revision = 0 if previous is None else int(previous.get("revision", 0)) + 1
         final = shard_path(self.root, self.format, shard_id, revision)
@@ -299,7 +295,7 @@ class StoreWriter:
         rows: list[dict[str, Any]] = [
             {"video": c.video, "status": "ok", **row} for c, row in zip(clips, written["clips"], strict=True)
         ]
-        rows += [{"status": "failed", **{k: str(row[k]) for k in FAILURE_KEYS}} for row in failures]
+        rows += [{"status": "failed", **failure.to_row()} for failure in failures]
         marker = {
             "shard_id": shard_id,
             "revision": revision,

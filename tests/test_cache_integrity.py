@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from geovr.student.data import DamagedSample, DataConfig, TokenBudgetCollator, TrainLoader, join_qa
+from geovr.student.config import DataConfig
+from geovr.student.data import DamagedSample, TokenBudgetCollator, TrainLoader, join_qa
 from geovr.teacher_cache.codecs import CodecConfig
 from geovr.teacher_cache.convert import convert_store
 from geovr.teacher_cache.schema import DamagedClipError, SchemaError

@@ -21,6 +21,7 @@ import pytest
 from geovr.teacher_cache.codecs import CodecConfig
 from geovr.teacher_cache.convert import convert_store
 from geovr.teacher_cache.frames import encode_jpeg
+from geovr.teacher_cache.records import ClipFailure
 from geovr.teacher_cache.schema import ClipLabels, SchemaError, StoreFingerprint
 from geovr.teacher_cache.store import (
     DONE_DIR,
@@ -79,7 +80,7 @@ FAILURE = {
 def write_two_shards(root: Path, store_format: str) -> list[ClipLabels]:
     clips = [make_clip(i) for i in range(5)]
     with open_writer(root, FINGERPRINT, store_format) as writer:
-        writer.write_shard("000000", clips[:3], [FAILURE])
+        writer.write_shard("000000", clips[:3], [ClipFailure(**FAILURE)])
         writer.write_shard("000001", clips[3:], [])
     return clips
 

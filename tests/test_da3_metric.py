@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from geovr.corpus.synth import SynthConfig, generate_scene, render_probe, render_scene
-from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler, preprocess_clip
+from geovr.pipeline.config import TeacherConfig
+from geovr.pipeline.labeler import TeacherLabeler, preprocess_clip
 from geovr.pipeline.metric_scale import canonical_to_metric, clip_metric_scale
 from geovr.teacher_cache.config import ConfigError
 from geovr.teachers.da3_metric import (

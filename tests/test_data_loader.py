@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from geovr.student.config import DataConfig
 from geovr.student.data import (
-    DataConfig,
     DataError,
     EpochBatchSampler,
     LoaderState,
@@ -30,6 +30,7 @@ from geovr.student.data import (
 )
 from geovr.teacher_cache.frames import encode_jpeg
 from geovr.teacher_cache.qa import QARowError, parse_conversation
+from geovr.teacher_cache.records import ClipFailure
 from geovr.teacher_cache.schema import ClipLabels, SchemaError, StoreFingerprint, clip_id_for
 from geovr.teacher_cache.store import open_store, open_writer
 
@@ -104,7 +105,7 @@ def write_test_store(
         names = [f"scene_{len(videos) + i:03d}.mp4" for i in range(count)]
         videos += names
         failures = [
-            {"clip_id": clip_id_for(v, SAMPLING), "video": v, "stage": "teacher", "reason": "decode error"}
+            ClipFailure(clip_id_for(v, SAMPLING), v, "teacher", "decode error")
             for v in (failed_videos if index == 0 else ())
         ]
         writer.write_shard(f"{index:06d}", [synthetic_clip(v, frames, size_hw, rng) for v in names], failures)

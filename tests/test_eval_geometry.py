@@ -21,16 +21,12 @@ from geovr.app import commands  # noqa: F401  (registers the CLI commands)
 from geovr.app.cli import app
 from geovr.app.presets import load_section
 from geovr.corpus.synth import SynthConfig, write_corpus
-from geovr.eval.geometry_metrics import (
-    clip_metrics,
-    depth_metrics,
-    feature_cosine,
-    pose_auc,
-    relative_pose_errors,
-)
+from geovr.eval.geometry_metrics import clip_metrics
 from geovr.eval.inspect import camera_centers, read_ply
 from geovr.eval.vsibench import read_video_frames
-from geovr.student.model import GeoVRStudent, StudentConfig
+from geovr.student.config import StudentConfig
+from geovr.student.metrics import depth_metrics, feature_cosine, pose_auc, relative_pose_errors
+from geovr.student.model import GeoVRStudent
 from geovr.student.tiny import write_tiny_qwen3vl
 from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame_size
 from geovr.teacher_cache.geometry import encode_pose, invert_extrinsic, relative_to_first, to_homogeneous

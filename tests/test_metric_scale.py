@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from geovr.corpus.synth import SynthConfig, generate_scene, render_scene
-from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler, downsample_depth, preprocess_clip
+from geovr.pipeline.config import TeacherConfig
+from geovr.pipeline.labeler import TeacherLabeler, downsample_depth, preprocess_clip
 from geovr.pipeline.metric_scale import clip_metric_scale
 from geovr.teacher_cache.config import ConfigError
 from geovr.teacher_cache.geometry import fit_scale, normalize_clip

@@ -282,8 +282,9 @@ def test_teacher_resize_in_decode_gives_identical_labels(tmp_path: Path, referen
     Each clip is labelled in its own teacher call of the same shape (one clip, 5 frames, 84x112): the
     labeler's numerics may differ between batch positions of one call, which is not what this checks.
     """
-    from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler
-    from geovr.pipeline.precompute import decode_clip
+    from geovr.pipeline.config import TeacherConfig
+    from geovr.pipeline.labeler import TeacherLabeler
+    from geovr.pipeline.tasks import decode_clip
 
     write_video(tmp_path / "a.mp4", smooth_frames(10, 120, 160), fps=4)
     policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=8).policy()
@@ -315,8 +316,9 @@ def test_teacher_resize_in_decode_gives_identical_labels(tmp_path: Path, referen
 
 def test_encode_task_records_labels_the_store_refuses(tmp_path: Path, reference_dir: Path) -> None:
     """Teacher output with an infinite focal length (tiny-a's random camera head: FoV 0) fails at "encode"."""
-    from geovr.pipeline.labeler import TeacherConfig, TeacherLabeler
-    from geovr.pipeline.precompute import decode_clip, encode_labels
+    from geovr.pipeline.config import TeacherConfig
+    from geovr.pipeline.labeler import TeacherLabeler
+    from geovr.pipeline.tasks import decode_clip, encode_labels
     from geovr.teacher_cache.codecs import CodecConfig
     from geovr.teacher_cache.codecs import decode_clip as decode_encoded
 
@@ -355,8 +357,8 @@ import av
 
 mode, root, video = sys.argv[1:]
 if mode == "clip":
-    from geovr.pipeline.precompute import decode_clip
-    from geovr.teachers import labeler  # noqa: F401  (decode_clip imports it: not part of the peak)
+    from geovr.pipeline.tasks import decode_clip
+    from geovr.pipeline import labeler  # noqa: F401  (decode_clip imports it: not part of the peak)
     from geovr.corpus.video import SamplingConfig
 
 def status(key):
@@ -464,7 +466,7 @@ ROTATIONS = {
 def test_display_rotation_is_applied_at_decode_and_recorded(tmp_path: Path, degrees: int) -> None:
     from geovr.eval.vsibench import read_video_frames
     from geovr.pipeline.labeler import teacher_size
-    from geovr.pipeline.precompute import decode_clip
+    from geovr.pipeline.tasks import decode_clip
 
     stored = smooth_frames(10, 96, 160)
     stored[:, :24, :24] = 255  # a white stored top-left corner shows where the picture went

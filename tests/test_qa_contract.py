@@ -12,7 +12,8 @@ import pytest
 
 from geovr.corpus.synth import SynthConfig, write_corpus
 from geovr.pipeline.index import build_manifest, read_manifest
-from geovr.student.data import DataConfig, join_qa
+from geovr.student.config import DataConfig
+from geovr.student.data import join_qa
 from geovr.teacher_cache import qa
 from geovr.teacher_cache.qa import QAFileError, QARowError, normalise_video, parse_turns, read_rows, video_of
 from geovr.teacher_cache.store import open_store

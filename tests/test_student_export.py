@@ -14,8 +14,10 @@ from typer.testing import CliRunner
 from geovr.app.cli import _register_commands, app
 from geovr.app.presets import load_section
 from geovr.student.batch import collate_samples, make_sample
+from geovr.student.checkpoint import CONFIG_FILE, HEADS_FILE
+from geovr.student.config import StudentConfig
 from geovr.student.export import export_plain
-from geovr.student.model import CONFIG_FILE, HEADS_FILE, GeoVRStudent, StudentConfig
+from geovr.student.model import GeoVRStudent
 from geovr.student.tiny import tiny_clip_labels, write_tiny_qwen3vl
 from geovr.student.vision_inputs import VideoPreprocess, build_video_prompt, video_inputs
 from geovr.teacher_cache.schema import StoreFingerprint

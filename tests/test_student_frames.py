@@ -18,7 +18,7 @@ import transformers
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as hf_smart_resize
 
 from geovr.corpus.video import SamplingConfig
-from geovr.pipeline.precompute import decode_clip
+from geovr.pipeline.tasks import decode_clip
 from geovr.student.data import DataError, check_frame_budget
 from geovr.student.vision_inputs import VideoPreprocess, video_inputs
 from geovr.teacher_cache.frames import (

@@ -12,8 +12,10 @@ from transformers import AutoTokenizer
 
 from geovr.app.presets import load_section
 from geovr.student.batch import StudentBatch, collate_samples, make_sample
+from geovr.student.config import StudentConfig
 from geovr.student.heads import DenseHead, dense_target_grid
-from geovr.student.model import GeoVRStudent, StudentConfig, map_teacher_layers
+from geovr.student.model import GeoVRStudent, map_teacher_layers
+from geovr.student.objectives import depth_valid
 from geovr.student.tiny import tiny_clip_labels, write_tiny_qwen3vl
 from geovr.student.vision_inputs import VideoPreprocess, video_inputs
 from geovr.teacher_cache.schema import StoreFingerprint
@@ -268,7 +270,7 @@ def test_permuting_teacher_labels_across_frames_changes_pose_and_depth_losses(st
     """With the student's own predictions as labels the pose and depth losses vanish; the same labels
     permuted across frames do not: frame i's prediction meets frame i's label."""
     pred = student.predict(batch)
-    valid = GeoVRStudent.depth_valid(batch)
+    valid = depth_valid(batch)
     aligned = dataclasses.replace(
         batch, pose_enc=pred.pose_enc.nan_to_num(0.0), depth=torch.where(valid, pred.depth, batch.depth)
     )

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from geovr.app.presets import load_section
+from geovr.pipeline.config import TeacherConfig
 from geovr.pipeline.labeler import (
     VGGT_CHECKPOINT_FILES,
-    TeacherConfig,
     TeacherLabeler,
     TeacherOOM,
     checkpoint_sha256,

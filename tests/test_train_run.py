@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from geovr.student.tiny import write_tiny_qwen3vl
-from geovr.student.train import DistEnv, clip_and_check, cosine_with_warmup
+from geovr.student.training.distributed import DistEnv
+from geovr.student.training.optimizer import clip_and_check, cosine_with_warmup
 from tests.test_data_loader import qa_row, write_qa, write_test_store
 
 STEPS, CHECKPOINT_EVERY = 4, 2
@@ -230,10 +231,9 @@ def test_ray_train_launch_matches_torchrun(workspace, uninterrupted):
     import ray
 
     from geovr.app.presets import load_section
-    from geovr.student.data import DataConfig
-    from geovr.student.model import StudentConfig
+    from geovr.student.config import DataConfig, StudentConfig
     from geovr.student.ray_train import train_with_ray
-    from geovr.student.train import TrainConfig, TrainInputs
+    from geovr.student.training.config import TrainConfig, TrainInputs
 
     settings = [*TRAIN_SETTINGS, "train.steps=2"]
     out = workspace["root"] / "run_ray"

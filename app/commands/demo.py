@@ -33,7 +33,8 @@ def demo(
     Synthetic corpus -> tiny teacher -> index -> precompute on a local Ray cluster -> train -> export
     -> eval vsibench / geometry -> inspect.
     """
-    from geovr.app.demo import DemoConfig, run_demo
+    from geovr.app.demo.config import DemoConfig
+    from geovr.app.demo.run import run_demo
     from geovr.app.presets import load_section
 
     cfg = load_section(

@@ -93,9 +93,8 @@ def precompute(
 ) -> None:
     """Label every clip of the manifest with the teacher on Ray and commit the cache shards."""
     from geovr.app.presets import load_section
-    from geovr.pipeline.labeler import TeacherConfig
-    from geovr.pipeline.precompute import PrecomputeConfig, run_precompute
-    from geovr.teacher_cache.config import to_dict
+    from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
+    from geovr.pipeline.precompute import run_precompute
 
     sampling = [item for item in overrides or [] if item.strip().startswith("sampling.")]
     if sampling:  # the manifest's sampling policy is what precompute uses: an override would be ignored
@@ -124,9 +123,7 @@ def precompute(
             "give the teacher checkpoint: --teacher DIR (or teacher.checkpoint in the preset)"
         )
     record = {"preset": str(preset), "overrides": list(overrides or []), "manifest": str(manifest)}
-    result = run_precompute(
-        manifest, out, to_dict(teacher_cfg), cfg, ray_address, Console(), retry_failed, record
-    )
+    result = run_precompute(manifest, out, teacher_cfg, cfg, ray_address, Console(), retry_failed, record)
     if result.exit_code:
         Console(stderr=True).print(
             f"[bold red]error:[/] failure ratio {result.failure_ratio:.3f} is above --max-failure-ratio "

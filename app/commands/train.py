@@ -47,9 +47,9 @@ def train_command(
     # Imported here: transformers and the student take seconds to import, which every other command
     # (and `--help`) would pay if they were module-level imports.
     from geovr.app.presets import load_section
-    from geovr.student.data import DataConfig
-    from geovr.student.model import StudentConfig
-    from geovr.student.train import TrainConfig, TrainInputs, train
+    from geovr.student.config import DataConfig, StudentConfig
+    from geovr.student.training.config import TrainConfig, TrainInputs
+    from geovr.student.training.trainer import train
 
     train_cfg = load_section(TrainConfig, "train", preset, overrides)
     root = str(corpus_root) if corpus_root is not None else None

@@ -1,0 +1,382 @@
+"""The student's geometric objectives as data: one `Objective` per objective, in `OBJECTIVES`.
+
+An objective is a head on the student's hidden states, trained against labels the cache holds:
+what it reads, how its head is built, what it predicts, its loss, its weight in the total and the
+metric `eval geometry` reports for it. `GeoVRStudent` builds the heads of the enabled objectives
+and its `forward` computes their losses, the trainer logs each as `loss.<name>`, `eval geometry`
+reports each metric and the demo measures each loss before and after training, all by iterating
+over `OBJECTIVES` (GeoVR's four, below, in the order their heads run).
+
+Adding an objective on labels the cache already holds touches this module and the presets: an
+`Objective` row (build, predict, loss, metric) passed to `register`, and its weight in the presets'
+`student.objective_weights` (`{name: weight}`; an objective without a `switch` field trains when
+its weight is given there). A new objective whose head must be in a checkpoint before the module is
+imported is registered at import time here; a toy one can be registered by any code that runs
+before the student is built (tests/test_objectives.py).
+
+Shapes: B clips, S frames (padded), d = LLM width, (hq, wq) merged token grid of a frame, (Hd, Wd)
+depth map, (h, w) teacher feature grid, C teacher feature width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from geovr.student.batch import StudentBatch
+from geovr.student.config import StudentConfig
+from geovr.student.heads import CameraHead, DenseHead, DistillHead, ScaleHead
+from geovr.student.losses import camera_loss, depth_loss, distill_loss, scale_loss
+from geovr.student.metrics import depth_metrics, feature_cosine, pose_auc, relative_pose_errors
+from geovr.teacher_cache.geometry import decode_pose, relative_to_first
+from geovr.teacher_cache.schema import ClipLabels
+
+
+@dataclass
+class HiddenStates:
+    """What a head reads: the decoder's hidden states of a batch and where the tokens sit.
+
+    Attributes:
+        states: hidden-state index -> (B, L', d); `last_index` (the final norm's output) always,
+            the distilled `levels` when an enabled objective reads them.
+        last_index: N, the number of decoder layers.
+        levels: the hidden-state index of each distilled teacher layer (`map_teacher_layers`).
+        layout: the sequence with geometric tokens (`model.GeometryLayout`): camera_positions,
+            scale_positions, patch_positions.
+        grids: (B, 3) video grid per clip (t, h, w in 16-pixel patches); merge: spatial merge size.
+    """
+
+    states: dict[int, Tensor]
+    last_index: int
+    levels: list[int]
+    layout: Any
+    grids: Tensor
+    merge: int
+
+    @property
+    def last(self) -> Tensor:
+        return self.states[self.last_index]
+
+    def video_states(self, index: int, b: int, dtype: torch.dtype) -> Tensor:
+        """(S_b, hq, wq, d) states of clip b's visual tokens at hidden state `index`, in `dtype`."""
+        _, h, w = (int(v) for v in self.grids[b])
+        x = self.states[index][b, self.layout.patch_positions[b]]
+        return x.unflatten(1, (h // self.merge, w // self.merge)).to(dtype)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective of the table (module docstring).
+
+    Attributes:
+        name: the loss key: `losses[name]`, `loss.<name>` in metrics.jsonl.
+        output: the name of its prediction in `GeometryPredictions` (e.g. "pose_enc").
+        label_fields: the `ClipLabels` fields it learns from (the batch's targets of the same names).
+        weight_key: its weight in the total loss: a `StudentConfig` field, else a key of
+            `StudentConfig.objective_weights`.
+        switch: the `StudentConfig` bool field that turns it on (its head exists only then); None:
+            on when `weight_key` is in `objective_weights`.
+        module: the attribute of its head on the student, the head's checkpoint prefix.
+        reads: the tokens its head reads: "camera_tokens" (one per frame, inserted after the frame),
+            "scale_token" (one per clip, after the video) or "video" (the frames' visual tokens).
+        levels: it also reads the distilled hidden-state levels (not only the last).
+        build_head: (d, config) -> the head module.
+        predict: (head, hidden states, batch) -> its prediction, float32, padded like the batch.
+        loss: (prediction, batch, config) -> scalar loss (0, still connected, without a valid label).
+        metric: (one clip's prediction as numpy, its labels, the store's feature layers) ->
+            {metric name: value} for `eval geometry`; None when it reports none.
+    """
+
+    name: str
+    output: str
+    label_fields: tuple[str, ...]
+    weight_key: str
+    switch: str | None
+    module: str
+    reads: Literal["camera_tokens", "scale_token", "video"]
+    build_head: Callable[[int, StudentConfig], nn.Module]
+    predict: Callable[[nn.Module, HiddenStates, StudentBatch], Any]
+    loss: Callable[[Any, StudentBatch, StudentConfig], Tensor]
+    metric: Callable[[Any, ClipLabels, Sequence[int]], dict[str, float]] | None = None
+    levels: bool = False
+
+    def enabled(self, config: StudentConfig) -> bool:
+        if self.switch is not None:
+            return bool(getattr(config, self.switch))
+        return self.weight_key in config.objective_weights
+
+    def weight(self, config: StudentConfig) -> float:
+        if hasattr(config, self.weight_key):
+            return float(getattr(config, self.weight_key))
+        return float(config.objective_weights.get(self.weight_key, 0.0))
+
+
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+    """Add `objective` to the table (after the ones already there); a name is registered once."""
+    if objective.name in OBJECTIVES or objective.name in ("lm", "total"):
+        raise ValueError(f"objective {objective.name!r} is already registered")
+    OBJECTIVES[objective.name] = objective
+    return objective
+
+
+def enabled_objectives(config: StudentConfig) -> list[Objective]:
+    """The objectives `config` turns on, in table order."""
+    return [o for o in OBJECTIVES.values() if o.enabled(config)]
+
+
+def loss_names() -> list[str]:
+    """The loss terms every forward returns, in logging order: total, lm, then the table's."""
+    return ["total", "lm", *OBJECTIVES]
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks and padding shared by the objectives
+
+
+def pad_to(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Zero-pad `x` at the end of each dimension up to `shape`."""
+    pads = []
+    for have, want in zip(reversed(x.shape), reversed(shape), strict=True):
+        pads += [0, want - have]
+    return F.pad(x, pads)
+
+
+def dtype_of(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def depth_inside(batch: StudentBatch) -> Tensor:
+    """(B, S, Hd, Wd) bool: real frames, inside the clip's own depth map."""
+    _, _, height, width = batch.depth.shape
+    rows = torch.arange(height, device=batch.depth.device)[None, :, None] < batch.depth_hw[:, 0, None, None]
+    cols = torch.arange(width, device=batch.depth.device)[None, None, :] < batch.depth_hw[:, 1, None, None]
+    return batch.frame_mask[:, :, None, None] & (rows & cols)[:, None]
+
+
+def depth_valid(batch: StudentBatch) -> Tensor:
+    """(B, S, Hd, Wd) bool: `depth_inside` with a finite positive target."""
+    return depth_inside(batch) & torch.isfinite(batch.depth) & (batch.depth > 0)
+
+
+def feature_valid(batch: StudentBatch) -> Tensor:
+    """(B, S, h, w) bool: feature tokens of real frames inside the clip's own feature grid."""
+    _, _, _, height, width, _ = batch.features.shape
+    device = batch.features.device
+    rows = torch.arange(height, device=device)[None, :, None] < batch.feature_hw[:, 0, None, None]
+    cols = torch.arange(width, device=device)[None, None, :] < batch.feature_hw[:, 1, None, None]
+    return batch.frame_mask[:, :, None, None] & (rows & cols)[:, None]
+
+
+# ----------------------------------------------------------------------------------------------
+# Camera: pose encoding relative to the first frame, from each frame's camera token
+
+
+def _predict_camera(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -> Tensor:
+    """(B, S, 9) pose encodings."""
+    frames = batch.frame_mask.shape[1]
+    last = hidden.last
+    return torch.stack(
+        [
+            pad_to(head(last[b, positions].to(dtype_of(head))).float(), (frames, 9))
+            for b, positions in enumerate(hidden.layout.camera_positions)
+        ]
+    )
+
+
+def _camera_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
+    weights = tuple(cfg.camera_part_weights)
+    loss, _ = camera_loss(pred, batch.pose_enc.float(), batch.frame_mask, weights, cfg.translation_clamp)
+    return loss
+
+
+def _camera_metric(pose_enc: np.ndarray, labels: ClipLabels, _: Sequence[int]) -> dict[str, float]:
+    """Relative-pose errors of all frame pairs and AUC@30 (`metrics.relative_pose_errors`)."""
+    if labels.num_frames < 2:
+        return {}
+    teacher_hw = labels.meta.get("teacher_hw") or (2 * labels.depth.shape[1], 2 * labels.depth.shape[2])
+    pred_ext, _ = decode_pose(torch.from_numpy(pose_enc).double(), (int(teacher_hw[0]), int(teacher_hw[1])))
+    target = relative_to_first(torch.from_numpy(np.asarray(labels.extrinsic, dtype=np.float64)))
+    rot, trans = relative_pose_errors(pred_ext, target)
+    return {
+        "rotation_error_deg": float(rot.mean()),
+        "translation_error_deg": float(trans.mean()),
+        "pose_auc30": pose_auc(rot, trans),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Scale: the clip's metric scale, from its scale token
+
+
+def _predict_scale(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -> Tensor:
+    """(B,) metric scales."""
+    last = hidden.last
+    rows = torch.arange(len(hidden.grids), device=last.device)
+    return head(last[rows, hidden.layout.scale_positions].to(dtype_of(head))).float()
+
+
+def _scale_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
+    return scale_loss(pred, batch.scale.float(), batch.scale_valid)
+
+
+def _scale_metric(scale: np.ndarray, labels: ClipLabels, _: Sequence[int]) -> dict[str, float]:
+    """|log(student scale) - log(teacher scale)| on clips whose teacher scale is valid."""
+    value = float(np.asarray(scale).reshape(-1)[0])
+    if not (labels.scale_valid and np.isfinite(labels.scale) and labels.scale > 0):
+        return {}
+    return {"scale_log_error": abs(math.log(max(value, 1e-12)) - math.log(labels.scale))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Depth: the dense head over the distilled levels
+
+
+def _predict_depth(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -> Tensor:
+    """(B, S, Hd, Wd) depth, zero outside each clip's frames and depth map."""
+    frames = batch.frame_mask.shape[1]
+    maps = []
+    for b in range(len(hidden.grids)):
+        levels = [hidden.video_states(i, b, dtype_of(head)) for i in hidden.levels]
+        depth_hw = (int(batch.depth_hw[b, 0]), int(batch.depth_hw[b, 1]))
+        aspect = int(hidden.grids[b, 2]) / int(hidden.grids[b, 1])
+        maps.append(pad_to(head(levels, depth_hw, aspect).float(), (frames, *batch.depth.shape[2:])))
+    return torch.stack(maps)
+
+
+def _depth_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
+    loss, _ = depth_loss(
+        pred,
+        batch.depth.float(),
+        depth_valid(batch),
+        cfg.depth_quantile,
+        cfg.depth_quantile_min_elements,
+        grad_scales=cfg.depth_grad_scales,
+        grad_clamp=cfg.depth_grad_clamp,
+    )
+    return loss
+
+
+def _depth_metric(depth: np.ndarray, labels: ClipLabels, _: Sequence[int]) -> dict[str, float]:
+    return depth_metrics(depth, labels.depth)
+
+
+# ----------------------------------------------------------------------------------------------
+# Feature distillation: one head per distilled layer
+
+
+def _build_distill(width: int, cfg: StudentConfig) -> nn.Module:
+    return nn.ModuleList(DistillHead(width, cfg.teacher_feature_dim) for _ in cfg.teacher_layers)
+
+
+def _predict_features(heads: nn.Module, hidden: HiddenStates, batch: StudentBatch) -> list[Tensor]:
+    """Per distilled layer, (B, S, h, w, C) projected student features, zero in padding."""
+    frames, grid_hw = batch.frame_mask.shape[1], batch.features.shape[3:5]
+    features = []
+    for head, index in zip(heads, hidden.levels, strict=True):
+        per_clip = []
+        for b in range(len(hidden.grids)):
+            feature_hw = (int(batch.feature_hw[b, 0]), int(batch.feature_hw[b, 1]))
+            pred = head(hidden.video_states(index, b, dtype_of(head)), feature_hw)
+            per_clip.append(pad_to(pred.float(), (frames, *grid_hw, pred.shape[-1])))
+        features.append(torch.stack(per_clip))
+    return features
+
+
+def _distill_loss(features: list[Tensor], batch: StudentBatch, cfg: StudentConfig) -> Tensor:
+    return distill_loss(features, batch.features, feature_valid(batch))
+
+
+def _feature_metric(
+    features: list[np.ndarray], labels: ClipLabels, feature_layers: Sequence[int]
+) -> dict[str, float]:
+    """Per distilled layer l, `feature_cosine_layer<l>`: mean cosine to the teacher's features."""
+    out = {}
+    for index, (layer, pred) in enumerate(zip(feature_layers, features, strict=True)):
+        target = labels.features[:, index]
+        if pred.shape != target.shape:
+            raise ValueError(
+                f"clip {labels.clip_id}: student features of layer {layer} have shape {pred.shape}, "
+                f"the store's {target.shape}; was the student trained on this store's teacher?"
+            )
+        out[f"feature_cosine_layer{layer}"] = feature_cosine(pred, target)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# GeoVR's four objectives, in the order their heads run (the order the heads are built in, so that
+# a given seed initialises the same weights).
+
+register(
+    Objective(
+        name="camera",
+        output="pose_enc",
+        label_fields=("pose_enc",),
+        weight_key="camera_weight",
+        switch="camera",
+        module="camera_head",
+        reads="camera_tokens",
+        build_head=lambda width, cfg: CameraHead(width, cfg.camera_hidden),
+        predict=_predict_camera,
+        loss=_camera_loss,
+        metric=_camera_metric,
+    )
+)
+register(
+    Objective(
+        name="scale",
+        output="scale",
+        label_fields=("scale", "scale_valid"),
+        weight_key="scale_weight",
+        switch="scale",
+        module="scale_head",
+        reads="scale_token",
+        build_head=lambda width, cfg: ScaleHead(width, cfg.scale_hidden),
+        predict=_predict_scale,
+        loss=_scale_loss,
+        metric=_scale_metric,
+    )
+)
+register(
+    Objective(
+        name="depth",
+        output="depth",
+        label_fields=("depth",),
+        weight_key="depth_weight",
+        switch="depth",
+        module="dense_head",
+        reads="video",
+        build_head=lambda width, cfg: DenseHead(
+            width, cfg.dense_features, cfg.dense_channels, cfg.depth_shuffle
+        ),
+        predict=_predict_depth,
+        loss=_depth_loss,
+        metric=_depth_metric,
+        levels=True,
+    )
+)
+register(
+    Objective(
+        name="distill",
+        output="features",
+        label_fields=("features",),
+        weight_key="distill_weight",
+        switch="distill",
+        module="distill_heads",
+        reads="video",
+        build_head=_build_distill,
+        predict=_predict_features,
+        loss=_distill_loss,
+        metric=_feature_metric,
+        levels=True,
+    )
+)
