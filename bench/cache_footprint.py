@@ -46,7 +46,7 @@ import numpy as np
 import zarr
 from PIL import Image
 
-from geovr.teacher_cache import wds_backend, zarr_backend
+from geovr.teacher_cache.backends import get_backend
 from geovr.teacher_cache.codecs import (
     CodecConfig,
     decode_depth,
@@ -308,7 +308,7 @@ def rewrite_as_layout_1(root: Path) -> None:
     """Rewrite a store in place as store layout 1 wrote it: shards without checksums (Zarr: without
     all-fill chunks either), markers without crcs, layout_version 1 (also used by the tests)."""
     store_format = json.loads((root / STORE_JSON).read_text())["format"]
-    backend = zarr_backend if store_format == "zarr" else wds_backend
+    backend = get_backend(store_format)
     reader = open_store(root)
     for shard_id in committed_shard_ids(root):
         marker = read_marker(root, shard_id)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from geovr.teacher_cache.backends import StoreFormat
 from geovr.teacher_cache.config import require
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
@@ -88,7 +89,7 @@ class PrecomputeConfig:
     """Section `precompute` of the presets (CLI options override it).
 
     Attributes:
-        format: store format, "zarr" or "wds".
+        format: store format, one of `teacher_cache.backends.FORMATS` ("zarr", "wds").
         device: "cuda" (one GPU per teacher actor) or "cpu" (tests, demo).
         num_actors: teacher actors; 0 = one per GPU of the cluster (cuda) or 1 (cpu).
         clips_per_batch: clips per teacher call.
@@ -107,7 +108,7 @@ class PrecomputeConfig:
         max_actor_restarts: Ray restarts of a crashed teacher actor before its batches fail.
     """
 
-    format: Literal["zarr", "wds"] = "zarr"
+    format: StoreFormat = "zarr"
     device: Literal["cuda", "cpu"] = "cuda"
     num_actors: int = 0
     clips_per_batch: int = 4

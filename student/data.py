@@ -56,8 +56,10 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from geovr.student import stream
 from geovr.student.config import DataConfig
-from geovr.teacher_cache.codecs import EncodedClip, decode_clip
+from geovr.teacher_cache.backends import get_backend
+from geovr.teacher_cache.codecs import EncodedClip
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 from geovr.teacher_cache.qa import (
     QAFileError,
@@ -235,14 +237,6 @@ SampleBuilder = Callable[[QASample, ClipLabels], Any]
 """(QA sample, its clip's labels) -> one built student sample (tokenised, vision inputs, targets)."""
 
 
-def _seed_for(*parts: int) -> int:
-    """A 63-bit seed from integers, identical in every process (no Python string hashing)."""
-    seed = 0x9E3779B97F4A7C15
-    for part in parts:
-        seed = (seed * 6364136223846793005 + int(part) + 1442695040888963407) & 0x7FFFFFFFFFFFFFFF
-    return seed
-
-
 class EpochBatchSampler:
     """Micro-batches of sample indices for one rank, deterministic per (seed, epoch).
 
@@ -268,7 +262,7 @@ class EpochBatchSampler:
         return -(-per_rank // self.micro_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(_seed_for(self.seed, self.epoch))
+        generator = torch.Generator().manual_seed(stream.seed_for(self.seed, self.epoch))
         order = torch.randperm(self.num_samples, generator=generator).tolist()
         total = len(self) * self.micro_batch * self.world_size
         order = (order * (-(-total // self.num_samples)))[:total]
@@ -362,68 +356,20 @@ class StreamingDataset(IterableDataset):
         # its micro-batches (one more if it comes before consumed % W).
         worker = (loader_worker + self.consumed) % num_workers
         skip = self.consumed // num_workers + (1 if worker < self.consumed % num_workers else 0)
-        store = self.open_store()
-        stream_seed = _seed_for(self.seed, self.epoch, self.rank, worker)
-
-        def node_split(source: Iterator[dict]) -> Iterator[dict]:
-            yield from (item for i, item in enumerate(source) if i % self.world_size == self.rank)
-
-        def worker_split(source: Iterator[dict]) -> Iterator[dict]:
-            yield from (item for i, item in enumerate(source) if i % num_workers == worker)
-
-        if self.config.resampled:
-            # Each rank and worker draws its own shard sequence (seeded by rank and worker), so the
-            # node and worker splitters are the identity there; they stay explicit for the other mode.
-            shard_source = wds.ResampledShards(
-                self.shards, seed=self.seed, worker_seed=lambda: stream_seed, deterministic=True
-            )
-            stages: list[Any] = [shard_source]
-        else:
-            order = list(self.shards)
-            random.Random(_seed_for(self.seed, self.epoch)).shuffle(order)
-            stages = [wds.SimpleShardList(order), node_split, worker_split]
-
-        def clips_to_samples(
-            source: Iterator[dict],
-        ) -> Iterator[tuple[QASample, EncodedClip | DamagedClipError]]:
-            # Clips stay encoded (quantised features) in the shuffle buffer: about 4x less memory,
-            # and the micro-batches skipped on resume are never decoded.
-            for item in source:
-                for clip in store.iter_shard_checked(item["url"]):
-                    for sample in self.by_clip.get(clip.clip_id, ()):
-                        yield sample, clip
-
-        skipped = [0]  # persists across the repetitions `with_epoch` makes of the pipeline
-
-        def skip_consumed(source: Iterator[list]) -> Iterator[list]:
-            for batch in source:
-                if skipped[0] < skip:
-                    skipped[0] += 1
-                    continue
-                yield batch
-
-        def build_batch(source: Iterator[list]) -> Iterator[list[Any]]:
-            for batch in source:
-                decoded = {c.clip_id: decode_clip(c) for _, c in batch if isinstance(c, EncodedClip)}
-                yield [
-                    DamagedSample(sample.row_id, str(clip))
-                    if isinstance(clip, DamagedClipError)
-                    else self.build(sample, decoded[sample.clip_id])
-                    for sample, clip in batch
-                ]
-
+        cfg = self.config
+        shards = stream.shard_stages(
+            self.shards, cfg.resampled, self.seed, self.epoch, self.rank, self.world_size, worker, num_workers
+        )
+        rng = random.Random(stream.seed_for(self.seed, self.epoch, self.rank, worker))
         expected = self.batches_per_worker - skip
         pipeline = wds.DataPipeline(
-            *stages,
-            clips_to_samples,
-            wds.shuffle(
-                self.config.shuffle_buffer,
-                initial=self.config.shuffle_initial,
-                rng=random.Random(stream_seed),
-            ),
-            wds.batched(self.config.micro_batch, collation_fn=list, partial=False),
-            skip_consumed,
-            build_batch,
+            *shards,
+            stream.clips_of_shards(self.open_store()),
+            stream.samples_of_clips(self.by_clip),
+            wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_initial, rng=rng),
+            wds.batched(cfg.micro_batch, collation_fn=list, partial=False),
+            stream.SkipFirst(skip),
+            stream.built_batches(self.build, _damaged_sample),
         ).with_epoch(nbatches=expected)
         produced = 0
         for batch in pipeline:
@@ -434,6 +380,10 @@ class StreamingDataset(IterableDataset):
                 f"rank {self.rank} worker {worker}: the data stream ended after {produced} of {expected} "
                 "micro-batches (its shards hold no joined QA sample); use data.resampled=true or more shards"
             )
+
+
+def _damaged_sample(sample: QASample, error: DamagedClipError) -> DamagedSample:
+    return DamagedSample(sample.row_id, str(error))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -632,7 +582,7 @@ class TrainLoader:
         self.config = config
         self.access = config.access
         if self.access == "auto":
-            self.access = "stream" if store.format == "wds" else "random"
+            self.access = "stream" if get_backend(store.format).streams else "random"
         self.collator = collator
         self.rank, self.world_size = rank, world_size
         self.pin_memory = config.pin_memory and device_is_cuda

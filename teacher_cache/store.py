@@ -1,4 +1,5 @@
-"""The teacher-label store: one writer and one reader interface over the Zarr v3 and WebDataset backends.
+"""The teacher-label store: one writer and one reader interface over the storage backends (`backends`:
+the `StoreBackend` interface and the registry of formats, Zarr v3 and WebDataset).
 
 On disk (STORE is a directory):
 
@@ -6,8 +7,8 @@ On disk (STORE is a directory):
                                "fingerprint": `StoreFingerprint.to_json()`, "fingerprint_digest",
                                "codecs": `CodecConfig.to_dict()`}
     STORE/zarr.json           (Zarr only) the root group; each output shard is a child group
-    STORE/<shard_id>/         (Zarr) one output shard, see `zarr_backend`
-    STORE/<shard_id>.tar      (WebDataset) one output shard, see `wds_backend`
+    STORE/<shard_id>/         (Zarr) one output shard, see `backends.zarr_backend`
+    STORE/<shard_id>.tar      (WebDataset) one output shard, see `backends.wds_backend`
     STORE/<shard_id>.r<N>/, STORE/<shard_id>.r<N>.tar   revision N >= 1 of a replaced shard
     STORE/_done/<shard_id>.json   the done marker: its presence commits the shard
     STORE/_tmp/               shards and markers being written
@@ -66,9 +67,10 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from geovr.teacher_cache import wds_backend, zarr_backend
+from geovr.teacher_cache.backends import FORMATS, get_backend
+from geovr.teacher_cache.backends.base import ShardReader
 from geovr.teacher_cache.codecs import CODEC_VERSION, CodecConfig, EncodedClip, decode_clip, encode_clip
 from geovr.teacher_cache.lease import LEASE_FILE, StoreLease, acquire_lease, check_lease
 from geovr.teacher_cache.records import FAILURE_KEYS, ClipFailure
@@ -82,8 +84,6 @@ from geovr.teacher_cache.schema import (
     dict_differences,
 )
 
-StoreFormat = Literal["zarr", "wds"]
-FORMATS: tuple[str, ...] = ("zarr", "wds")
 LAYOUT = "geovr-teacher-cache"
 # 2: a checksum in every Zarr chunk and every chunk written, a checksum for every tar member. 1 is
 # read by `cache convert` only.
@@ -95,13 +95,13 @@ TMP_DIR = "_tmp"
 # A superseded revision is deleted by the next writer run at least this long after the replacement.
 REVISION_GRACE_S = 3600.0
 _SHARD_ID = re.compile(r"^[0-9A-Za-z_-]+$")
-_SHARD_NAME = re.compile(r"^(?P<id>[0-9A-Za-z_-]+?)(?:\.r(?P<revision>[0-9]+))?(?P<tar>\.tar)?$")
+_SHARD_NAME = re.compile(r"^(?P<id>[0-9A-Za-z_-]+?)(?:\.r(?P<revision>[0-9]+))?$")
 
 
 def shard_path(root: Path, store_format: str, shard_id: str, revision: int = 0) -> Path:
-    """Final path of a shard's revision: a directory (Zarr) or a tar file (WebDataset)."""
+    """Final path of a shard's revision: its name plus the backend's suffix (a Zarr directory, a tar)."""
     name = shard_id if revision == 0 else f"{shard_id}.r{revision}"
-    return root / (name if store_format == "zarr" else f"{name}.tar")
+    return root / (name + get_backend(store_format).suffix)
 
 
 def committed_shard_path(root: Path, store_format: str, shard_id: str, marker: dict[str, Any]) -> Path:
@@ -273,10 +273,9 @@ class StoreWriter:
         revision = 0 if previous is None else int(previous.get("revision", 0)) + 1
         final = shard_path(self.root, self.format, shard_id, revision)
         tmp = self.root / TMP_DIR / f"{final.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-        backend = zarr_backend if self.format == "zarr" else wds_backend
         files: dict[str, dict[str, Any]] = {}
         try:
-            written = backend.write_shard(tmp, clips, self.codecs.zstd_level)
+            written = get_backend(self.format).write_shard(tmp, clips, self.codecs.zstd_level)
             for file in shard_files(tmp):
                 _fsync(file)
                 relative = (Path(final.name) / file.relative_to(tmp)) if tmp.is_dir() else Path(final.name)
@@ -338,8 +337,7 @@ def open_writer(
     fingerprint (the message names each differing key with both values), format, or codec settings
     than requested.
     """
-    if format not in FORMATS:
-        raise ValueError(f"store format {format!r}: expected one of {FORMATS}")
+    get_backend(format)  # a format without a backend: ValueError naming the known ones
     if codecs is None and "codecs" in fingerprint.preprocess:
         codecs = CodecConfig.from_dict(fingerprint.preprocess["codecs"], where="fingerprint.preprocess")
     if codecs is not None:
@@ -400,14 +398,12 @@ def collect_garbage(root: Path, store_format: str, grace_s: float = REVISION_GRA
     if tmp.is_dir():
         for entry in tmp.iterdir():
             _remove(entry)
+    suffix = get_backend(store_format).suffix
     revisions: dict[str, list[tuple[int, Path]]] = {}
     for entry in root.iterdir():
-        match = _SHARD_NAME.match(entry.name)
-        if (
-            entry.name in (TMP_DIR, DONE_DIR)
-            or match is None
-            or bool(match["tar"]) != (store_format == "wds")
-        ):
+        stem = entry.name[: len(entry.name) - len(suffix)] if entry.name.endswith(suffix) else None
+        match = _SHARD_NAME.match(stem) if stem is not None else None
+        if entry.name in (TMP_DIR, DONE_DIR) or match is None:
             continue
         revisions.setdefault(match["id"], []).append((int(match["revision"] or 0), entry))
     now = time.time()
@@ -429,10 +425,7 @@ def collect_garbage(root: Path, store_format: str, grace_s: float = REVISION_GRA
 def _create_store(root: Path, fingerprint: StoreFingerprint, store_format: str, codecs: CodecConfig) -> None:
     for sub in (TMP_DIR, DONE_DIR):
         (root / sub).mkdir(parents=True, exist_ok=True)
-    if store_format == "zarr":
-        import zarr
-
-        zarr.open_group(store=str(root), mode="a", zarr_format=3, attributes={"layout": LAYOUT})
+    get_backend(store_format).create_store(root, {"layout": LAYOUT})
     meta = {
         "layout": LAYOUT,
         "layout_version": LAYOUT_VERSION,
@@ -452,9 +445,6 @@ def _create_store(root: Path, fingerprint: StoreFingerprint, store_format: str, 
         tmp.unlink()
 
 
-ShardReader = zarr_backend.ZarrShardReader | wds_backend.WdsShardReader
-
-
 def open_shard_reader(
     root: Path, store_format: str, shard_id: str, marker: dict[str, Any], integrity: bool = True
 ) -> ShardReader:
@@ -464,11 +454,7 @@ def open_shard_reader(
     path = committed_shard_path(root, store_format, shard_id, marker)
     if not path.exists():
         raise DamagedShardError(root, shard_id, "shard", f"committed shard data {path.name} is missing")
-    if store_format == "zarr":
-        metadata = marker.get("files", {}).get(f"{path.name}/zarr.json", {}).get("sha256")
-        return zarr_backend.ZarrShardReader(path, str(root), shard_id, metadata, integrity)
-    rows = [r for r in marker["clips"] if r["status"] == "ok"]
-    return wds_backend.WdsShardReader(path, rows, str(root), shard_id, integrity)
+    return get_backend(store_format).open_reader(path, str(root), shard_id, marker, integrity)
 
 
 class StoreReader:

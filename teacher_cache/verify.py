@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from geovr.teacher_cache.backends import get_backend
 from geovr.teacher_cache.codecs import CODEC_VERSION, FIELDS, decode_clip
 from geovr.teacher_cache.schema import SCHEMA_VERSION
 from geovr.teacher_cache.store import (
@@ -156,7 +157,7 @@ def _find_leftovers(root: Path, store_format: str, committed_names: set[str], re
             continue
         # Shards are directories (Zarr) or tar files (WebDataset); other files in the root
         # (store.json, zarr.json, precompute's run.json and failures.jsonl) belong to no shard.
-        if not (entry.is_dir() if store_format == "zarr" else entry.suffix == ".tar"):
+        if not get_backend(store_format).is_shard(entry):
             continue
         if entry.name not in committed_names:
             report.warnings.append(

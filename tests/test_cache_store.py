@@ -32,6 +32,7 @@ from geovr.teacher_cache.store import (
     shard_path,
 )
 from geovr.teacher_cache.verify import store_stats, verify_store
+from tests.helpers import clip_labels
 
 CLI = str(Path(sys.executable).parent / "geovr-pipeline")
 FORMATS = ("zarr", "wds")
@@ -51,7 +52,8 @@ def make_clip(index: int, frames: int = 4, depth_hw: tuple[int, int] = (12, 16),
     rng = np.random.default_rng(seed * 1000 + index)
     features = rng.standard_normal((frames, 2, 3, 4, 16)).astype(np.float32)
     features[..., 5] *= 100.0
-    return ClipLabels(
+    return clip_labels(
+        frames,
         clip_id=f"{index:016x}",
         video=f"scene_{index}.mp4",
         frame_indices=np.arange(frames, dtype=np.int64) * 7 + index,

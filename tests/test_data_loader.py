@@ -33,10 +33,10 @@ from geovr.teacher_cache.qa import QARowError, parse_conversation
 from geovr.teacher_cache.records import ClipFailure
 from geovr.teacher_cache.schema import ClipLabels, SchemaError, StoreFingerprint, clip_id_for
 from geovr.teacher_cache.store import open_store, open_writer
+from tests.helpers import clip_labels
 
 SAMPLING = {"fps": 2.0, "min_frames": 4, "max_frames": 8, "method": "uniform"}
 REPO = Path(__file__).resolve().parents[1]
-
 
 # ----------------------------------------------------------------------------------------------
 # A real store of synthetic labels, and QA files
@@ -69,7 +69,8 @@ def synthetic_clip(
     pose = np.concatenate(
         [extrinsic[:, :, 3], np.tile([0, 0, 0, 1.0], (frames, 1)), np.full((frames, 2), 1.0)], 1
     ).astype(np.float32)
-    return ClipLabels(
+    return clip_labels(
+        frames,
         clip_id=clip_id_for(video, SAMPLING),
         video=video,
         frame_indices=np.arange(frames, dtype=np.int64) * 15,
@@ -312,7 +313,8 @@ def test_two_ranks_with_unequal_shards_finish_the_same_steps(wds_store, tmp_path
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          __file__, "--store", str(root), "--qa", str(qa), "--out", str(tmp_path), "--steps", "9"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},  # the script imports tests.helpers
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     for resampled in ("true", "false"):

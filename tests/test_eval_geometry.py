@@ -32,6 +32,7 @@ from geovr.teacher_cache.frames import encode_jpeg, resize_frames, student_frame
 from geovr.teacher_cache.geometry import encode_pose, invert_extrinsic, relative_to_first, to_homogeneous
 from geovr.teacher_cache.schema import ClipLabels, StoreFingerprint, clip_id_for
 from geovr.teacher_cache.store import open_store, open_writer
+from tests.helpers import clip_labels
 
 SIZE = 56  # video = teacher image 56x56: depth at half resolution is 28x28 (a multiple of the shuffle 7)
 FRAMES = 6
@@ -129,7 +130,8 @@ def ground_truth_clip(corpus: Path, scene: str) -> ClipLabels:
     extrinsic = relative_to_first(torch.from_numpy(gt["extrinsic"]))
     intrinsic = torch.from_numpy(gt["intrinsic"])
     rng = np.random.default_rng(0)
-    return ClipLabels(
+    return clip_labels(
+        FRAMES,
         clip_id=clip_id_for(f"videos/{scene}.mp4", FINGERPRINT.sampling),
         video=f"videos/{scene}.mp4",
         frame_indices=np.arange(FRAMES, dtype=np.int64),

@@ -316,3 +316,32 @@ class ZarrShardReader:
             if isinstance(item, DamagedClipError):
                 raise item
             yield item
+
+
+class ZarrBackend:
+    """The Zarr v3 format (`base.StoreBackend`): a shard is a directory, read by clip."""
+
+    name = "zarr"
+    suffix = ""
+    streams = False
+
+    def create_store(self, root: Path, attributes: dict[str, Any]) -> None:
+        """The store's root group (each shard is a child group)."""
+        zarr.open_group(store=str(root), mode="a", zarr_format=3, attributes=attributes)
+
+    def is_shard(self, entry: Path) -> bool:
+        return entry.is_dir()
+
+    def write_shard(
+        self, path: Path, clips: list[EncodedClip], zstd_level: int, integrity: bool = True
+    ) -> dict[str, Any]:
+        return write_shard(path, clips, zstd_level, integrity)
+
+    def open_reader(
+        self, path: Path, store: str, shard_id: str, marker: dict[str, Any], integrity: bool
+    ) -> ZarrShardReader:
+        metadata = marker.get("files", {}).get(f"{path.name}/zarr.json", {}).get("sha256")
+        return ZarrShardReader(path, store, shard_id, metadata, integrity)
+
+
+BACKEND = ZarrBackend()

@@ -278,3 +278,31 @@ class WdsShardReader:
             if isinstance(item, DamagedClipError):
                 raise item
             yield item
+
+
+class WdsBackend:
+    """The WebDataset format (`base.StoreBackend`): a shard is one tar, read front to back."""
+
+    name = "wds"
+    suffix = ".tar"
+    streams = True
+
+    def create_store(self, root: Path, attributes: dict[str, Any]) -> None:
+        """Nothing beside store.json."""
+
+    def is_shard(self, entry: Path) -> bool:
+        return entry.suffix == ".tar"
+
+    def write_shard(
+        self, path: Path, clips: list[EncodedClip], zstd_level: int, integrity: bool = True
+    ) -> dict[str, Any]:
+        return write_shard(path, clips, zstd_level, integrity)
+
+    def open_reader(
+        self, path: Path, store: str, shard_id: str, marker: dict[str, Any], integrity: bool
+    ) -> WdsShardReader:
+        rows = [r for r in marker["clips"] if r["status"] == "ok"]
+        return WdsShardReader(path, rows, store, shard_id, integrity)
+
+
+BACKEND = WdsBackend()
