@@ -5,6 +5,7 @@
             losses = model(chunk) under the autocast dtype   # {total, lm, <objective>...}
             (losses.total * chunk samples / samples per rank and step).backward()
             # gradients are reduced across ranks only on the last backward of the step
+    every rank runs as many passes as the rank with the most chunks (`equal_pass_count`)
 
 The trainer then clips the gradient norm, skips a non-finite update on every rank, and steps the
 optimizer and the schedule (`trainer`).
@@ -17,10 +18,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from geovr.student.training.damage import reduce_step_damage
-from geovr.student.training.distributed import DistEnv, sync_gradients
+from geovr.student.training.distributed import DistEnv, all_reduce, sync_gradients
 from geovr.student.training.flops import qwen3vl_step_flops
 from geovr.student.training.metrics import StepStats
 
@@ -54,21 +56,38 @@ def accumulate_gradients(
     if stats.damage.idle_ranks:
         return stats
     chunks = [chunk for batch in micro_batches for chunk in batch.chunks]
-    for index, chunk in enumerate(chunks):
-        last = index == len(chunks) - 1
-        chunk = chunk.to(env.device, non_blocking=True)
-        if before_forward is not None:
+    passes = equal_pass_count(len(chunks), env)
+    for index in range(passes):
+        real = index < len(chunks)
+        chunk = chunks[min(index, len(chunks) - 1)].to(env.device, non_blocking=True)
+        if before_forward is not None and real:
             before_forward(chunk)
         size = int(chunk.input_ids.shape[0])
-        with sync_gradients(model, env, sync=last):
+        with sync_gradients(model, env, sync=index == passes - 1):
             with torch.autocast(
                 env.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
             ):
                 losses = model(chunk)
-            (losses["total"] * (size / samples_per_rank_step)).backward()
+            weight = size / samples_per_rank_step if real else 0.0  # a padding pass adds no gradient
+            (losses["total"] * weight).backward()
+        if not real:
+            continue
         stats.add_losses(losses, size)
         stats.samples += size
         seq_lens = chunk.attention_mask.sum(1).tolist()
         stats.tokens += int(sum(seq_lens))
         stats.flops += qwen3vl_step_flops(model_config, seq_lens, chunk.video_grid_thw.tolist())
     return stats
+
+
+def equal_pass_count(chunks: int, env: DistEnv) -> int:
+    """The forward/backward passes every rank runs this step: the most chunks any rank has.
+
+    FSDP2 gathers the sharded parameters in every forward (a collective) and reduces gradients in the
+    last backward, so the ranks must run the same number of passes; the token budget can split
+    micro-batches into different numbers of chunks per rank (skipped and damaged samples make that
+    likelier). A rank with fewer chunks repeats its last one with a zero loss weight.
+    """
+    count = torch.tensor([chunks], dtype=torch.int64, device=env.device)
+    all_reduce(count, env, dist.ReduceOp.MAX)
+    return int(count.item())
