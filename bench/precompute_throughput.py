@@ -43,8 +43,8 @@ from safetensors.torch import load_file as load_torch_file
 from safetensors.torch import save_file
 
 from geovr.app.presets import load_section
-from geovr.corpus.synth import SynthConfig, write_corpus
-from geovr.corpus.video import SamplingConfig
+from geovr.corpus.config import SamplingConfig, SynthConfig
+from geovr.corpus.synth import write_corpus
 from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
 from geovr.pipeline.index import build_manifest, read_manifest
 from geovr.pipeline.labeler import TeacherLabeler, teacher_size

@@ -51,45 +51,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.numpy import load_file, save_file
 
-from geovr.teacher_cache.config import require
+from geovr.corpus.config import SynthConfig
 
 FORMAT_VERSION = 1
 CAMERA_CLEARANCE = 0.5  # metres between the camera path and any object's footprint
 OBJECT_GAP = 0.1  # metres between two objects' footprints
 WALL_GAP = 0.05  # metres between a footprint and a wall
-
-
-@dataclass
-class SynthConfig:
-    """How many scenes, and how they are rendered and encoded (section `synth` of the presets)."""
-
-    scenes: int = 8
-    frames: int = 64
-    width: int = 320
-    height: int = 240
-    fps: float = 8.0
-    seed: int = 0
-    min_objects: int = 3
-    max_objects: int = 12
-    crf: int = 18  # x264 constant rate factor: 18 keeps decoded frames well above 30 dB PSNR
-
-    def validate(self) -> None:
-        require(self.scenes >= 1, f"synth.scenes: must be at least 1, got {self.scenes}")
-        require(self.frames >= 1, f"synth.frames: must be at least 1, got {self.frames}")
-        for name, value in (("width", self.width), ("height", self.height)):
-            require(
-                value >= 16 and value % 2 == 0,
-                f"synth.{name}: must be an even number of pixels >= 16 (H.264 yuv420p), got {value}",
-            )
-        require(
-            math.isfinite(self.fps) and self.fps > 0, f"synth.fps: must be a positive number, got {self.fps}"
-        )
-        require(self.seed >= 0, f"synth.seed: must be non-negative, got {self.seed}")
-        require(
-            1 <= self.min_objects <= self.max_objects <= 12,
-            f"synth.min_objects/max_objects: need 1 <= min <= max <= 12, got {self.min_objects}, {self.max_objects}",
-        )
-        require(0 <= self.crf <= 51, f"synth.crf: must be in [0, 51], got {self.crf}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -133,6 +100,21 @@ class SceneObject:
     center: tuple[float, float, float]
     size: tuple[float, float, float]
     yaw: float
+
+    @property
+    def xy(self) -> np.ndarray:
+        """(2,) the centre on the floor plane."""
+        return np.asarray(self.center[:2], dtype=np.float64)
+
+    def footprint(self) -> np.ndarray:
+        """(4, 2) corners of the floor rectangle (a cylinder's bounding square), counter-clockwise."""
+        half = np.asarray(self.size[:2], dtype=np.float64) / 2
+        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64) * half
+        c, s = math.cos(self.yaw), math.sin(self.yaw)
+        return corners @ np.array([[c, s], [-s, c]]) + self.xy
+
+    def height_interval(self) -> tuple[float, float]:
+        return float(self.center[2] - self.size[2] / 2), float(self.center[2] + self.size[2] / 2)
 
     def to_json(self) -> dict:
         return {

@@ -32,19 +32,17 @@ Errors are `VideoError(stage, reason, detail)` with a short machine-readable `re
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import av
 import numpy as np
 from PIL import Image
 
-from geovr.teacher_cache.config import require
+from geovr.corpus.config import SamplingConfig
 from geovr.teacher_cache.frames import display_rotated
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".avi", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
@@ -88,67 +86,6 @@ class VideoInfo:
     codec: str
     pix_fmt: str
     rotation: int = 0
-
-
-@dataclass(frozen=True)
-class SamplingConfig:
-    """Frame sampling policy (section `sampling`); it is part of every clip id and of the store fingerprint.
-
-    Attributes:
-        fps: frames kept per second of video.
-        min_frames, max_frames: bounds on the frames kept per clip.
-        method: "uniform" (GeoVR) or "space_aware" (Spatial-MLLM: greedy voxel coverage).
-        candidate_frames: space-aware only: size of the dense candidate set decoded and labelled
-            first (uniform in time); the `n` kept frames are chosen from it.
-        voxel_size: space-aware only: voxel edge in the teacher's normalised units (VGGT scales a
-            scene so that the mean point distance is about 1).
-    """
-
-    fps: float = 2.0
-    min_frames: int = 4
-    max_frames: int = 32
-    method: Literal["uniform", "space_aware"] = "uniform"
-    candidate_frames: int = 64
-    voxel_size: float = 0.05
-
-    def validate(self) -> None:
-        require(self.fps > 0, f"sampling.fps must be > 0, got {self.fps}")
-        require(self.min_frames >= 1, f"sampling.min_frames must be >= 1, got {self.min_frames}")
-        require(
-            self.max_frames >= self.min_frames,
-            f"sampling.max_frames ({self.max_frames}) must be >= sampling.min_frames ({self.min_frames})",
-        )
-        if self.method == "space_aware":
-            require(
-                self.candidate_frames >= self.max_frames,
-                f"sampling.candidate_frames ({self.candidate_frames}) must be >= sampling.max_frames "
-                f"({self.max_frames})",
-            )
-            require(self.voxel_size > 0, f"sampling.voxel_size must be > 0, got {self.voxel_size}")
-
-    def policy(self) -> dict[str, Any]:
-        """The policy as a plain dict: the `sampling` input of `schema.clip_id_for` and of the fingerprint.
-
-        Uniform sampling is described by fps/min/max only; the space-aware knobs are added only when
-        that method is used, so uniform clip ids do not depend on settings they do not use.
-        """
-        policy: dict[str, Any] = {
-            "fps": float(self.fps),
-            "min_frames": int(self.min_frames),
-            "max_frames": int(self.max_frames),
-            "method": self.method,
-        }
-        if self.method == "space_aware":
-            policy["candidate_frames"] = int(self.candidate_frames)
-            policy["voxel_size"] = float(self.voxel_size)
-        return policy
-
-    @classmethod
-    def from_policy(cls, policy: dict[str, Any]) -> SamplingConfig:
-        fields = {f.name for f in dataclasses.fields(cls)}
-        config = cls(**{k: v for k, v in policy.items() if k in fields})
-        config.validate()
-        return config
 
 
 def _open(path: Path, stage: str) -> av.container.InputContainer:

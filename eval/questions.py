@@ -1,15 +1,15 @@
 """VSI-Bench-style questions generated from scenes with 3D ground truth.
 
 Input: a `SceneAnnotation` per scene, the only thing a new data source has to provide:
-- `objects`: one `ObjectBox` per object instance: `category`, `shape` ("box", or "cylinder" with
+- `objects`: one `SceneObject` (`geovr.corpus.synth`'s scene type) per object instance: `category`, `shape` ("box", or "cylinder" with
   size = (diameter, diameter, height)), `center` (x, y, z) of its bounding box in metres, `size`
   (full extents along the object's own x, y, z axes, metres) and `yaw` (rotation about the world z
   axis, counter-clockwise seen from above, radians). World: z up, metres, floor at z = 0.
 - `room_area`: floor area of the room in m^2 (for ScanNet-like data: the area of the floor outline).
 - `visible_pixels` (F, N): pixels of each object visible in each video frame (column n = objects[n])
   and `frame_pixels` = W * H. Only appearance order uses these.
-`load_synthetic_scene` builds it from the synthetic corpus (`gt/<scene>/scene.json` and
-`frames.safetensors`, see `geovr.corpus.synth`); a ScanNet-like loader builds it from an
+`load_synthetic_scene` builds it from the synthetic corpus with the corpus's own reader
+(`geovr.corpus.synth.load_scene_gt`); a ScanNet-like loader builds it from an
 object list (category, oriented box) plus per-frame instance masks.
 
 Questions use VSI-Bench's templates and answer conventions, and are kept only when the answer is
@@ -47,36 +47,16 @@ import math
 import os
 import shutil
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+
+from geovr.corpus.synth import SceneObject, load_scene_gt
+from geovr.eval.config import QuestionConfig
 
 LETTERS = "ABCD"
-
-
-@dataclass
-class ObjectBox:
-    """One object instance: an upright box or cylinder (yaw about z only), world metres, z up."""
-
-    id: int
-    category: str
-    center: np.ndarray
-    size: np.ndarray
-    yaw: float = 0.0
-    shape: str = "box"
-
-    def footprint(self) -> np.ndarray:
-        """(4, 2) corners of the floor rectangle (a cylinder's bounding square), counter-clockwise."""
-        half = self.size[:2] / 2
-        corners = np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64) * half
-        c, s = math.cos(self.yaw), math.sin(self.yaw)
-        return corners @ np.array([[c, s], [-s, c]]) + self.center[:2]
-
-    def height_interval(self) -> tuple[float, float]:
-        return float(self.center[2] - self.size[2] / 2), float(self.center[2] + self.size[2] / 2)
 
 
 @dataclass
@@ -85,40 +65,10 @@ class SceneAnnotation:
 
     dataset: str
     scene_name: str
-    objects: list[ObjectBox]
+    objects: list[SceneObject]
     room_area: float
     visible_pixels: np.ndarray | None = None
     frame_pixels: int = 0
-
-
-@dataclass
-class QuestionConfig:
-    """What to generate and the margins that make every kept answer unambiguous."""
-
-    max_per_type: int = 3
-    seed: int = 0
-    min_count: int = 2
-    min_distance_m: float = 0.2
-    rel_distance_margin_m: float = 0.25
-    direction_margin_deg: float = 15.0
-    min_direction_distance_m: float = 0.4
-    min_visible_fraction: float = 0.002
-    min_order_gap_frames: int = 2
-    max_route_turns: int = 2
-    question_types: tuple[str, ...] = field(
-        default=(
-            "object_counting",
-            "object_abs_distance",
-            "object_size_estimation",
-            "room_size_estimation",
-            "object_rel_distance",
-            "object_rel_direction_easy",
-            "object_rel_direction_medium",
-            "object_rel_direction_hard",
-            "obj_appearance_order",
-            "route_planning",
-        )
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,18 +116,18 @@ def _point_polygon_distance(point: np.ndarray, poly: np.ndarray) -> float:
     )
 
 
-def footprint_distance(a: ObjectBox, b: ObjectBox) -> float:
+def footprint_distance(a: SceneObject, b: SceneObject) -> float:
     """Smallest distance between two objects' floor footprints (rectangles or discs), metres."""
     if a.shape == "cylinder" and b.shape == "cylinder":
-        gap = np.linalg.norm(a.center[:2] - b.center[:2]) - (a.size[0] + b.size[0]) / 2
+        gap = np.linalg.norm(a.xy - b.xy) - (a.size[0] + b.size[0]) / 2
         return max(0.0, float(gap))
     if a.shape == "cylinder" or b.shape == "cylinder":
         disc, box = (a, b) if a.shape == "cylinder" else (b, a)
-        return max(0.0, _point_polygon_distance(disc.center[:2], box.footprint()) - disc.size[0] / 2)
+        return max(0.0, _point_polygon_distance(disc.xy, box.footprint()) - disc.size[0] / 2)
     return polygon_distance(a.footprint(), b.footprint())
 
 
-def box_distance(a: ObjectBox, b: ObjectBox) -> float:
+def box_distance(a: SceneObject, b: SceneObject) -> float:
     """Closest-point distance of two upright objects, metres (0 when they touch or overlap)."""
     footprint = footprint_distance(a, b)
     (a0, a1), (b0, b1) = a.height_interval(), b.height_interval()
@@ -234,14 +184,14 @@ def classify_turn(angle: float, margin: float) -> str | None:
 # Question builders: each returns a list of (question_type, question, options, ground_truth)
 
 
-def _by_category(scene: SceneAnnotation) -> dict[str, list[ObjectBox]]:
-    groups: dict[str, list[ObjectBox]] = {}
+def _by_category(scene: SceneAnnotation) -> dict[str, list[SceneObject]]:
+    groups: dict[str, list[SceneObject]] = {}
     for obj in scene.objects:
         groups.setdefault(obj.category, []).append(obj)
     return groups
 
 
-def _unique_objects(scene: SceneAnnotation) -> list[ObjectBox]:
+def _unique_objects(scene: SceneAnnotation) -> list[SceneObject]:
     return [objs[0] for objs in _by_category(scene).values() if len(objs) == 1]
 
 
@@ -288,7 +238,7 @@ def size_questions(scene, cfg, rng):
             "What is the length of the longest dimension (length, width, or height) of the "
             f"{obj.category}, measured in centimeters?",
             None,
-            str(round(float(obj.size.max()) * 100)),
+            str(round(float(max(obj.size)) * 100)),
         )
         for obj in _sample(_unique_objects(scene), cfg.max_per_type, rng)
     ]
@@ -359,7 +309,7 @@ def direction_questions(level: str):
             p, o, q = objs[i // (len(objs) ** 2)], objs[(i // len(objs)) % len(objs)], objs[i % len(objs)]
             if len({p.id, o.id, q.id}) < 3:
                 continue
-            sp, so, sq = p.center[:2], o.center[:2], q.center[:2]
+            sp, so, sq = p.xy, o.xy, q.xy
             if min(np.linalg.norm(so - sp), np.linalg.norm(sq - sp)) < cfg.min_direction_distance_m:
                 continue
             answer = classify_direction(direction_angle(sp, so, sq), level, cfg.direction_margin_deg)
@@ -431,7 +381,7 @@ def route_questions(scene, cfg, rng):
         if len(objs) < n_turns + 2 or len(out) == cfg.max_per_type:
             break
         route = _sample(objs, n_turns + 2, rng)
-        points = [obj.center[:2] for obj in route]
+        points = [obj.xy for obj in route]
         if min(np.linalg.norm(b - a) for a, b in itertools.pairwise(points)) < cfg.min_direction_distance_m:
             continue
         turns = route_turns(points, cfg.direction_margin_deg)
@@ -503,45 +453,22 @@ def generate_questions(scene: SceneAnnotation, cfg: QuestionConfig) -> list[dict
 
 
 def load_synthetic_scene(corpus_dir: Path, scene_id: str, dataset: str = "synthetic") -> SceneAnnotation:
-    """A scene of the synthetic corpus (`gt/<scene>/scene.json` + `frames.safetensors`)."""
-    gt_dir = Path(corpus_dir) / "gt" / scene_id
-    scene_path = gt_dir / "scene.json"
-    if not scene_path.is_file():
-        raise FileNotFoundError(f"{scene_path}: scene ground truth not found")
-    data = json.loads(scene_path.read_text())
-    try:
-        objects = [
-            ObjectBox(
-                id=int(o["id"]),
-                category=str(o["category"]),
-                center=np.asarray(o["center"], dtype=np.float64),
-                size=np.asarray(o["size"], dtype=np.float64),
-                yaw=float(o.get("yaw", 0.0)),
-                shape=str(o.get("shape", "box")),
-            )
-            for o in data["objects"]
-        ]
-        room = np.asarray(data["room"]["size"], dtype=np.float64)
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{scene_path}: malformed scene ground truth ({err})") from None
-    frames_path = gt_dir / "frames.safetensors"
-    if not frames_path.is_file():
-        raise FileNotFoundError(f"{frames_path}: per-frame ground truth not found")
-    with safe_open(frames_path, framework="np") as f:
-        visible = f.get_tensor("visible_pixels")
-        height, width = f.get_slice("depth").get_shape()[1:]
-    if visible.shape[1] != len(objects) or sorted(o.id for o in objects) != list(range(len(objects))):
+    """A scene of the synthetic corpus, read by the corpus's own reader (`corpus.synth.load_scene_gt`)."""
+    gt = load_scene_gt(corpus_dir, scene_id)
+    objects = sorted(gt.objects, key=lambda o: o.id)
+    if gt.visible_pixels.shape[1] != len(objects) or [o.id for o in objects] != list(range(len(objects))):
         raise ValueError(
-            f"{gt_dir}: visible_pixels {visible.shape} does not match the ids of {len(objects)} objects"
+            f"{corpus_dir}/gt/{scene_id}: visible_pixels {gt.visible_pixels.shape} does not match the ids of "
+            f"{len(objects)} objects"
         )
-    visible = visible[:, [o.id for o in objects]]
+    sx, sy, _ = gt.room.size
     return SceneAnnotation(
         dataset=dataset,
         scene_name=scene_id,
         objects=objects,
-        room_area=float(room[0] * room[1]),
-        visible_pixels=visible,
-        frame_pixels=int(height * width),
+        room_area=float(sx * sy),
+        visible_pixels=gt.visible_pixels,
+        frame_pixels=int(gt.depth.shape[1] * gt.depth.shape[2]),
     )
 
 

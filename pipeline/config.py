@@ -13,6 +13,9 @@ from geovr.teacher_cache.backends import StoreFormat
 from geovr.teacher_cache.config import require
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
+CLIPS_PER_SHARD = 64  # `index`: clips per output shard
+MAX_PROBE_WORKERS = 16  # `index`: probe processes at most (default: the CPU count)
+
 
 @dataclass
 class TeacherConfig:

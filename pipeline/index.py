@@ -53,7 +53,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from geovr.corpus.video import SamplingConfig, VideoError, is_video_file, probe_video
+from geovr.corpus.config import SamplingConfig
+from geovr.corpus.video import VideoError, is_video_file, probe_video
+from geovr.pipeline.config import CLIPS_PER_SHARD, MAX_PROBE_WORKERS
 from geovr.teacher_cache.qa import QARowError, normalise_video, read_rows, video_of
 from geovr.teacher_cache.schema import clip_id_for
 
@@ -263,7 +265,7 @@ def build_manifest(
     out: Path,
     sampling: SamplingConfig,
     corpus_root: Path | None = None,
-    clips_per_shard: int = 64,
+    clips_per_shard: int = CLIPS_PER_SHARD,
     extend: Path | None = None,
     workers: int | None = None,
 ) -> IndexReport:
@@ -297,7 +299,7 @@ def build_manifest(
     found = collect_videos(sources, corpus_root)
     videos = found.videos
     names = sorted(videos)
-    probed = probe_all(names, corpus_root, policy, workers or min(os.cpu_count() or 1, 16))
+    probed = probe_all(names, corpus_root, policy, workers or min(os.cpu_count() or 1, MAX_PROBE_WORKERS))
     clip_ids = [clip_id_for(name, policy) for name in names]
     shards = assign_shards(clip_ids, clips_per_shard, previous)
     rows = [

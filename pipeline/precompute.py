@@ -80,7 +80,7 @@ import ray
 from rich.console import Console
 from rich.markup import escape
 
-from geovr.corpus.video import SamplingConfig
+from geovr.corpus.config import SamplingConfig
 from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
 from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
 from geovr.pipeline.index import Manifest, read_manifest

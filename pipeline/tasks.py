@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 import ray
 
+from geovr.corpus.config import SamplingConfig
 from geovr.corpus.video import (
-    SamplingConfig,
     VideoError,
     decode_frames,
     duration_of,

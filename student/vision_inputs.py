@@ -45,12 +45,17 @@ from typing import Literal
 import numpy as np
 import torch
 
-from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, resize_frames, student_frame_size
+from geovr.teacher_cache.frames import (
+    FRAME_PAIRINGS,
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    resize_frames,
+    student_frame_size,
+)
 
 VIDEO_TOKEN = "<|video_pad|>"
 VISION_START = "<|vision_start|>"
 VISION_END = "<|vision_end|>"
-FRAME_PAIRINGS = ("repeat", "consecutive")
 
 
 @dataclass(frozen=True)

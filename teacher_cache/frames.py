@@ -29,6 +29,9 @@ from PIL import Image
 # GeoVR's clip budget (scripts/train.sh): 300 merged tokens per frame at 32 frames; at least 16 per frame at 4.
 VIDEO_MAX_PIXELS = 32 * 300 * 32 * 32
 VIDEO_MIN_PIXELS = 4 * 16 * 32 * 32
+# How frames fill the temporal tokens: "repeat" (each frame twice: one frame per token, GeoVR's
+# training layout) or "consecutive" (frame pairs, the plain processor).
+FRAME_PAIRINGS = ("repeat", "consecutive")
 
 
 def smart_resize(

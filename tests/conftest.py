@@ -29,7 +29,8 @@ SYNTH_TEST_CONFIG = {"scenes": 2, "frames": 12, "width": 160, "height": 120, "fp
 @pytest.fixture(scope="session")
 def synth_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A corpus written by `geovr.corpus.synth.write_corpus` with `SYNTH_TEST_CONFIG`."""
-    from geovr.corpus.synth import SynthConfig, write_corpus
+    from geovr.corpus.config import SynthConfig
+    from geovr.corpus.synth import write_corpus
 
     out = tmp_path_factory.mktemp("synth_corpus")
     write_corpus(out, SynthConfig(**SYNTH_TEST_CONFIG))

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from geovr.app.presets import load_section, parse_overrides, preset_names, read_preset
-from geovr.corpus.synth import SynthConfig
+from geovr.corpus.config import SynthConfig
 from geovr.teacher_cache.config import ConfigError, from_dict, require, to_dict
 
 

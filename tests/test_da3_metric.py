@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from geovr.corpus.synth import SynthConfig, generate_scene, render_probe, render_scene
+from geovr.corpus.config import SynthConfig
+from geovr.corpus.synth import generate_scene, render_probe, render_scene
 from geovr.pipeline.config import TeacherConfig
 from geovr.pipeline.labeler import TeacherLabeler, preprocess_clip
 from geovr.pipeline.metric_scale import canonical_to_metric, clip_metric_scale

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 from geovr.app import commands  # noqa: F401  (registers the CLI commands)
 from geovr.app.cli import app
 from geovr.app.presets import load_section
-from geovr.corpus.synth import SynthConfig, write_corpus
+from geovr.corpus.config import SynthConfig
+from geovr.corpus.synth import write_corpus
 from geovr.eval.geometry_metrics import clip_metrics
 from geovr.eval.inspect import camera_centers, read_ply
 from geovr.eval.vsibench import read_video_frames

@@ -16,10 +16,10 @@ from typer.testing import CliRunner
 
 from geovr.app import commands  # noqa: F401  (registers the CLI commands)
 from geovr.app.cli import app
-from geovr.corpus.synth import SynthConfig, write_corpus
+from geovr.corpus.config import SynthConfig
+from geovr.corpus.synth import SceneObject, write_corpus
+from geovr.eval.config import QuestionConfig
 from geovr.eval.questions import (
-    ObjectBox,
-    QuestionConfig,
     SceneAnnotation,
     box_distance,
     generate_questions,
@@ -247,9 +247,7 @@ def test_box_distance_matches_sampling():
                 }
             )
         boxes = [
-            ObjectBox(
-                o["id"], o["category"], np.array(o["center"]), np.array(o["size"]), o["yaw"], o["shape"]
-            )
+            SceneObject(o["id"], o["category"], o["shape"], tuple(o["center"]), tuple(o["size"]), o["yaw"])
             for o in objs
         ]
         exact = box_distance(*boxes)
@@ -269,11 +267,11 @@ def test_generation_is_deterministic_and_plugs_in_other_annotations(corpus):
         dataset="scannet",
         scene_name="scene0000_00",
         objects=[
-            ObjectBox(0, "chair", np.array([1.0, 1.0, 0.4]), np.array([0.5, 0.5, 0.8])),
-            ObjectBox(1, "chair", np.array([3.0, 1.0, 0.4]), np.array([0.5, 0.5, 0.8])),
-            ObjectBox(2, "table", np.array([2.0, 3.0, 0.4]), np.array([1.2, 0.8, 0.8])),
-            ObjectBox(3, "sofa", np.array([4.0, 4.0, 0.4]), np.array([2.0, 0.9, 0.8])),
-            ObjectBox(4, "tv", np.array([0.5, 4.5, 1.0]), np.array([1.0, 0.1, 0.6])),
+            SceneObject(0, "chair", "box", (1.0, 1.0, 0.4), (0.5, 0.5, 0.8), 0.0),
+            SceneObject(1, "chair", "box", (3.0, 1.0, 0.4), (0.5, 0.5, 0.8), 0.0),
+            SceneObject(2, "table", "box", (2.0, 3.0, 0.4), (1.2, 0.8, 0.8), 0.0),
+            SceneObject(3, "sofa", "box", (4.0, 4.0, 0.4), (2.0, 0.9, 0.8), 0.0),
+            SceneObject(4, "tv", "box", (0.5, 4.5, 1.0), (1.0, 0.1, 0.6), 0.0),
         ],
         room_area=25.0,
     )

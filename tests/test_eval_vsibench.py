@@ -14,15 +14,13 @@ from typer.testing import CliRunner
 
 from geovr.app import commands  # noqa: F401  (registers the CLI commands)
 from geovr.app.cli import app
-from geovr.corpus.synth import SynthConfig, write_corpus
-from geovr.eval.questions import QuestionConfig, write_vsi_dataset
+from geovr.corpus.config import SynthConfig
+from geovr.corpus.synth import write_corpus
+from geovr.eval.config import PROFILES, QuestionConfig, VSIBenchConfig, build_geovr_prompt, build_prompt
+from geovr.eval.questions import write_vsi_dataset
 from geovr.eval.vsibench import (
-    PROFILES,
     Qwen3VLGenerator,
     VideoQuestion,
-    VSIBenchConfig,
-    build_geovr_prompt,
-    build_prompt,
     load_annotations,
     read_video_frames,
     run_vsibench,

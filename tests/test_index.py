@@ -14,8 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from geovr.app.cli import _register_commands, app
-from geovr.corpus.synth import SynthConfig, write_corpus
-from geovr.corpus.video import SamplingConfig
+from geovr.corpus.config import SamplingConfig, SynthConfig
+from geovr.corpus.synth import write_corpus
 from geovr.pipeline.index import assign_shards, build_manifest, read_manifest
 from geovr.teacher_cache.schema import clip_id_for
 from tests.test_precompute_video import write_bad_inputs
@@ -172,7 +172,7 @@ INDEX_AND_REPORT = """
 import json, sys
 from pathlib import Path
 from geovr.pipeline.index import build_manifest
-from geovr.corpus.video import SamplingConfig
+from geovr.corpus.config import SamplingConfig
 
 report = build_manifest([Path(sys.argv[1])], Path(sys.argv[2]), SamplingConfig(fps=2.0, min_frames=4, max_frames=8), workers=1)
 print(json.dumps(report.bad))

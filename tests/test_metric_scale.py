@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from geovr.corpus.synth import SynthConfig, generate_scene, render_scene
+from geovr.corpus.config import SynthConfig
+from geovr.corpus.synth import generate_scene, render_scene
 from geovr.pipeline.config import TeacherConfig
 from geovr.pipeline.labeler import TeacherLabeler, downsample_depth, preprocess_clip
 from geovr.pipeline.metric_scale import clip_metric_scale

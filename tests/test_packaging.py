@@ -122,7 +122,7 @@ sys.path.insert(0, {str(target)!r})
 sys.path.append({sysconfig.get_paths()["purelib"]!r})
 files = {{name: importlib.import_module(name).__file__ for name in {list(PACKAGES.values())!r}}}
 from geovr.app.presets import load_section, preset_names
-from geovr.corpus.synth import SynthConfig
+from geovr.corpus.config import SynthConfig
 print(json.dumps({{"files": files, "presets": preset_names(), "frames": load_section(SynthConfig, "synth", "tiny").frames}}))
 """
     report = json.loads(run_python(code, tmp_path, "-S"))

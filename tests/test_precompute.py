@@ -30,8 +30,9 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from geovr.app.cli import _register_commands, app
-from geovr.corpus.synth import SynthConfig, write_corpus
-from geovr.corpus.video import SamplingConfig, read_timestamps, sample_indices
+from geovr.corpus.config import SamplingConfig, SynthConfig
+from geovr.corpus.synth import write_corpus
+from geovr.corpus.video import read_timestamps, sample_indices
 from geovr.pipeline.index import build_manifest, read_manifest
 from geovr.pipeline.precompute import check_committed_shards
 from geovr.teacher_cache.frames import decode_jpeg, student_frame_size

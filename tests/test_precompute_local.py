@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from geovr.corpus.synth import SynthConfig, render_probe, write_corpus
+from geovr.corpus.config import SynthConfig
+from geovr.corpus.synth import render_probe, write_corpus
 from geovr.pipeline.driver_watchdog import POLL_S, descendants, process_table
 from geovr.pipeline.index import build_manifest
 from geovr.teacher_cache.store import open_store

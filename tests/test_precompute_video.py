@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from geovr.corpus.synth import SynthConfig, load_scene_gt, write_corpus
+from geovr.corpus.config import SamplingConfig, SynthConfig
+from geovr.corpus.synth import load_scene_gt, write_corpus
 from geovr.corpus.video import (
-    SamplingConfig,
     VideoError,
     decode_frames,
     probe_video,
@@ -359,7 +359,7 @@ mode, root, video = sys.argv[1:]
 if mode == "clip":
     from geovr.pipeline.tasks import decode_clip
     from geovr.pipeline import labeler  # noqa: F401  (decode_clip imports it: not part of the peak)
-    from geovr.corpus.video import SamplingConfig
+    from geovr.corpus.config import SamplingConfig
 
 def status(key):
     with open("/proc/self/status") as f:

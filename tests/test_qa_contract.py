@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from geovr.corpus.synth import SynthConfig, write_corpus
+from geovr.corpus.config import SynthConfig
+from geovr.corpus.synth import write_corpus
 from geovr.pipeline.index import build_manifest, read_manifest
 from geovr.student.config import DataConfig
 from geovr.student.data import join_qa

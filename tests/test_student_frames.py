@@ -17,7 +17,7 @@ import pytest
 import transformers
 from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize as hf_smart_resize
 
-from geovr.corpus.video import SamplingConfig
+from geovr.corpus.config import SamplingConfig
 from geovr.pipeline.tasks import decode_clip
 from geovr.student.data import DataError, check_frame_budget
 from geovr.student.vision_inputs import VideoPreprocess, video_inputs

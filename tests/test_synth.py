@@ -13,10 +13,10 @@ import torch
 from safetensors.numpy import load_file
 
 from geovr.app.presets import load_section
+from geovr.corpus.config import SynthConfig
 from geovr.corpus.synth import (
     CAMERA_CLEARANCE,
     CATEGORIES,
-    SynthConfig,
     generate_scene,
     load_scene_gt,
     read_corpus,

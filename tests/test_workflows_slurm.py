@@ -37,7 +37,8 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file
 
-from geovr.corpus.synth import SynthConfig, write_corpus
+from geovr.corpus.config import SynthConfig
+from geovr.corpus.synth import write_corpus
 from geovr.pipeline.index import build_manifest, read_manifest
 from geovr.student.tiny import write_tiny_qwen3vl
 from geovr.teacher_cache.store import open_store

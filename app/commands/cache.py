@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from geovr.app.cli import STAGE_1, app
+from geovr.teacher_cache.backends import FORMATS
 
 # Imported inside the commands: the store backends pull in zarr and webdataset, which would slow
 # down every `geovr-pipeline` invocation, `--help` included.
@@ -69,7 +70,7 @@ def stats(
 def convert(
     src: Path = typer.Argument(..., help="Source store."),
     dst: Path = typer.Argument(..., help="Destination store (created, or resumed when it exists)."),
-    format: str = typer.Option(..., "--format", help="Destination backend: zarr | wds."),
+    format: str = typer.Option(..., "--format", help=f"Destination backend: {' | '.join(FORMATS)}."),
 ) -> None:
     """Copy a store into another backend, keeping every field and its encoded payload bit for bit."""
     from geovr.teacher_cache.convert import convert_store

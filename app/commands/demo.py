@@ -7,6 +7,8 @@ from pathlib import Path
 import typer
 
 from geovr.app.cli import DEMO, app
+from geovr.app.demo.config import DemoConfig
+from geovr.app.options import preset_option
 
 
 @app.command(rich_help_panel=DEMO)
@@ -14,14 +16,18 @@ def demo(
     out: Path = typer.Option(
         Path("demo-out"), "--out", help="output directory (a previous demo's is replaced)"
     ),
-    steps: int | None = typer.Option(None, help="student optimizer steps [preset: 200]"),
-    train_scenes: int | None = typer.Option(None, help="synthetic training scenes [preset: 8]"),
-    heldout_scenes: int | None = typer.Option(None, help="synthetic held-out scenes [preset: 2]"),
-    frames: int | None = typer.Option(None, help="frames per scene video [preset: 32]"),
-    metric_depth: bool | None = typer.Option(
-        None,
+    steps: int | None = preset_option(DemoConfig, "demo", "steps", "student optimizer steps"),
+    train_scenes: int | None = preset_option(DemoConfig, "demo", "train_scenes", "synthetic training scenes"),
+    heldout_scenes: int | None = preset_option(
+        DemoConfig, "demo", "heldout_scenes", "synthetic held-out scenes"
+    ),
+    frames: int | None = preset_option(DemoConfig, "demo", "frames", "frames per scene video"),
+    metric_depth: bool | None = preset_option(
+        DemoConfig,
+        "demo",
+        "metric_depth",
+        "label a metric scale with a tiny DA3-Metric",
         "--metric-depth/--no-metric-depth",
-        help="label a metric scale with a tiny DA3-Metric [preset: on]",
     ),
     preset: str = typer.Option("tiny", help="preset whose sections configure every stage (and `demo`)"),
     overrides: list[str] | None = typer.Option(
@@ -33,7 +39,6 @@ def demo(
     Synthetic corpus -> tiny teacher -> index -> precompute on a local Ray cluster -> train -> export
     -> eval vsibench / geometry -> inspect.
     """
-    from geovr.app.demo.config import DemoConfig
     from geovr.app.demo.run import run_demo
     from geovr.app.presets import load_section
 

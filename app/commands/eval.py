@@ -7,6 +7,10 @@ from pathlib import Path
 import typer
 
 from geovr.app.cli import EVALUATION, app
+from geovr.app.options import config_option
+from geovr.eval.config import PROFILES, QuestionConfig, VSIBenchConfig
+from geovr.eval.scoring import PARSERS
+from geovr.teacher_cache.frames import FRAME_PAIRINGS
 
 eval_app = typer.Typer(
     help="Evaluate models: VSI-Bench, scoring, geometry of the student heads.", no_args_is_help=True
@@ -15,8 +19,14 @@ app.add_typer(eval_app, name="eval", rich_help_panel=EVALUATION)
 
 PARSER_HELP = (
     "answer matching: original (first word) or extract_number (lmms-eval 0.7.3), or geovr "
-    "(GeoVR's metric_result.py)"
+    f"(GeoVR's metric_result.py); one of {', '.join(PARSERS)}"
 )
+
+
+def _by_profile(name: str) -> str:
+    """ " [profile: lmms-eval's value / geovr's value]" of a profile default."""
+    values = " / ".join(str(getattr(spec, name)) for spec in PROFILES.values())
+    return f" (profile: {values})"
 
 
 def _print_scores(summary: dict) -> None:
@@ -35,33 +45,45 @@ def vsibench(
         ..., "--data", help="VSI-Bench directory: *.parquet or *.jsonl + <dataset>/<scene>.mp4"
     ),
     out: Path = typer.Option(..., "--out", help="output directory (resumes from its predictions.jsonl)"),
-    profile: str = typer.Option(
-        "lmms-eval",
-        help="lmms-eval (32 frames, its prompts, greedy, 16 new tokens, its scorer) or geovr (128 "
-        "frames, GeoVR's eval_vsi.py prompts, top-p 0.8 / temperature 0.7 sampling, its matching)",
+    profile: str = config_option(
+        VSIBenchConfig,
+        "profile",
+        f"the published protocol, one of {', '.join(PROFILES)}: lmms-eval (its prompts, greedy, its scorer) "
+        "or geovr (GeoVR's eval_vsi.py prompts, top-p 0.8 / temperature 0.7 sampling, its matching)",
     ),
-    frames: int | None = typer.Option(None, help="frames sampled uniformly per video [profile: 32 / 128]"),
-    parser: str | None = typer.Option(None, help=PARSER_HELP + " [profile: original / geovr]"),
-    batch_size: int = typer.Option(1, help="questions per generate call (left padding)"),
-    limit: int | None = typer.Option(None, help="only the first N questions"),
-    max_new_tokens: int | None = typer.Option(None, help="answer length at most [profile: 16 / 32768]"),
+    frames: int | None = typer.Option(
+        None, help="frames sampled uniformly per video" + _by_profile("frames")
+    ),
+    parser: str | None = typer.Option(None, help=PARSER_HELP + _by_profile("parser")),
+    batch_size: int = config_option(
+        VSIBenchConfig, "batch_size", "questions per generate call (left padding)"
+    ),
+    limit: int | None = config_option(VSIBenchConfig, "limit", "only the first N questions"),
+    max_new_tokens: int | None = typer.Option(
+        None, help="answer length at most" + _by_profile("max_new_tokens")
+    ),
     max_frame_tokens: int | None = typer.Option(
         None,
         help="merged visual tokens per frame under the clip pixel budget, as the Qwen3-VL video "
-        "processor sizes a whole clip [profile: 300 / 384]",
+        "processor sizes a whole clip" + _by_profile("max_frame_tokens"),
     ),
-    video_min_pixels: int = typer.Option(4 * 16 * 32 * 32, help="minimum pixels of the whole clip (GeoVR's)"),
-    frame_pairing: str = typer.Option(
-        "consecutive",
-        help="consecutive: frame pairs per temporal token, as the Qwen3-VL processor, GeoVR's "
-        "eval_vsi.py and lmms-eval feed it; repeat: one frame per token, GeoVR's training layout",
+    video_min_pixels: int = config_option(
+        VSIBenchConfig, "video_min_pixels", "minimum pixels of the whole clip (GeoVR's)"
     ),
-    seed: int = typer.Option(42, help="sampling seed (geovr profile): each batch samples from (seed, ids)"),
-    device: str = typer.Option("cpu", help="torch device"),
-    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16"),
+    frame_pairing: str = config_option(
+        VSIBenchConfig,
+        "frame_pairing",
+        f"one of {', '.join(FRAME_PAIRINGS)}: consecutive: frame pairs per temporal token, as the Qwen3-VL "
+        "processor, GeoVR's eval_vsi.py and lmms-eval feed it; repeat: one frame per token, GeoVR's training layout",
+    ),
+    seed: int = config_option(
+        VSIBenchConfig, "seed", "sampling seed (geovr profile): each batch samples from (seed, ids)"
+    ),
+    device: str = config_option(VSIBenchConfig, "device", "torch device"),
+    dtype: str = config_option(VSIBenchConfig, "dtype", "float32, bfloat16 or float16"),
 ) -> None:
     """Answer VSI-Bench with a model under a published protocol (--profile) and score it."""
-    from geovr.eval.vsibench import VSIBenchConfig, run_vsibench
+    from geovr.eval.vsibench import run_vsibench
 
     cfg = VSIBenchConfig(
         profile=profile,
@@ -88,7 +110,7 @@ def score(
     out: Path = typer.Option(
         ..., "--out", help="output directory: scores.jsonl, summary.json/.md, scores.png"
     ),
-    parser: str = typer.Option("original", help=PARSER_HELP),
+    parser: str = typer.Option(PARSERS[0], help=PARSER_HELP),
 ) -> None:
     """Score a predictions file with the VSI-Bench scorer (answers are parsed, never executed)."""
     from geovr.eval.vsibench import score_file
@@ -100,11 +122,13 @@ def score(
 def questions(
     corpus: Path = typer.Option(..., "--corpus", help="synthetic corpus directory (geovr-pipeline synth)"),
     out: Path = typer.Option(..., "--out", help="VSI-Bench-format directory to write"),
-    per_type: int = typer.Option(3, help="questions per raw question type and scene, at most"),
-    seed: int = typer.Option(0, help="random seed of the question choice"),
+    per_type: int = config_option(
+        QuestionConfig, "max_per_type", "questions per raw question type and scene, at most"
+    ),
+    seed: int = config_option(QuestionConfig, "seed", "random seed of the question choice"),
 ) -> None:
     """Write VSI-Bench-style questions with ground truth from the synthetic corpus's 3D scenes."""
-    from geovr.eval.questions import QuestionConfig, write_vsi_dataset
+    from geovr.eval.questions import write_vsi_dataset
 
     path = write_vsi_dataset(corpus, out, QuestionConfig(max_per_type=per_type, seed=seed))
     count = sum(1 for _ in path.open())

@@ -9,6 +9,10 @@ from rich.console import Console
 from rich.table import Table
 
 from geovr.app.cli import STAGE_1, UsageError, app
+from geovr.app.options import preset_option
+from geovr.corpus.config import SamplingConfig
+from geovr.pipeline.config import CLIPS_PER_SHARD, MAX_PROBE_WORKERS, PrecomputeConfig
+from geovr.teacher_cache.backends import FORMATS
 
 PRESET_HELP = "config preset (tiny, vggt-1b, ...) or a YAML file"
 SET_HELP = "override a preset value: section.key=value (repeatable)"
@@ -21,20 +25,29 @@ def index(
     ),
     out: Path = typer.Option(..., "--out", help="manifest to write (Parquet)"),
     corpus_root: Path | None = typer.Option(None, help="video paths are stored relative to this folder"),
-    fps: float | None = typer.Option(None, help="frames kept per second of video [preset: 2]"),
-    min_frames: int | None = typer.Option(None, help="at least this many frames per clip [preset: 4]"),
-    max_frames: int | None = typer.Option(None, help="at most this many frames per clip [preset: 32]"),
-    sampling: str | None = typer.Option(None, help="uniform (GeoVR) or space_aware (Spatial-MLLM)"),
-    candidate_frames: int | None = typer.Option(None, help="space_aware: candidate frames per clip"),
-    clips_per_shard: int = typer.Option(64, help="clips per output shard"),
+    fps: float | None = preset_option(SamplingConfig, "sampling", "fps", "frames kept per second of video"),
+    min_frames: int | None = preset_option(
+        SamplingConfig, "sampling", "min_frames", "at least this many frames per clip"
+    ),
+    max_frames: int | None = preset_option(
+        SamplingConfig, "sampling", "max_frames", "at most this many frames per clip"
+    ),
+    sampling: str | None = preset_option(
+        SamplingConfig, "sampling", "method", "uniform (GeoVR) or space_aware (Spatial-MLLM)"
+    ),
+    candidate_frames: int | None = preset_option(
+        SamplingConfig, "sampling", "candidate_frames", "space_aware: candidate frames per clip"
+    ),
+    clips_per_shard: int = typer.Option(CLIPS_PER_SHARD, help="clips per output shard"),
     extend: Path | None = typer.Option(None, help="previous manifest: its clips keep their shards"),
-    workers: int | None = typer.Option(None, help="probe processes [default: CPU count, at most 16]"),
+    workers: int | None = typer.Option(
+        None, help=f"probe processes (default: the CPU count, at most {MAX_PROBE_WORKERS})"
+    ),
     preset: str = typer.Option("vggt-1b", help=PRESET_HELP),
     overrides: list[str] | None = typer.Option(None, "--set", help=SET_HELP),
 ) -> None:
     """Index videos into a clip manifest: probe, deduplicate across QA rows, assign shards."""
     from geovr.app.presets import load_section
-    from geovr.corpus.video import SamplingConfig
     from geovr.pipeline.index import build_manifest
 
     policy = load_section(
@@ -75,16 +88,28 @@ def precompute(
     metric_teacher: Path | None = typer.Option(
         None, help="metric-depth dir for the scale: DA3METRIC-LARGE (teacher.metric_teacher names the kind)"
     ),
-    format: str | None = typer.Option(None, "--format", help="store format: zarr or wds [preset: zarr]"),
+    format: str | None = preset_option(
+        PrecomputeConfig, "precompute", "format", f"store format: {' or '.join(FORMATS)}", "--format"
+    ),
     ray_address: str | None = typer.Option(
         None, help="Ray cluster address, or 'local' for an in-process one"
     ),
-    num_gpus: int | None = typer.Option(None, help="teacher actors [default: every GPU; 1 on cpu]"),
-    decode_workers: int | None = typer.Option(None, help="decode tasks in flight [default: free CPUs]"),
-    device: str | None = typer.Option(None, help="cuda or cpu"),
-    clips_per_batch: int | None = typer.Option(None, help="clips per teacher call"),
-    max_failure_ratio: float | None = typer.Option(None, help="exit 1 when failed/all clips is above"),
-    max_teacher_frames: int | None = typer.Option(None, help="split clips longer than this (0: only on OOM)"),
+    num_gpus: int | None = preset_option(
+        PrecomputeConfig, "precompute", "num_actors", "teacher actors (0: one per GPU; 1 on cpu)"
+    ),
+    decode_workers: int | None = preset_option(
+        PrecomputeConfig, "precompute", "decode_workers", "decode tasks in flight (0: the free CPUs)"
+    ),
+    device: str | None = preset_option(PrecomputeConfig, "precompute", "device", "cuda or cpu"),
+    clips_per_batch: int | None = preset_option(
+        PrecomputeConfig, "precompute", "clips_per_batch", "clips per teacher call"
+    ),
+    max_failure_ratio: float | None = preset_option(
+        PrecomputeConfig, "precompute", "max_failure_ratio", "exit 1 when failed/all clips is above"
+    ),
+    max_teacher_frames: int | None = preset_option(
+        PrecomputeConfig, "precompute", "max_teacher_frames", "split clips longer than this (0: only on OOM)"
+    ),
     retry_failed: bool = typer.Option(
         False, "--retry-failed", help="relabel only the clips recorded as failed"
     ),
@@ -93,7 +118,7 @@ def precompute(
 ) -> None:
     """Label every clip of the manifest with the teacher on Ray and commit the cache shards."""
     from geovr.app.presets import load_section
-    from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
+    from geovr.pipeline.config import TeacherConfig
     from geovr.pipeline.precompute import run_precompute
 
     sampling = [item for item in overrides or [] if item.strip().startswith("sampling.")]

@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 
 from geovr.app.cli import DATA, UsageError, app
+from geovr.app.options import field_default, preset_option
+from geovr.corpus.config import SynthConfig
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -23,11 +25,15 @@ def parse_size(text: str) -> tuple[int, int]:
 @app.command(rich_help_panel=DATA)
 def synth(
     out: Path = typer.Option(..., "--out", help="corpus directory to write (created if missing)"),
-    scenes: int | None = typer.Option(None, help="number of scenes [default: 8]"),
-    frames: int | None = typer.Option(None, help="frames per scene video [default: 64]"),
-    size: str | None = typer.Option(None, help="frame size WIDTHxHEIGHT, even numbers [default: 320x240]"),
-    fps: float | None = typer.Option(None, help="frame rate of the videos [default: 8]"),
-    seed: int | None = typer.Option(None, help="random seed: same seed, same corpus [default: 0]"),
+    scenes: int | None = preset_option(SynthConfig, "synth", "scenes", "number of scenes"),
+    frames: int | None = preset_option(SynthConfig, "synth", "frames", "frames per scene video"),
+    size: str | None = typer.Option(
+        None,
+        help="frame size WIDTHxHEIGHT, even numbers (default: the preset's synth.width/height, else "
+        f"{field_default(SynthConfig, 'width')}x{field_default(SynthConfig, 'height')})",
+    ),
+    fps: float | None = preset_option(SynthConfig, "synth", "fps", "frame rate of the videos"),
+    seed: int | None = preset_option(SynthConfig, "synth", "seed", "random seed: same seed, same corpus"),
     preset: str | None = typer.Option(
         None, help="preset or YAML file whose `synth` section gives the defaults"
     ),
@@ -35,7 +41,7 @@ def synth(
 ) -> None:
     """Render procedural indoor scenes to H.264 videos with exact depth, poses and object ground truth."""
     from geovr.app.presets import load_section
-    from geovr.corpus.synth import SynthConfig, write_corpus
+    from geovr.corpus.synth import write_corpus
 
     width, height = parse_size(size) if size is not None else (None, None)
     config = load_section(

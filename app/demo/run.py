@@ -20,14 +20,15 @@ from geovr.app.demo.figures import loss_bars, training_curves
 from geovr.app.demo.report import render_report
 from geovr.app.demo.summary import build_summary, summary_table
 from geovr.app.presets import load_section
-from geovr.corpus.synth import SynthConfig, render_probe, write_corpus
-from geovr.corpus.video import SamplingConfig
+from geovr.corpus.config import SamplingConfig, SynthConfig
+from geovr.corpus.synth import render_probe, write_corpus
+from geovr.eval.config import QuestionConfig, VSIBenchConfig, build_prompt
 from geovr.eval.geometry_metrics import evaluate_geometry
 from geovr.eval.heldout import depth_comparison, load_heldout, measure_student
 from geovr.eval.inspect import inspect_clip
-from geovr.eval.questions import QuestionConfig, write_vsi_dataset
+from geovr.eval.questions import write_vsi_dataset
 from geovr.eval.report import answer_examples
-from geovr.eval.vsibench import VSIBenchConfig, build_prompt, run_vsibench
+from geovr.eval.vsibench import run_vsibench
 from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
 from geovr.pipeline.index import build_manifest
 from geovr.pipeline.precompute import run_precompute
