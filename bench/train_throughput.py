@@ -2,7 +2,7 @@
 
 One run, one device, the real data path: a Zarr store of synthetic clips written by the store's
 own writer, joined with a QA file, read by `student.data.TrainLoader` (DataLoader workers, pinned
-memory) and fed to the trainer's own step (`student.train.accumulate_gradients`, bf16 autocast,
+memory) and fed to the trainer's own step (`student.training.step.accumulate_gradients`, bf16 autocast,
 gradient checkpointing, AdamW over the two parameter groups, gradient clipping).
 
 Student: a full-size random-initialised Qwen3-VL-2B-shaped GeoVR student (text 28 x 2048, vision
@@ -20,7 +20,7 @@ Configurations, measured one after the other in the same process:
   compute is paid in full, its CPU preprocessing is not (which favours the online configuration).
 
 Reported per configuration: samples/s, seconds per step, MFU (student model FLOPs from the config,
-`student.train.qwen3vl_step_flops`, over the device's dense bf16 peak; teacher FLOPs are not
+`student.training.flops.qwen3vl_step_flops`, over the device's dense bf16 peak; teacher FLOPs are not
 counted as useful work), data-wait fraction of the step time, peak device memory; and the ratio
 of the samples/s. JSON to bench/results/.
 

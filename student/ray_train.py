@@ -2,7 +2,7 @@
 
 `train_with_ray(...)` starts a `ray.train.torch.TorchTrainer` with one worker per GPU (or CPU
 workers with gloo): Ray Train makes the process group and places the workers; each worker runs
-the same `student.train.train` as under `torchrun` (DDP or FSDP2, checkpoints, exact `--resume`,
+the same `student.training.trainer.train` as under `torchrun` (DDP or FSDP2, checkpoints, exact `--resume`,
 metrics.jsonl written by rank 0 into the shared run directory) and reports each step's metrics to
 Ray Train. The run directory, store and model must be on storage every node sees.
 

@@ -1,4 +1,5 @@
-"""Decoding and frame sampling (corpus/video.py) and split-clip merging (pipeline/clip_split.py).
+"""Decoding and frame sampling (corpus/video.py), the precompute decode task (pipeline/tasks.py) and
+split-clip merging (pipeline/clip_split.py).
 
 Real mp4/mkv files written with PyAV; geometry from the synthetic corpus's exact ground truth.
 Also provides `write_video` and `write_bad_inputs` to the other precompute tests.

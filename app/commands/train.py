@@ -1,4 +1,4 @@
-"""`geovr-pipeline train`: train the GeoVR student from the teacher cache (a thin wrapper over `student.train`).
+"""`geovr-pipeline train`: train the GeoVR student from the teacher cache (a thin wrapper over `student.training`).
 
 Single process:  geovr-pipeline train --preset tiny --store STORE --qa qa.jsonl --model MODEL --out RUN
 Several:         torchrun --nproc-per-node N --no-python geovr-pipeline train ... (same arguments)

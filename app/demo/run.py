@@ -316,7 +316,7 @@ class DemoRun:
         self.heldout = load_heldout(
             self.questions["qa_heldout"], self.heldout_store, data_cfg, cfg.heldout_rows_per_clip
         )
-        # The trainer's initial student: same seed, same construction as in `student.train`.
+        # The trainer's initial student: same seed, same construction as in `student.training.trainer`.
         seed_everything(train_cfg.seed)
         initial = GeoVRStudent.from_pretrained(
             self.base_dir, student_cfg.matched_to(open_store(self.store).fingerprint), dtype=torch.float32

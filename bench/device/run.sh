@@ -36,7 +36,7 @@ for name in ("ray", "av", "zarr", "numcodecs", "webdataset", "transformers", "xf
         print(name, importlib.import_module(name).__version__)
     except ImportError as err:
         print(name, "missing:", err)
-import geovr.app.cli, geovr.pipeline.precompute, geovr.student.train, geovr.teacher_cache.store  # noqa: E401
+import geovr.app.cli, geovr.pipeline.precompute, geovr.student.training.trainer, geovr.teacher_cache.store  # noqa: E401
 print("geovr imports ok")
 PY
             ;;
