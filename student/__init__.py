@@ -1,1 +1,1 @@
-"""geovr.student: the Qwen3-VL student with GeoVR's geometric tokens and heads, its data, trainer and export."""
+"""geovr.student: the Qwen3-VL student with GeoVR's geometric tokens, heads and objectives table, its data, trainer (`training/`) and export."""

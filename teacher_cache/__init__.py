@@ -1,4 +1,4 @@
-"""geovr.teacher_cache: the contract between precompute and training (schema, geometry, stores, codecs)."""
+"""geovr.teacher_cache: the contract between the stages: schema, geometry, codecs, the store and its backends, the QA and student-frame conventions."""
 
 from importlib.metadata import PackageNotFoundError, version
 
