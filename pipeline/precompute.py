@@ -57,7 +57,7 @@ ends (`driver_watchdog`).
 Failures: a clip that cannot be used is recorded with its stage (`index`, `probe`, `sample`,
 `decode`, `teacher`, `encode`) and reason; the run goes on. Non-finite teacher output (e.g. a zero
 field of view) is said once, at the first clip; the run stops when the teacher's first clips all have
-it (`Precompute._check_teacher_output` says why). `STORE/failures.jsonl` is rebuilt at the end of
+it (`Scheduler.check_teacher_output` says why). `STORE/failures.jsonl` is rebuilt at the end of
 every run from the committed shards; the command exits non-zero only when failed / all clips of
 the store exceeds `max_failure_ratio`.
 
