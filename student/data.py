@@ -22,11 +22,12 @@ Two access paths give the trainer the same stream of micro-batches per rank:
 - random access (`access="random"`, default for Zarr stores): a map-style dataset reading one
   clip per sample with `StoreReader.read_clip`, ordered by `EpochBatchSampler` (a permutation per
   (seed, epoch), padded by repetition so that every rank gets the same number of micro-batches).
-- streaming (`access="stream"`, default for WebDataset stores): a `webdataset.DataPipeline` over
-  the store's shards: resampled shards (or a deterministic shard shuffle), an explicit node
-  splitter and worker splitter, each shard expanded to its clips' QA samples, a shuffle buffer,
-  and `with_epoch` so that every rank and worker yields the same number of micro-batches whatever
-  the shard counts (ranks that run out at different steps hang DDP).
+- streaming (`access="stream"`, default for stores whose backend streams, e.g. WebDataset): a
+  `webdataset.DataPipeline` of the stages in `student.stream` over the store's shards: resampled
+  shards (or a deterministic shard shuffle split by node and worker), each shard expanded to its
+  clips' QA samples, a shuffle buffer, and `with_epoch` so that every rank and worker yields the
+  same number of micro-batches whatever the shard counts (ranks that run out at different steps
+  hang DDP).
 
 Both streams are deterministic functions of (seed, epoch, rank, worker), so the loader state is
 two integers per rank (`LoaderState`: epoch and micro-batches consumed in it), and a `TrainLoader`
@@ -306,8 +307,8 @@ class RandomAccessDataset(Dataset):
 class StreamingDataset(IterableDataset):
     """WebDataset pipeline over the store's shards yielding micro-batches (lists of built samples).
 
-    Per worker and epoch: shard ids (resampled with replacement, or a deterministic permutation
-    -> node splitter (rank r of world) -> worker splitter) -> encoded clips of each shard (or the
+    Per worker and epoch, the stages of `student.stream`: shard ids (resampled with replacement, or
+    a deterministic permutation split by node, then by worker) -> encoded clips of each shard (or the
     `DamagedClipError` of a clip that cannot be read) -> the QA samples of each clip -> shuffle
     buffer -> groups of `micro_batch` -> skip the micro-batches consumed before a resume -> decode
     and build (a damaged clip's samples become `DamagedSample`s); `with_epoch` cuts every worker at
