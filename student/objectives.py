@@ -5,7 +5,8 @@ what it reads, how its head is built, what it predicts, its loss, its weight in 
 metric `eval geometry` reports for it. `GeoVRStudent` builds the heads of the enabled objectives
 and its `forward` computes their losses, the trainer logs each as `loss.<name>`, `eval geometry`
 reports each metric and the demo measures each loss before and after training, all by iterating
-over `OBJECTIVES` (GeoVR's four, below, in the order their heads run).
+over `OBJECTIVES` (GeoVR's four, below, in the order their heads run, then SpatialSV's point map,
+which composes the depth and camera predictions and so comes after them).
 
 Adding an objective on labels the cache already holds touches this module and the presets: an
 `Objective` row (build, predict, loss, metric) passed to `register`, and its weight in the presets'
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +36,7 @@ from geovr.student.config import StudentConfig
 from geovr.student.heads import CameraHead, DenseHead, DistillHead, ScaleHead
 from geovr.student.losses import camera_loss, depth_loss, distill_loss, scale_loss
 from geovr.student.metrics import depth_metrics, feature_cosine, pose_auc, relative_pose_errors
+from geovr.student.point_map import compose_points, label_points, point_map_loss
 from geovr.teacher_cache.geometry import decode_pose, relative_to_first
 from geovr.teacher_cache.schema import ClipLabels
 
@@ -51,6 +53,8 @@ class HiddenStates:
         layout: the sequence with geometric tokens (`model.GeometryLayout`): camera_positions,
             scale_positions, patch_positions.
         grids: (B, 3) video grid per clip (t, h, w in 16-pixel patches); merge: spatial merge size.
+        outputs: the predictions of the objectives before this one in table order, by output
+            name (an objective that composes others' outputs, like the point map, reads them here).
     """
 
     states: dict[int, Tensor]
@@ -59,6 +63,7 @@ class HiddenStates:
     layout: Any
     grids: Tensor
     merge: int
+    outputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def last(self) -> Tensor:
@@ -378,5 +383,81 @@ register(
         loss=_distill_loss,
         metric=_feature_metric,
         levels=True,
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# SpatialSV's point map: the depth composed with the cameras (`student.point_map`), in frame 0's
+# camera frame; needs the depth and camera objectives, whose predictions come before it.
+
+
+class ComposedPointMap(nn.Module):
+    """The point-map "head": no parameters, it composes the depth and camera heads' outputs."""
+
+    def forward(self, depth: Tensor, pose_enc: Tensor) -> Tensor:
+        """depth (S, H, W), pose_enc (S, 9) -> (S, H, W, 3) points (`point_map.compose_points`)."""
+        return compose_points(depth, pose_enc)
+
+
+def _build_point_map(width: int, cfg: StudentConfig) -> nn.Module:
+    if not (cfg.depth and cfg.camera):
+        raise ValueError(
+            "student: the point map composes the depth and camera heads; enable student.depth and student.camera"
+        )
+    return ComposedPointMap()
+
+
+def _clip_extent(batch: StudentBatch, b: int) -> tuple[int, int, int]:
+    """(frames, Hd_b, Wd_b) of clip b."""
+    return int(batch.frame_mask[b].sum()), int(batch.depth_hw[b, 0]), int(batch.depth_hw[b, 1])
+
+
+def _predict_points(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -> Tensor:
+    """(B, S, Hd, Wd, 3) points in frame 0's camera frame, zero outside each clip's frames and map."""
+    depth, pose_enc = hidden.outputs["depth"], hidden.outputs["pose_enc"]
+    maps = []
+    for b in range(depth.shape[0]):
+        frames, height, width = _clip_extent(batch, b)
+        points = head(depth[b, :frames, :height, :width], pose_enc[b, :frames])
+        maps.append(pad_to(points, (*depth.shape[1:], 3)))
+    return torch.stack(maps)
+
+
+def _point_map_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
+    """`point_map.point_map_loss` against the cached depth unprojected with the cached cameras."""
+    valid_all = depth_valid(batch)
+    preds, targets, valid = [], [], []
+    for b in range(pred.shape[0]):
+        frames, height, width = _clip_extent(batch, b)
+        depth = batch.depth[b, :frames, :height, :width].float()
+        targets.append(compose_points(depth, batch.pose_enc[b, :frames].float()))
+        preds.append(pred[b, :frames, :height, :width])
+        valid.append(valid_all[b, :frames, :height, :width])
+    loss, _ = point_map_loss(preds, targets, valid)
+    return loss
+
+
+def _point_map_metric(points: np.ndarray, labels: ClipLabels, _: Sequence[int]) -> dict[str, float]:
+    """point_map_error: mean ||X̂ - X̃|| over valid pixels, in the teacher's normalised units."""
+    target, valid = label_points(labels)
+    pred = torch.from_numpy(np.asarray(points, dtype=np.float64))
+    error = (pred - target)[valid].norm(dim=-1)
+    return {"point_map_error": float(error.mean())} if error.numel() else {}
+
+
+register(
+    Objective(
+        name="point_map",
+        output="points",
+        label_fields=("depth", "extrinsic", "intrinsic"),
+        weight_key="point_map_weight",
+        switch=None,
+        module="point_map_head",
+        reads="video",
+        build_head=_build_point_map,
+        predict=_predict_points,
+        loss=_point_map_loss,
+        metric=_point_map_metric,
     )
 )
