@@ -169,17 +169,27 @@ def depth_inside(batch: StudentBatch) -> Tensor:
 
 
 def depth_valid(batch: StudentBatch) -> Tensor:
-    """(B, S, Hd, Wd) bool: `depth_inside` with a finite positive target."""
-    return depth_inside(batch) & torch.isfinite(batch.depth) & (batch.depth > 0)
+    """(B, S, Hd, Wd) bool: `depth_inside` with a finite positive target, in labelled clips."""
+    labelled = batch.labelled[:, None, None, None]
+    return depth_inside(batch) & torch.isfinite(batch.depth) & (batch.depth > 0) & labelled
 
 
 def feature_valid(batch: StudentBatch) -> Tensor:
-    """(B, S, h, w) bool: feature tokens of real frames inside the clip's own feature grid."""
+    """(B, S, h, w) bool: feature tokens of real frames inside the clip's own feature grid, in
+    labelled clips."""
     _, _, _, height, width, _ = batch.features.shape
     device = batch.features.device
     rows = torch.arange(height, device=device)[None, :, None] < batch.feature_hw[:, 0, None, None]
     cols = torch.arange(width, device=device)[None, None, :] < batch.feature_hw[:, 1, None, None]
-    return batch.frame_mask[:, :, None, None] & (rows & cols)[:, None]
+    frames = batch.frame_mask & batch.labelled[:, None]
+    return frames[:, :, None, None] & (rows & cols)[:, None]
+
+
+def head_grid(hw: tuple[int, int], smallest: tuple[int, int]) -> tuple[int, int]:
+    """The grid a dense head runs at for a clip: its own, or for a clip without labels (0 x 0,
+    `student.unlabelled`) the smallest the head takes. That output is cropped to nothing, yet the head
+    stays in the graph, so every rank's backward and gradient all-reduce see the same parameters."""
+    return hw if hw[0] > 0 and hw[1] > 0 else smallest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,7 +210,8 @@ def _predict_camera(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) 
 
 def _camera_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
     weights = tuple(cfg.camera_part_weights)
-    loss, _ = camera_loss(pred, batch.pose_enc.float(), batch.frame_mask, weights, cfg.translation_clamp)
+    frames = batch.frame_mask & batch.labelled[:, None]
+    loss, _ = camera_loss(pred, batch.pose_enc.float(), frames, weights, cfg.translation_clamp)
     return loss
 
 
@@ -231,7 +242,7 @@ def _predict_scale(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -
 
 
 def _scale_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
-    return scale_loss(pred, batch.scale.float(), batch.scale_valid)
+    return scale_loss(pred, batch.scale.float(), batch.scale_valid & batch.labelled)
 
 
 def _scale_metric(scale: np.ndarray, labels: ClipLabels, _: Sequence[int]) -> dict[str, float]:
@@ -254,7 +265,8 @@ def _predict_depth(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -
         levels = [hidden.video_states(i, b, dtype_of(head)) for i in hidden.levels]
         depth_hw = (int(batch.depth_hw[b, 0]), int(batch.depth_hw[b, 1]))
         aspect = int(hidden.grids[b, 2]) / int(hidden.grids[b, 1])
-        maps.append(pad_to(head(levels, depth_hw, aspect).float(), (frames, *batch.depth.shape[2:])))
+        depth = head(levels, head_grid(depth_hw, (head.shuffle, head.shuffle)), aspect)
+        maps.append(pad_to(depth[:, : depth_hw[0], : depth_hw[1]].float(), (frames, *batch.depth.shape[2:])))
     return torch.stack(maps)
 
 
@@ -291,7 +303,8 @@ def _predict_features(heads: nn.Module, hidden: HiddenStates, batch: StudentBatc
         per_clip = []
         for b in range(len(hidden.grids)):
             feature_hw = (int(batch.feature_hw[b, 0]), int(batch.feature_hw[b, 1]))
-            pred = head(hidden.video_states(index, b, dtype_of(head)), feature_hw)
+            pred = head(hidden.video_states(index, b, dtype_of(head)), head_grid(feature_hw, (1, 1)))
+            pred = pred[:, : feature_hw[0], : feature_hw[1]]
             per_clip.append(pad_to(pred.float(), (frames, *grid_hw, pred.shape[-1])))
         features.append(torch.stack(per_clip))
     return features
