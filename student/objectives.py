@@ -90,7 +90,8 @@ class Objective:
             on when `weight_key` is in `objective_weights`.
         module: the attribute of its head on the student, the head's checkpoint prefix.
         reads: the tokens its head reads: "camera_tokens" (one per frame, inserted after the frame),
-            "scale_token" (one per clip, after the video) or "video" (the frames' visual tokens).
+            "scale_token" (one per clip, after the video), "video" (the frames' visual tokens), or
+            "outputs": no tokens, the predictions of the objectives before it (`HiddenStates.outputs`).
         levels: it also reads the distilled hidden-state levels (not only the last).
         build_head: (d, config) -> the head module.
         predict: (head, hidden states, batch) -> its prediction, float32, padded like the batch.
@@ -105,7 +106,7 @@ class Objective:
     weight_key: str
     switch: str | None
     module: str
-    reads: Literal["camera_tokens", "scale_token", "video"]
+    reads: Literal["camera_tokens", "scale_token", "video", "outputs"]
     build_head: Callable[[int, StudentConfig], nn.Module]
     predict: Callable[[nn.Module, HiddenStates, StudentBatch], Any]
     loss: Callable[[Any, StudentBatch, StudentConfig], Tensor]
@@ -467,7 +468,7 @@ register(
         weight_key="point_map_weight",
         switch=None,
         module="point_map_head",
-        reads="video",
+        reads="outputs",
         build_head=_build_point_map,
         predict=_predict_points,
         loss=_point_map_loss,
