@@ -15,9 +15,16 @@ metric of each objective of `student.objectives` the student has (computed in `s
 - scale: |log(student scale) - log(teacher scale)| on clips whose teacher scale is valid.
 - features: per distilled layer, the mean cosine between the projected student features and the
   teacher features over all tokens of the clip.
+- point map (SpatialSV): the mean distance between the student's points (its depth composed with
+  its cameras) and the teacher's (cached depth unprojected with the cached cameras), unaligned, in
+  the teacher's normalised units.
+- reconstruction, for a student with depth and cameras: its cloud against the teacher's after one
+  median depth ratio per clip (`eval.reconstruction`): accuracy, completeness, Chamfer, and
+  precision / recall / F-score at 0.05 normalised units.
 
 Metric names: depth_abs_rel, depth_delta1, rotation_error_deg, translation_error_deg (pair means),
-pose_auc30, scale_log_error, feature_cosine_layer<l> (l = the teacher layer). Clip values are
+pose_auc30, scale_log_error, feature_cosine_layer<l> (l = the teacher layer), point_map_error,
+recon_accuracy, recon_completeness, recon_chamfer, recon_{precision,recall,fscore}@0.05. Clip values are
 averaged over the clips that have them. Output: `geometry.json` ({"model", "store", "num_clips",
 "metrics": {name: mean}, "clips": [per-clip metrics, non-finite values as null]}) and `geometry.md`.
 """
@@ -33,6 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from geovr.eval.reconstruction import reconstruction_metrics
 from geovr.student.objectives import OBJECTIVES
 from geovr.teacher_cache.schema import ClipLabels
 
@@ -67,6 +75,8 @@ def clip_metrics(
         if objective.metric is None or pred is None or (isinstance(pred, list) and not pred):
             continue
         out.update(objective.metric(pred, labels, feature_layers))
+    if predictions.get("depth") is not None and predictions.get("pose_enc") is not None:
+        out.update(reconstruction_metrics(predictions["depth"], predictions["pose_enc"], labels))
     return out
 
 

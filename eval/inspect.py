@@ -11,7 +11,11 @@ Writes under OUT:
 - `points_teacher.ply` (and `points_student.ply` with a model): coloured point clouds unprojected
   from the depth maps with the cameras (binary little-endian PLY, x y z float32 + red green blue
   uint8), in the same units as the trajectory; the least confident quarter of teacher pixels and
-  non-finite depths are dropped, at most `max_points` points are kept.
+  non-finite depths are dropped, at most `max_points` points are kept. A student with depth and
+  cameras: its cloud is its depth composed with its own cameras, aligned by one median depth ratio
+  per clip (`eval.reconstruction`, what `eval geometry` scores), over the pixels with teacher depth.
+- `reconstruction.png` (a model with depth and cameras): the teacher's and the student's clouds
+  (same pixels) rendered from one viewpoint behind and above frame 0's camera, and both overlaid.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from geovr.eval.geometry_metrics import load_student, predict_clip, teacher_image_hw
+from geovr.eval.reconstruction import aligned_clouds, cloud_metrics, render_clouds
 from geovr.teacher_cache.frames import decode_jpeg, resize_frames
 from geovr.teacher_cache.geometry import decode_pose, invert_extrinsic, relative_to_first, unproject_to_world
 
@@ -216,7 +221,7 @@ def inspect_clip(
     teacher_ext[:, :, 3] *= factor
     teacher_depth = labels.depth.astype(np.float64) * factor
 
-    student_depth = student_ext = None
+    student_depth = student_ext = pred = None
     if model is not None:
         pred = predict_clip(*load_student(model, device), labels, device)
         if pred["depth"] is not None:
@@ -236,13 +241,43 @@ def inspect_clip(
     points, rgb = point_cloud(teacher_depth, teacher_ext, intrinsic, colors, confident, max_points)
     paths["points_teacher"] = out / "points_teacher.ply"
     write_ply(paths["points_teacher"], points, rgb, f"geovr teacher clip {clip_id} units {units}")
-    if student_depth is not None:
+    if pred is not None and pred["depth"] is not None and pred["pose_enc"] is not None:
+        paths |= write_reconstruction(out, pred, labels, colors, factor, units, max_points, title)
+    elif student_depth is not None:
         ext = student_ext if student_ext is not None else teacher_ext
         points, rgb = point_cloud(
             student_depth, ext, intrinsic, colors, np.isfinite(student_depth), max_points
         )
         paths["points_student"] = out / "points_student.ply"
         write_ply(paths["points_student"], points, rgb, f"geovr student clip {clip_id} units {units}")
+    return paths
+
+
+def write_reconstruction(
+    out: Path,
+    pred: dict[str, Any],
+    labels: Any,
+    colors: np.ndarray,
+    factor: float,
+    units: str,
+    max_points: int,
+    title: str,
+) -> dict[str, Path]:
+    """The student's point cloud (its depth composed with its cameras, one median ratio per clip:
+    `eval.reconstruction`) as `points_student.ply`, and `reconstruction.png`: the teacher's and the
+    student's clouds over the same pixels, from one viewpoint, with the clip's Chamfer distance."""
+    student, teacher, valid = aligned_clouds(pred["depth"], pred["pose_enc"], labels)
+    rgb = colors[valid]
+    metrics = cloud_metrics(student, teacher)
+    paths = {"points_student": out / "points_student.ply", "reconstruction": out / "reconstruction.png"}
+    keep = np.arange(len(student))
+    if len(keep) > max_points:
+        keep = np.sort(np.random.default_rng(0).choice(len(keep), max_points, replace=False))
+    comment = f"geovr student clip {labels.clip_id} units {units} (depth and cameras, clip-median aligned)"
+    write_ply(paths["points_student"], (student[keep] * factor).astype(np.float32), rgb[keep], comment)
+    chamfer = metrics.get("recon_chamfer", float("nan"))
+    clouds = {"teacher": (teacher[keep] * factor, rgb[keep]), "student": (student[keep] * factor, rgb[keep])}
+    render_clouds(paths["reconstruction"], clouds, f"{title}; Chamfer {chamfer:.4f} (teacher units)")
     return paths
 
 

@@ -30,6 +30,8 @@ depth map, h x w = largest feature grid):
     scale              (B,) float32        metric scale (NaN if invalid)
     scale_valid        (B,) bool
     clip_ids           list[str]
+    labelled           (B,) bool           False: a clip without teacher labels (language only);
+                                           its cameras are NaN, its depth and feature grids 0 x 0
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class StudentSample:
     scale: float
     scale_valid: bool
     clip_id: str
+    labelled: bool = True  # False: no teacher labels, language only (`student.unlabelled`)
 
 
 @dataclass
@@ -92,6 +95,7 @@ class StudentBatch:
     scale: Tensor
     scale_valid: Tensor
     clip_ids: list[str]
+    labelled: Tensor
 
     def to(
         self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False
@@ -149,6 +153,40 @@ def camera_target(labels: ClipLabels) -> Tensor:
     return encode_pose(extrinsic, intrinsic, (int(teacher_hw[0]), int(teacher_hw[1]))).float()
 
 
+def _conversation_inputs(
+    frames: np.ndarray,
+    timestamps: np.ndarray,
+    conversation: Sequence[dict],
+    tokenizer,
+    preprocess: VideoPreprocess | None,
+    max_length: int | None,
+    clip_id: str,
+) -> dict[str, Tensor]:
+    """The plain Qwen3-VL inputs of one clip's frames (S, H, W, 3) uint8 with a conversation:
+    input_ids, labels, mm_token_type_ids, pixel_values_videos, video_grid_thw (module docstring)."""
+    video = video_inputs(frames, timestamps, preprocess)
+    grid = video["video_grid_thw"][0]
+    merge = (preprocess or VideoPreprocess()).merge_size
+
+    text = tokenizer.apply_chat_template(chat_messages(parse_turns(conversation)), tokenize=False)
+    text = build_video_prompt(text, grid, video["frame_timestamps"], merge)
+    input_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+    if max_length is not None and input_ids.numel() > max_length:
+        raise SequenceTooLong(f"clip {clip_id}: {input_ids.numel()} tokens > max_length {max_length}")
+    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    token_labels = assistant_labels(input_ids, header, tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    mm_types = torch.zeros_like(input_ids)
+    mm_types[input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
+    mm_types[input_ids == tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
+    return {
+        "input_ids": input_ids,
+        "labels": token_labels,
+        "mm_token_type_ids": mm_types,
+        "pixel_values_videos": video["pixel_values_videos"],
+        "video_grid_thw": grid,
+    }
+
+
 def make_sample(
     labels: ClipLabels,
     conversation: Sequence[dict],
@@ -169,27 +207,11 @@ def make_sample(
     """
     labels.validate()
     frames = np.stack([decode_jpeg(jpeg) for jpeg in labels.frames_jpeg])
-    video = video_inputs(frames, labels.timestamps, preprocess)
-    grid = video["video_grid_thw"][0]
-    merge = (preprocess or VideoPreprocess()).merge_size
-
-    text = tokenizer.apply_chat_template(chat_messages(parse_turns(conversation)), tokenize=False)
-    text = build_video_prompt(text, grid, video["frame_timestamps"], merge)
-    input_ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
-    if max_length is not None and input_ids.numel() > max_length:
-        raise SequenceTooLong(f"clip {labels.clip_id}: {input_ids.numel()} tokens > max_length {max_length}")
-    header = tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    token_labels = assistant_labels(input_ids, header, tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    mm_types = torch.zeros_like(input_ids)
-    mm_types[input_ids == tokenizer.convert_tokens_to_ids("<|image_pad|>")] = 1
-    mm_types[input_ids == tokenizer.convert_tokens_to_ids("<|video_pad|>")] = 2
-
+    inputs = _conversation_inputs(
+        frames, labels.timestamps, conversation, tokenizer, preprocess, max_length, labels.clip_id
+    )
     return StudentSample(
-        input_ids=input_ids,
-        labels=token_labels,
-        mm_token_type_ids=mm_types,
-        pixel_values_videos=video["pixel_values_videos"],
-        video_grid_thw=grid,
+        **inputs,
         pose_enc=camera_target(labels),
         depth=torch.from_numpy(np.asarray(labels.depth, dtype=np.float32)),
         depth_conf=torch.from_numpy(np.asarray(labels.depth_conf, dtype=np.float32)),
@@ -197,6 +219,37 @@ def make_sample(
         scale=float(labels.scale),
         scale_valid=bool(labels.scale_valid) and bool(np.isfinite(labels.scale)),
         clip_id=labels.clip_id,
+    )
+
+
+def make_language_sample(
+    frames: np.ndarray,
+    timestamps: np.ndarray,
+    conversation: Sequence[dict],
+    tokenizer,
+    preprocess: VideoPreprocess | None,
+    clip_id: str,
+    feature_lc: tuple[int, int],
+    max_length: int | None = None,
+    feature_dtype: torch.dtype = torch.float32,
+) -> StudentSample:
+    """A sample of a clip without teacher labels (`student.unlabelled`): the conversation on its
+    decoded frames (S, H, W, 3) uint8, with no geometric target: NaN cameras, 0 x 0 depth and
+    feature grids (`feature_lc` = the store's (L, C), which a batch shares), no scale."""
+    inputs = _conversation_inputs(
+        frames, timestamps, conversation, tokenizer, preprocess, max_length, clip_id
+    )
+    count = len(frames)
+    return StudentSample(
+        **inputs,
+        pose_enc=torch.full((count, 9), float("nan")),
+        depth=torch.empty((count, 0, 0)),
+        depth_conf=torch.empty((count, 0, 0)),
+        features=torch.empty((count, feature_lc[0], 0, 0, feature_lc[1]), dtype=feature_dtype),
+        scale=float("nan"),
+        scale_valid=False,
+        clip_id=clip_id,
+        labelled=False,
     )
 
 
@@ -238,4 +291,5 @@ def collate_samples(samples: Sequence[StudentSample], pad_token_id: int) -> Stud
         ),
         scale_valid=torch.tensor([s.scale_valid for s in samples]),
         clip_ids=[s.clip_id for s in samples],
+        labelled=torch.tensor([s.labelled for s in samples]),
     )

@@ -123,7 +123,12 @@ class DataConfig:
         num_workers: DataLoader worker processes per rank (0 = load in the training process).
         prefetch_factor: micro-batches prefetched per worker.
         pin_memory: pin batches in page-locked memory (only used with a CUDA device).
-        on_missing_clip: "skip" (count) or "error" for rows whose clip is absent or failed in the store.
+        on_missing_clip: "skip" (count) or "error" for rows whose clip is absent or failed in the store
+            (and, under `missing_labels: language_only`, whose video file is absent too).
+        missing_labels: what a row whose clip has no labels in the store (not precomputed, or
+            failed) does: "skip" (`on_missing_clip`) or "language_only": it trains on its
+            conversation, its frames decoded from the video (`student.unlabelled`, random access
+            only), its geometric losses masked (SpatialSV's semi-supervised mode).
         on_bad_row: "skip" (count) or "error" for malformed rows and conversations.
         corpus_root: the folder `index` took video paths relative to (its `--corpus-root`); needed
             only for rows that name their video by an absolute path.
@@ -147,6 +152,7 @@ class DataConfig:
     prefetch_factor: int = 4
     pin_memory: bool = True
     on_missing_clip: Literal["skip", "error"] = "skip"
+    missing_labels: Literal["skip", "language_only"] = "skip"
     on_bad_row: Literal["skip", "error"] = "skip"
     corpus_root: str = ""
     on_damaged_clip: Literal["skip", "error"] = "skip"

@@ -59,6 +59,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from geovr.student import stream
 from geovr.student.config import DataConfig
+from geovr.student.unlabelled import LanguageOnlySource, decode_student_frames
 from geovr.teacher_cache.backends import get_backend
 from geovr.teacher_cache.codecs import EncodedClip
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
@@ -67,6 +68,7 @@ from geovr.teacher_cache.qa import (
     QARowError,
     Turn,
     clip_id_of,
+    normalise_video,
     parse_conversation,
     read_rows,
     video_of,
@@ -91,6 +93,7 @@ class QASample:
     video: str
     clip_id: str
     turns: tuple[Turn, ...]
+    labelled: bool = True  # False: no labels in the store, language only (`student.unlabelled`)
 
     def messages(self) -> list[dict[str, str]]:
         """The conversation as chat turns [{"role", "content"}] (`make_sample` places the video)."""
@@ -109,6 +112,8 @@ class JoinReport:
     malformed: int = 0
     missing_clip: int = 0
     failed_clip: int = 0
+    language_only: int = 0
+    language_only_clips: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
 
     MAX_EXAMPLES = 5
@@ -133,12 +138,19 @@ class JoinReport:
             "malformed": self.malformed,
             "missing_clip": self.missing_clip,
             "failed_clip": self.failed_clip,
+            "language_only": self.language_only,
+            "language_only_clips": self.language_only_clips,
             "examples": self.examples,
         }
 
     def summary(self) -> str:
+        unlabelled = (
+            f" ({self.language_only} of them language only, on {self.language_only_clips} clips without labels)"
+            if self.language_only
+            else ""
+        )
         return (
-            f"{self.qa_file}: {self.rows} rows, {self.joined} joined with {self.clips} cached clips; "
+            f"{self.qa_file}: {self.rows} rows, {self.joined} joined with {self.clips} clips{unlabelled}; "
             f"skipped {self.missing_clip} missing clip, {self.failed_clip} failed clip, "
             f"{self.malformed} malformed, {self.not_video} not video"
         )
@@ -190,12 +202,9 @@ def join_qa(qa_path: str | Path, store: StoreLike, config: DataConfig) -> tuple[
                 reject("malformed", config.on_bad_row, row.where, f"row {name}: {err}")
                 continue
             if clip_id not in cached:
-                if clip_id in failed:
-                    why = f"clip {clip_id} of video {video} failed in precompute: {failed[clip_id]}"
-                    reject("failed_clip", config.on_missing_clip, row.where, why)
-                else:
-                    why = f"clip {clip_id} of video {video} is not in the cache (wrong corpus root or sampling?)"
-                    reject("missing_clip", config.on_missing_clip, row.where, why)
+                if not _language_only(row, video, clip_id, turns, failed, config, samples, report):
+                    category, policy, why = _missing_reason(video, clip_id, failed, config)
+                    reject(category, policy, row.where, why)
                 continue
             row_id = row.value.get("id", row.number)
             samples.append(QASample(str(row_id), row.where, video, clip_id, turns))
@@ -203,9 +212,50 @@ def join_qa(qa_path: str | Path, store: StoreLike, config: DataConfig) -> tuple[
         raise DataError(str(err)) from None
     report.joined = len(samples)
     report.clips = len({s.clip_id for s in samples})
+    report.language_only_clips = len({s.clip_id for s in samples if not s.labelled})
     if not samples:
         raise DataError(f"{qa_path}: no QA row could be used ({report.summary()})")
     return samples, report
+
+
+def _missing_reason(
+    video: str, clip_id: str, failed: dict[str, str], config: DataConfig
+) -> tuple[str, str, str]:
+    """(category, policy, message) for a row whose clip is not in the store and is not joined."""
+    if clip_id in failed:
+        why = f"clip {clip_id} of video {video} failed in precompute: {failed[clip_id]}"
+        category = "failed_clip"
+    else:
+        why = f"clip {clip_id} of video {video} is not in the cache (wrong corpus root or sampling?)"
+        category = "missing_clip"
+    if config.missing_labels == "language_only":
+        why += f"; language only needs the video, {_video_file(video, config)} does not exist"
+    return category, config.on_missing_clip, why
+
+
+def _video_file(video: str, config: DataConfig) -> Path:
+    return Path(config.corpus_root or ".") / normalise_video(video, config.corpus_root)
+
+
+def _language_only(
+    row: Any,
+    video: str,
+    clip_id: str,
+    turns: tuple[Turn, ...],
+    failed: dict[str, str],
+    config: DataConfig,
+    samples: list[QASample],
+    report: JoinReport,
+) -> bool:
+    """Under `missing_labels: language_only`, join a row whose clip has no labels (its video file
+    exists) as a language-only sample; False when it is not joined."""
+    if config.missing_labels != "language_only" or not _video_file(video, config).is_file():
+        return False
+    why = "failed in precompute" if clip_id in failed else "not in the cache"
+    report.note("language_only", f"{row.where}: clip {clip_id} of video {video} {why}: language only")
+    row_id = row.value.get("id", row.number)
+    samples.append(QASample(str(row_id), row.where, video, clip_id, turns, labelled=False))
+    return True
 
 
 def _row_video(value: object, error: str | None) -> str | None:
@@ -294,6 +344,8 @@ class RandomAccessDataset(Dataset):
         if self._store is None:
             self._store = self.open_store()
         sample = self.samples[index]
+        if not sample.labelled:
+            return self.build(sample, None)
         try:
             labels = self._store.read_clip(sample.clip_id)
         except DamagedClipError as err:
@@ -434,7 +486,9 @@ class StudentSampleBuilder:
     directory (loaded lazily in each process, so the builder pickles into DataLoader workers).
 
     A sample above `max_seq_len` tokens raises `DataError` under `on_bad_row="error"`, else becomes a
-    `SkippedSample` that the collator drops and counts.
+    `SkippedSample` that the collator drops and counts. A language-only QA sample (labels None)
+    decodes its frames from the video (`language_only`, `student.unlabelled`); a video that does not
+    decode becomes a `DamagedSample`.
     """
 
     def __init__(
@@ -443,11 +497,13 @@ class StudentSampleBuilder:
         max_seq_len: int,
         on_bad_row: str,
         video_pixels: tuple[int, int] = (VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS),
+        language_only: LanguageOnlySource | None = None,
     ):
         self.model_dir = str(model_dir)
         self.max_seq_len = max_seq_len
         self.on_bad_row = on_bad_row
         self.video_pixels = video_pixels  # (max, min) pixels of a clip: the student's frame budget
+        self.language_only = language_only
         self._tokenizer: Any = None
         self._preprocess: Any = None
 
@@ -465,17 +521,39 @@ class StudentSampleBuilder:
             self._load()
         return int(self._tokenizer.pad_token_id)
 
-    def __call__(self, sample: QASample, labels: ClipLabels) -> Any:
+    def __call__(self, sample: QASample, labels: ClipLabels | None) -> Any:
         from geovr.student.batch import SequenceTooLong, make_sample
 
         if self._tokenizer is None:
             self._load()
         try:
+            if labels is None:
+                return self._language_sample(sample)
             return make_sample(labels, sample.messages(), self._tokenizer, self._preprocess, self.max_seq_len)
         except SequenceTooLong as err:
             if self.on_bad_row == "error":
                 raise DataError(f"QA row {sample.row_id} ({sample.where}): {err}") from None
             return SkippedSample(sample.row_id, str(err))
+
+    def _language_sample(self, sample: QASample) -> Any:
+        """A QA sample without labels: frames from its video, no geometric target."""
+        from geovr.corpus.video import VideoError
+        from geovr.student.batch import make_language_sample
+
+        source = self.language_only
+        if source is None:
+            raise DataError(f"QA row {sample.row_id}: its clip has no labels and language_only is off")
+        path = source.video_path(normalise_video(sample.video, source.corpus_root))
+        try:
+            frames, seconds = decode_student_frames(
+                path, source.sampling, self.video_pixels, source.jpeg_quality
+            )
+        except VideoError as err:
+            return DamagedSample(sample.row_id, f"language-only clip {sample.clip_id}: {err}")
+        return make_language_sample(
+            frames, seconds, sample.messages(), self._tokenizer, self._preprocess, sample.clip_id,
+            (source.feature_layers, source.feature_dim), self.max_seq_len,
+        )  # fmt: skip
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_tokenizer": None, "_preprocess": None}
@@ -594,6 +672,11 @@ class TrainLoader:
             self.dataset: Dataset | IterableDataset = RandomAccessDataset(samples, open_store, build)
             self.batches_per_epoch = len(self.sampler)
         else:
+            if any(not s.labelled for s in samples):
+                raise DataError(
+                    "data.missing_labels=language_only needs random access (data.access=random): the "
+                    "streaming path reads clips from the store's shards, where clips without labels are not"
+                )
             workers = max(1, config.num_workers)
             batches_per_worker = max(1, -(-per_rank // (config.micro_batch * workers)))
             shards = store.shards()

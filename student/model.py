@@ -404,8 +404,9 @@ class GeoVRStudent(nn.Module):
         hidden = HiddenStates(
             states, self.num_layers, self.layer_indices, layout, batch.video_grid_thw, merge
         )
-        outputs = {o.output: o.predict(getattr(self, o.module), hidden, batch) for o in self.objectives}
-        return last, layout, outputs
+        for o in self.objectives:  # in table order; `hidden.outputs` holds the ones before
+            hidden.outputs[o.output] = o.predict(getattr(self, o.module), hidden, batch)
+        return last, layout, hidden.outputs
 
     def forward(self, batch: StudentBatch) -> dict[str, Tensor]:
         """Losses {total, lm, <objective>...} for a `StudentBatch` (float32 scalars), one per objective of
@@ -434,6 +435,8 @@ class GeoVRStudent(nn.Module):
             outputs["pose_enc"] = outputs["pose_enc"].masked_fill(~frames[..., None], float("nan"))
         if "depth" in outputs:
             outputs["depth"] = outputs["depth"].masked_fill(~depth_inside(batch), float("nan"))
+        if "points" in outputs:
+            outputs["points"] = outputs["points"].masked_fill(~depth_inside(batch)[..., None], float("nan"))
         return GeometryPredictions(frames, outputs)
 
     def generate(self, **inputs):

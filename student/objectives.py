@@ -5,7 +5,8 @@ what it reads, how its head is built, what it predicts, its loss, its weight in 
 metric `eval geometry` reports for it. `GeoVRStudent` builds the heads of the enabled objectives
 and its `forward` computes their losses, the trainer logs each as `loss.<name>`, `eval geometry`
 reports each metric and the demo measures each loss before and after training, all by iterating
-over `OBJECTIVES` (GeoVR's four, below, in the order their heads run).
+over `OBJECTIVES` (GeoVR's four, below, in the order their heads run, then SpatialSV's point map,
+which composes the depth and camera predictions and so comes after them).
 
 Adding an objective on labels the cache already holds touches this module and the presets: an
 `Objective` row (build, predict, loss, metric) passed to `register`, and its weight in the presets'
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -35,6 +36,7 @@ from geovr.student.config import StudentConfig
 from geovr.student.heads import CameraHead, DenseHead, DistillHead, ScaleHead
 from geovr.student.losses import camera_loss, depth_loss, distill_loss, scale_loss
 from geovr.student.metrics import depth_metrics, feature_cosine, pose_auc, relative_pose_errors
+from geovr.student.point_map import compose_points, label_points, point_map_loss
 from geovr.teacher_cache.geometry import decode_pose, relative_to_first
 from geovr.teacher_cache.schema import ClipLabels
 
@@ -51,6 +53,8 @@ class HiddenStates:
         layout: the sequence with geometric tokens (`model.GeometryLayout`): camera_positions,
             scale_positions, patch_positions.
         grids: (B, 3) video grid per clip (t, h, w in 16-pixel patches); merge: spatial merge size.
+        outputs: the predictions of the objectives before this one in table order, by output
+            name (an objective that composes others' outputs, like the point map, reads them here).
     """
 
     states: dict[int, Tensor]
@@ -59,6 +63,7 @@ class HiddenStates:
     layout: Any
     grids: Tensor
     merge: int
+    outputs: dict[str, Any] = field(default_factory=dict)
 
     @property
     def last(self) -> Tensor:
@@ -85,7 +90,8 @@ class Objective:
             on when `weight_key` is in `objective_weights`.
         module: the attribute of its head on the student, the head's checkpoint prefix.
         reads: the tokens its head reads: "camera_tokens" (one per frame, inserted after the frame),
-            "scale_token" (one per clip, after the video) or "video" (the frames' visual tokens).
+            "scale_token" (one per clip, after the video), "video" (the frames' visual tokens), or
+            "outputs": no tokens, the predictions of the objectives before it (`HiddenStates.outputs`).
         levels: it also reads the distilled hidden-state levels (not only the last).
         build_head: (d, config) -> the head module.
         predict: (head, hidden states, batch) -> its prediction, float32, padded like the batch.
@@ -100,7 +106,7 @@ class Objective:
     weight_key: str
     switch: str | None
     module: str
-    reads: Literal["camera_tokens", "scale_token", "video"]
+    reads: Literal["camera_tokens", "scale_token", "video", "outputs"]
     build_head: Callable[[int, StudentConfig], nn.Module]
     predict: Callable[[nn.Module, HiddenStates, StudentBatch], Any]
     loss: Callable[[Any, StudentBatch, StudentConfig], Tensor]
@@ -164,17 +170,27 @@ def depth_inside(batch: StudentBatch) -> Tensor:
 
 
 def depth_valid(batch: StudentBatch) -> Tensor:
-    """(B, S, Hd, Wd) bool: `depth_inside` with a finite positive target."""
-    return depth_inside(batch) & torch.isfinite(batch.depth) & (batch.depth > 0)
+    """(B, S, Hd, Wd) bool: `depth_inside` with a finite positive target, in labelled clips."""
+    labelled = batch.labelled[:, None, None, None]
+    return depth_inside(batch) & torch.isfinite(batch.depth) & (batch.depth > 0) & labelled
 
 
 def feature_valid(batch: StudentBatch) -> Tensor:
-    """(B, S, h, w) bool: feature tokens of real frames inside the clip's own feature grid."""
+    """(B, S, h, w) bool: feature tokens of real frames inside the clip's own feature grid, in
+    labelled clips."""
     _, _, _, height, width, _ = batch.features.shape
     device = batch.features.device
     rows = torch.arange(height, device=device)[None, :, None] < batch.feature_hw[:, 0, None, None]
     cols = torch.arange(width, device=device)[None, None, :] < batch.feature_hw[:, 1, None, None]
-    return batch.frame_mask[:, :, None, None] & (rows & cols)[:, None]
+    frames = batch.frame_mask & batch.labelled[:, None]
+    return frames[:, :, None, None] & (rows & cols)[:, None]
+
+
+def head_grid(hw: tuple[int, int], smallest: tuple[int, int]) -> tuple[int, int]:
+    """The grid a dense head runs at for a clip: its own, or for a clip without labels (0 x 0,
+    `student.unlabelled`) the smallest the head takes. That output is cropped to nothing, yet the head
+    stays in the graph, so every rank's backward and gradient all-reduce see the same parameters."""
+    return hw if hw[0] > 0 and hw[1] > 0 else smallest
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +211,8 @@ def _predict_camera(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) 
 
 def _camera_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
     weights = tuple(cfg.camera_part_weights)
-    loss, _ = camera_loss(pred, batch.pose_enc.float(), batch.frame_mask, weights, cfg.translation_clamp)
+    frames = batch.frame_mask & batch.labelled[:, None]
+    loss, _ = camera_loss(pred, batch.pose_enc.float(), frames, weights, cfg.translation_clamp)
     return loss
 
 
@@ -226,7 +243,7 @@ def _predict_scale(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -
 
 
 def _scale_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
-    return scale_loss(pred, batch.scale.float(), batch.scale_valid)
+    return scale_loss(pred, batch.scale.float(), batch.scale_valid & batch.labelled)
 
 
 def _scale_metric(scale: np.ndarray, labels: ClipLabels, _: Sequence[int]) -> dict[str, float]:
@@ -249,7 +266,8 @@ def _predict_depth(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -
         levels = [hidden.video_states(i, b, dtype_of(head)) for i in hidden.levels]
         depth_hw = (int(batch.depth_hw[b, 0]), int(batch.depth_hw[b, 1]))
         aspect = int(hidden.grids[b, 2]) / int(hidden.grids[b, 1])
-        maps.append(pad_to(head(levels, depth_hw, aspect).float(), (frames, *batch.depth.shape[2:])))
+        depth = head(levels, head_grid(depth_hw, (head.shuffle, head.shuffle)), aspect)
+        maps.append(pad_to(depth[:, : depth_hw[0], : depth_hw[1]].float(), (frames, *batch.depth.shape[2:])))
     return torch.stack(maps)
 
 
@@ -286,7 +304,8 @@ def _predict_features(heads: nn.Module, hidden: HiddenStates, batch: StudentBatc
         per_clip = []
         for b in range(len(hidden.grids)):
             feature_hw = (int(batch.feature_hw[b, 0]), int(batch.feature_hw[b, 1]))
-            pred = head(hidden.video_states(index, b, dtype_of(head)), feature_hw)
+            pred = head(hidden.video_states(index, b, dtype_of(head)), head_grid(feature_hw, (1, 1)))
+            pred = pred[:, : feature_hw[0], : feature_hw[1]]
             per_clip.append(pad_to(pred.float(), (frames, *grid_hw, pred.shape[-1])))
         features.append(torch.stack(per_clip))
     return features
@@ -378,5 +397,81 @@ register(
         loss=_distill_loss,
         metric=_feature_metric,
         levels=True,
+    )
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# SpatialSV's point map: the depth composed with the cameras (`student.point_map`), in frame 0's
+# camera frame; needs the depth and camera objectives, whose predictions come before it.
+
+
+class ComposedPointMap(nn.Module):
+    """The point-map "head": no parameters, it composes the depth and camera heads' outputs."""
+
+    def forward(self, depth: Tensor, pose_enc: Tensor) -> Tensor:
+        """depth (S, H, W), pose_enc (S, 9) -> (S, H, W, 3) points (`point_map.compose_points`)."""
+        return compose_points(depth, pose_enc)
+
+
+def _build_point_map(width: int, cfg: StudentConfig) -> nn.Module:
+    if not (cfg.depth and cfg.camera):
+        raise ValueError(
+            "student: the point map composes the depth and camera heads; enable student.depth and student.camera"
+        )
+    return ComposedPointMap()
+
+
+def _clip_extent(batch: StudentBatch, b: int) -> tuple[int, int, int]:
+    """(frames, Hd_b, Wd_b) of clip b."""
+    return int(batch.frame_mask[b].sum()), int(batch.depth_hw[b, 0]), int(batch.depth_hw[b, 1])
+
+
+def _predict_points(head: nn.Module, hidden: HiddenStates, batch: StudentBatch) -> Tensor:
+    """(B, S, Hd, Wd, 3) points in frame 0's camera frame, zero outside each clip's frames and map."""
+    depth, pose_enc = hidden.outputs["depth"], hidden.outputs["pose_enc"]
+    maps = []
+    for b in range(depth.shape[0]):
+        frames, height, width = _clip_extent(batch, b)
+        points = head(depth[b, :frames, :height, :width], pose_enc[b, :frames])
+        maps.append(pad_to(points, (*depth.shape[1:], 3)))
+    return torch.stack(maps)
+
+
+def _point_map_loss(pred: Tensor, batch: StudentBatch, cfg: StudentConfig) -> Tensor:
+    """`point_map.point_map_loss` against the cached depth unprojected with the cached cameras."""
+    valid_all = depth_valid(batch)
+    preds, targets, valid = [], [], []
+    for b in range(pred.shape[0]):
+        frames, height, width = _clip_extent(batch, b)
+        depth = batch.depth[b, :frames, :height, :width].float()
+        targets.append(compose_points(depth, batch.pose_enc[b, :frames].float()))
+        preds.append(pred[b, :frames, :height, :width])
+        valid.append(valid_all[b, :frames, :height, :width])
+    loss, _ = point_map_loss(preds, targets, valid)
+    return loss
+
+
+def _point_map_metric(points: np.ndarray, labels: ClipLabels, _: Sequence[int]) -> dict[str, float]:
+    """point_map_error: mean ||X̂ - X̃|| over valid pixels, in the teacher's normalised units."""
+    target, valid = label_points(labels)
+    pred = torch.from_numpy(np.asarray(points, dtype=np.float64))
+    error = (pred - target)[valid].norm(dim=-1)
+    return {"point_map_error": float(error.mean())} if error.numel() else {}
+
+
+register(
+    Objective(
+        name="point_map",
+        output="points",
+        label_fields=("depth", "extrinsic", "intrinsic"),
+        weight_key="point_map_weight",
+        switch=None,
+        module="point_map_head",
+        reads="outputs",
+        build_head=_build_point_map,
+        predict=_predict_points,
+        loss=_point_map_loss,
+        metric=_point_map_metric,
     )
 )

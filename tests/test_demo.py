@@ -71,7 +71,8 @@ def test_summary_has_measured_heldout_losses_and_depth_baselines(demo_out: Path)
     assert summary["config"]["steps"] == 12 and summary["config"]["train_scenes"] == 2
 
     losses = summary["heldout_losses"]
-    for name in ("camera", "depth", "scale", "distill"):
+    assert summary["preset"] == "tiny-geovr-spatialsv"  # GeoVR's four objectives and the point map
+    for name in ("camera", "depth", "scale", "distill", "point_map"):
         entry = losses[name]
         assert entry["measured"] is True
         assert (
@@ -83,10 +84,13 @@ def test_summary_has_measured_heldout_losses_and_depth_baselines(demo_out: Path)
         assert set(losses["camera"][when]) == {"translation", "rotation", "fov"}
         assert all(finite(v) and v >= 0 for v in losses["camera"][when].values())
     # Measured, not copied: training changed the student, so its held-out losses moved.
-    assert any(losses[n]["after"] != losses[n]["before"] for n in ("camera", "depth", "distill"))
+    assert any(losses[n]["after"] != losses[n]["before"] for n in ("camera", "depth", "distill", "point_map"))
     assert summary["all_targets_met"] == all(
-        losses[n]["target_met"] for n in ("camera", "depth", "scale", "distill")
+        losses[n]["target_met"] for n in ("camera", "depth", "scale", "distill", "point_map")
     )
+    geometry = summary["geometry"]["metrics"]
+    assert all(finite(geometry[k]) and geometry[k] >= 0 for k in ("point_map_error", "recon_chamfer"))
+    assert 0 <= geometry["recon_fscore@0.05"] <= 1
 
     predictors = summary["depth_abs_rel"]["predictors"]
     assert set(predictors) == {
@@ -124,9 +128,8 @@ def test_report_figures_point_clouds_and_export(demo_out: Path) -> None:
     assert "tiny and random-initialised" in report
     assert "Qwen3-VL-2B-Instruct" in report and "VGGT-1B" in report and "--teacher /models/VGGT-1B" in report
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
-    assert {"figures/heldout_losses.png", "figures/training_losses.png", "inspect/depth_panels.png"} <= set(
-        images
-    )
+    expected = {"figures/heldout_losses.png", "figures/training_losses.png", "inspect/depth_panels.png"}
+    assert expected | {"inspect/reconstruction.png"} <= set(images)
     for relative in images:
         assert not Path(relative).is_absolute()
         with Image.open(demo_out / relative) as image:

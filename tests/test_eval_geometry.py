@@ -171,9 +171,11 @@ def run_dir(tmp_path_factory) -> Path:
 def test_clip_metrics_of_the_teacher_itself_are_perfect(store):
     reader = open_store(store)
     labels = reader.read_clip(reader.clip_ids()[0])
+    pose_enc = labels.pose_enc.copy()
+    pose_enc[:, :3] *= 2.5  # the teacher at 2.5x its scale: depth and translations
     metrics = clip_metrics(
         labels,
-        pose_enc=labels.pose_enc,
+        pose_enc=pose_enc,
         depth=labels.depth * 2.5,
         scale=labels.scale,
         features=[labels.features[:, i] for i in range(4)],
@@ -183,6 +185,8 @@ def test_clip_metrics_of_the_teacher_itself_are_perfect(store):
     assert metrics["rotation_error_deg"] < 0.05 and metrics["translation_error_deg"] < 0.05
     assert metrics["pose_auc30"] == 1.0 and metrics["scale_log_error"] == 0.0
     assert [metrics[f"feature_cosine_layer{i}"] for i in range(4)] == pytest.approx([1.0] * 4)
+    # One median ratio per clip takes the factor out: the reconstructions coincide.
+    assert metrics["recon_chamfer"] == pytest.approx(0.0, abs=1e-5) and metrics["recon_fscore@0.05"] == 1.0
 
 
 def test_eval_geometry_cli(run_dir, store, tmp_path):
@@ -194,6 +198,8 @@ def test_eval_geometry_cli(run_dir, store, tmp_path):
     assert report["num_clips"] == 2 and len(report["clips"]) == 2
     expected = {"depth_abs_rel", "depth_delta1", "rotation_error_deg", "translation_error_deg", "pose_auc30"}
     expected |= {"scale_log_error"} | {f"feature_cosine_layer{i}" for i in range(4)}
+    expected |= {"recon_accuracy", "recon_completeness", "recon_chamfer"}
+    expected |= {f"recon_{m}@0.05" for m in ("precision", "recall", "fscore")}
     assert set(report["metrics"]) == expected
     metrics = report["metrics"]
     assert all(math.isfinite(v) for v in metrics.values())
@@ -215,7 +221,7 @@ def test_inspect_writes_pictures_and_a_point_cloud_inside_the_room(corpus, store
     args = ["inspect", "--store", str(store), "--clip", clip_id, "--out", str(out), "--model", str(run_dir)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    for name in ("depth_panels.png", "trajectory.png"):
+    for name in ("depth_panels.png", "trajectory.png", "reconstruction.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
     # Teacher points are in frame 0's camera coordinates, metres: back to the world, inside the room.

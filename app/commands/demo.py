@@ -10,6 +10,9 @@ from geovr.app.cli import DEMO, app
 from geovr.app.demo.config import DemoConfig
 from geovr.app.options import preset_option
 
+# GeoVR's four objectives plus SpatialSV's point map (the combined recipe), on the tiny models.
+DEMO_PRESET = "tiny-geovr-spatialsv"
+
 
 @app.command(rich_help_panel=DEMO)
 def demo(
@@ -29,7 +32,10 @@ def demo(
         "label a metric scale with a tiny DA3-Metric",
         "--metric-depth/--no-metric-depth",
     ),
-    preset: str = typer.Option("tiny", help="preset whose sections configure every stage (and `demo`)"),
+    preset: str = typer.Option(
+        DEMO_PRESET,
+        help="preset whose sections configure every stage (and `demo`); tiny: GeoVR's recipe alone",
+    ),
     overrides: list[str] | None = typer.Option(
         None, "--set", help="override a preset value: demo.lr_heads=3e-3, train.warmup_ratio=0.1 (repeatable)"
     ),

@@ -22,7 +22,9 @@ def render_report(summary: dict[str, Any], out: Path) -> str:
         *_vsibench(summary),
         *_inspected_clip(stages, out),
         *_stage_table(summary, out),
-        *real_model_commands(out, summary["config"], stages["inspect"]["outputs"]["clip"]),
+        *real_model_commands(
+            out, summary["config"], stages["inspect"]["outputs"]["clip"], summary.get("preset", "tiny")
+        ),
     ]
     return "\n".join(lines) + "\n"
 
@@ -176,6 +178,23 @@ def _inspected_clip(stages: dict[str, Any], out: Path) -> list[str]:
         "",
         f"![trajectory]({_rel(stages['inspect']['outputs']['trajectory'], out)})",
         "",
+        *_reconstruction(stages, out),
+    ]
+
+
+def _reconstruction(stages: dict[str, Any], out: Path) -> list[str]:
+    """The rendered clouds of the inspected clip (a student with depth and cameras)."""
+    picture = stages["inspect"]["outputs"].get("reconstruction")
+    if picture is None:
+        return []
+    return [
+        "Reconstruction: the teacher's cloud (cached depth unprojected with its cameras) and the student's",
+        "(its depth composed with its own cameras, one median depth ratio per clip), same pixels, rendered",
+        "from one viewpoint behind and above the first camera; `eval geometry` above gives the Chamfer",
+        "distance, accuracy, completeness and F-score of these clouds (recon_*) over the held-out clips.",
+        "",
+        f"![reconstruction]({_rel(picture, out)})",
+        "",
     ]
 
 
@@ -242,8 +261,9 @@ def _describe(value: Any, out: Path) -> str:
     return str(value).replace("|", "/")
 
 
-def real_model_commands(out: Path, cfg: dict[str, Any], clip: str) -> list[str]:
-    """The report's last section: the same commands on real checkpoints (local directories)."""
+def real_model_commands(out: Path, cfg: dict[str, Any], clip: str, preset: str = "tiny") -> list[str]:
+    """The report's last section: the same commands on real checkpoints (local directories);
+    `preset`: the one the demo trained with."""
     return [
         "## The same commands with real models",
         "",
@@ -261,6 +281,7 @@ def real_model_commands(out: Path, cfg: dict[str, Any], clip: str) -> list[str]:
         "geovr-pipeline cache verify /data/store",
         "torchrun --nproc-per-node 8 --no-python geovr-pipeline train --preset qwen3vl-2b-geovr \\",
         "    --store /data/store --qa vsi590k.jsonl --model /models/Qwen3-VL-2B-Instruct --out runs/geovr-2b",
+        "# SpatialSV's recipe: --preset qwen3vl-2b-spatialsv; GeoVR's plus the point map: qwen3vl-2b-geovr-spatialsv",
         "geovr-pipeline export runs/geovr-2b --out models/geovr-2b",
         "geovr-pipeline eval vsibench --model models/geovr-2b --data /data/VSI-Bench --out eval/vsibench \\",
         "    --frames 32 --device cuda --dtype bfloat16",
@@ -277,7 +298,7 @@ def real_model_commands(out: Path, cfg: dict[str, Any], clip: str) -> list[str]:
         f"    --clips-per-shard {cfg['clips_per_shard']}",
         "geovr-pipeline precompute --manifest manifest.parquet --out store --preset tiny --teacher models/vggt-tiny \\",
         "    --metric-teacher models/da3-metric-tiny --ray-address local --device cpu",
-        "geovr-pipeline train --preset tiny --store store --qa qa/train.jsonl --model models/qwen3vl-tiny --out run \\",
+        f"geovr-pipeline train --preset {preset} --store store --qa qa/train.jsonl --model models/qwen3vl-tiny --out run \\",
         f"    --set train.steps={cfg['steps']} --set train.lr_llm={cfg['lr_llm']:g} --set train.lr_heads={cfg['lr_heads']:g} \\",
         f"    --set train.seed={cfg['seed']} --set train.checkpoint_every={cfg['steps']}",
         "geovr-pipeline export run --out export",

@@ -389,7 +389,7 @@ class DemoRun:
 def run_demo(
     out: str | Path,
     cfg: DemoConfig,
-    preset: str = "tiny",
+    preset: str = "tiny-geovr-spatialsv",
     overrides: list[str] | None = None,
     console: Console | None = None,
 ) -> dict[str, Any]:

@@ -29,6 +29,9 @@ def build_summary(
         if name == "scale" and run.metric_dir is None:
             losses[name] = {"measured": False, "why": "no metric-depth model: the teacher labels no scale"}
             continue
+        if before[name] == 0 and after[name] == 0:  # a disabled objective's loss is exactly zero
+            losses[name] = {"measured": False, "why": f"off in preset {run.preset}"}
+            continue
         reduction = 1.0 - after[name] / before[name] if before[name] > 0 else math.nan
         losses[name] = {
             "measured": True,
@@ -52,6 +55,7 @@ def build_summary(
             "load_average_1min_end": os.getloadavg()[0],
         },
         "config": to_dict(run.cfg),
+        "preset": run.preset,
         "models": "tiny, random-initialised (fixed seed): teacher VGGT tiny-a sizes, student tiny Qwen3-VL",
         "stages": [{"name": r.name, "seconds": r.seconds, "outputs": r.outputs} for r in records],
         "heldout_losses": losses,
@@ -81,6 +85,14 @@ def summary_table(summary: dict[str, Any]) -> Table:
         change = 1 - entry["after"] / entry["before"] if entry["before"] else math.nan
         table.add_row(
             f"{name} loss", f"{entry['before']:.4f}", f"{entry['after']:.4f}", f"{-100 * change:+.0f}%"
+        )
+    geometry = summary["geometry"]["metrics"]
+    if "recon_chamfer" in geometry:
+        table.add_row(
+            "reconstruction Chamfer",
+            "",
+            f"{geometry['recon_chamfer']:.4f}",
+            f"F@0.05 {geometry['recon_fscore@0.05']:.3f}",
         )
     predictors = summary["depth_abs_rel"]["predictors"]
     table.add_row(

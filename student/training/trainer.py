@@ -49,6 +49,7 @@ from geovr.student.training.metrics import MetricsLogger, StepStats, reduce_stat
 from geovr.student.training.optimizer import OptimizerState, build_optimizer, build_scheduler, clip_and_check
 from geovr.student.training.state import RNGState, TrainCounters
 from geovr.student.training.step import accumulate_gradients
+from geovr.student.unlabelled import LanguageOnlySource
 from geovr.teacher_cache.config import to_dict
 from geovr.teacher_cache.store import open_store
 
@@ -254,11 +255,15 @@ class Trainer:
         """This rank's data stream, and the schedule sized by it."""
         data_cfg, student_cfg, env, store = self.data_cfg, self.student_cfg, self.env, self.store
         check_frame_budget(store.fingerprint, student_cfg.video_max_pixels, student_cfg.video_min_pixels)
+        language_only = None
+        if data_cfg.missing_labels == "language_only":
+            language_only = LanguageOnlySource.of_store(store.fingerprint, data_cfg.corpus_root)
         builder = StudentSampleBuilder(
             self.inputs.model,
             data_cfg.max_seq_len,
             data_cfg.on_bad_row,
             (student_cfg.video_max_pixels, student_cfg.video_min_pixels),
+            language_only,
         )
         self.loader = TrainLoader(
             self.samples, store, partial(open_store, self.inputs.store), builder,
