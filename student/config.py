@@ -35,6 +35,16 @@ class StudentConfig:
             GeoVR: 32 * 300 * 32 * 32 and 4 * 16 * 32 * 32). Must equal the store's (precompute's).
         train_deepstack_mergers: also train the vision tower's DeepStack mergers (GeoVR freezes
             them: it unfreezes only `visual.merger`); they then train at the LLM rate.
+        fusion: Spatial-MLLM's dual encoder: its connector (`student.fusion`) adds the cached fusion
+            features (the store's `fusion` feature set) to the merged video tokens. The connector
+            and `visual.merger` then train at `train.lr_heads` (Spatial-MLLM's mm_projector_lr), the
+            LLM at `train.lr_llm`.
+        fusion_layer_index: which of the store's fusion layers feeds the connector (Spatial-MLLM's
+            `spatial_embeds_layer_idx`: -1, the last).
+        fusion_feature_dim: width D of the fusion features (2 x the teacher's embed_dim; `matched_to`
+            sets it from the store).
+        train_llm, train_merger: whether the language model (with its embeddings) and `visual.merger`
+            train (GeoVR and Spatial-MLLM: both; the rest of the vision tower is always frozen).
     """
 
     base_model: str = ""
@@ -65,6 +75,11 @@ class StudentConfig:
     video_max_pixels: int = 32 * 300 * 32 * 32
     video_min_pixels: int = 4 * 16 * 32 * 32
     train_deepstack_mergers: bool = False
+    fusion: bool = False
+    fusion_layer_index: int = -1
+    fusion_feature_dim: int = 2048
+    train_llm: bool = True
+    train_merger: bool = True
 
     def validate(self) -> None:
         require(len(self.teacher_layers) > 0, "student.teacher_layers: at least one layer")
@@ -99,8 +114,29 @@ class StudentConfig:
             teacher_depth=int(teacher["depth"]),
             teacher_feature_dim=int(teacher["embed_dim"]),
         )
+        if self.fusion:
+            matched = _matched_fusion(matched, fingerprint)
         matched.validate()
         return matched
+
+
+def _matched_fusion(config: StudentConfig, fingerprint: StoreFingerprint) -> StudentConfig:
+    """`config` with the fusion width of the store; ValueError when the store has no fusion features
+    or no layer at `fusion_layer_index`."""
+    fusion = fingerprint.preprocess.get("fusion")
+    if fusion is None:
+        raise ValueError(
+            "student.fusion needs a store with fusion features: precompute it with teacher.fusion_layers "
+            "(the fusion preset stores [23])"
+        )
+    layers = len(fusion["layers"])
+    if not -layers <= config.fusion_layer_index < layers:
+        raise ValueError(
+            f"student.fusion_layer_index {config.fusion_layer_index} does not index the store's "
+            f"{layers} fusion layer(s) {fusion['layers']}"
+        )
+    width = 2 * int(fingerprint.teacher_config["embed_dim"])
+    return dataclasses.replace(config, fusion_feature_dim=width)
 
 
 @dataclass

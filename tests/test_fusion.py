@@ -32,7 +32,9 @@ def test_gather_order_on_coordinates() -> None:
         assert out[token].tolist() == values, token
 
 
-def spatial_mllm_gather(tokens: np.ndarray, height: int, width: int, tau: int = 2, merge: int = 2) -> np.ndarray:
+def spatial_mllm_gather(
+    tokens: np.ndarray, height: int, width: int, tau: int = 2, merge: int = 2
+) -> np.ndarray:
     """Spatial-MLLM's `preprocess_spatial_embeds` on its own layout (S, P, DD) (special tokens already
     dropped), its view/permute/reshape sequence step by step in numpy."""
     frames, _, dim = tokens.shape

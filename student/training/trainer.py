@@ -259,6 +259,7 @@ class Trainer:
             data_cfg.max_seq_len,
             data_cfg.on_bad_row,
             (student_cfg.video_max_pixels, student_cfg.video_min_pixels),
+            student_cfg.fusion_layer_index if student_cfg.fusion else None,
         )
         self.loader = TrainLoader(
             self.samples, store, partial(open_store, self.inputs.store), builder,
