@@ -43,6 +43,9 @@ class StudentConfig:
             `spatial_embeds_layer_idx`: -1, the last).
         fusion_feature_dim: width D of the fusion features (2 x the teacher's embed_dim; `matched_to`
             sets it from the store).
+        fusion_teacher_layer, fusion_dtype: the aggregator stage behind `fusion_layer_index` and the
+            precision the store's fusion pass ran in (`matched_to` sets both from the store): the
+            online encoder at inference runs that stage in that precision (`student.fusion_model`).
         train_llm, train_merger: whether the language model (with its embeddings) and `visual.merger`
             train (GeoVR and Spatial-MLLM: both; the rest of the vision tower is always frozen).
     """
@@ -78,6 +81,8 @@ class StudentConfig:
     fusion: bool = False
     fusion_layer_index: int = -1
     fusion_feature_dim: int = 2048
+    fusion_teacher_layer: int = 23
+    fusion_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     train_llm: bool = True
     train_merger: bool = True
 
@@ -136,7 +141,12 @@ def _matched_fusion(config: StudentConfig, fingerprint: StoreFingerprint) -> Stu
             f"{layers} fusion layer(s) {fusion['layers']}"
         )
     width = 2 * int(fingerprint.teacher_config["embed_dim"])
-    return dataclasses.replace(config, fusion_feature_dim=width)
+    return dataclasses.replace(
+        config,
+        fusion_feature_dim=width,
+        fusion_teacher_layer=int(fusion["layers"][config.fusion_layer_index]),
+        fusion_dtype=fingerprint.preprocess.get("dtype", "float32"),
+    )
 
 
 @dataclass
