@@ -77,39 +77,47 @@ def summary(cosines: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray]]) -> 
     }
 
 
-def run(cmd: list[str]) -> None:
+def run(cmd: list[str]) -> str:
+    """Run a CLI command (loopback Ray, one thread per process); its stdout, RuntimeError on failure."""
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1800)
     if result.returncode:
         raise RuntimeError(f"{' '.join(cmd[:2])} failed:\n{result.stdout[-3000:]}{result.stderr[-3000:]}")
+    return result.stdout
 
 
-def build_demo_chain(work: Path) -> dict[str, Path]:
-    """Demo corpus, tiny models, a fusion store, a 2-step fusion run and its export, all through the CLI."""
-    from geovr.app.presets import load_section, read_preset
-    from geovr.corpus.config import SamplingConfig, SynthConfig
-    from geovr.corpus.synth import write_corpus
-    from geovr.pipeline.index import build_manifest
-    from geovr.student.tiny import write_tiny_qwen3vl
-    from geovr.teachers.tiny import write_tiny_vggt
+def demo_synth() -> Any:
+    """The demo corpus's settings (the tiny preset's `demo` section)."""
+    from geovr.app.presets import read_preset
+    from geovr.corpus.config import SynthConfig
 
     demo = read_preset("tiny")["demo"]
-    scenes = demo["train_scenes"] + demo["heldout_scenes"]
-    synth = SynthConfig(
-        scenes=scenes,
+    return SynthConfig(
+        scenes=demo["train_scenes"] + demo["heldout_scenes"],
         frames=demo["frames"],
         width=demo["width"],
         height=demo["height"],
         fps=demo["fps"],
         seed=demo["seed"],
     )
+
+
+def build_chain(work: Path, synth: Any, steps: int = 2) -> dict[str, Path]:
+    """Corpus, tiny models, a fusion store, a `steps`-step fusion run and its export, through the CLI."""
+    from geovr.app.presets import load_section
+    from geovr.corpus.config import SamplingConfig
+    from geovr.corpus.synth import write_corpus
+    from geovr.pipeline.index import build_manifest
+    from geovr.student.tiny import write_tiny_qwen3vl
+    from geovr.teachers.tiny import write_tiny_vggt
+
     videos = write_corpus(work / "corpus", synth)
     sampling = load_section(SamplingConfig, "sampling", "tiny-fusion")
     build_manifest(
         [work / "corpus" / "videos"], work / "manifest.parquet", sampling, clips_per_shard=4, workers=1
     )
-    teacher = write_tiny_vggt(work / "vggt-tiny", demo["seed"])
-    model = write_tiny_qwen3vl(work / "qwen3vl-tiny", seed=demo["seed"])
+    teacher = write_tiny_vggt(work / "vggt-tiny", synth.seed)
+    model = write_tiny_qwen3vl(work / "qwen3vl-tiny", seed=synth.seed)
     run([CLI, "precompute", "--preset", "tiny-fusion", "--manifest", str(work / "manifest.parquet"),
          "--out", str(work / "store"), "--teacher", str(teacher), "--ray-address", "local", "--device", "cpu"])  # fmt: skip
     qa = work / "qa.jsonl"
@@ -120,9 +128,16 @@ def build_demo_chain(work: Path) -> dict[str, Path]:
     ]  # fmt: skip
     qa.write_text("".join(json.dumps(row) + "\n" for row in rows))
     run([CLI, "train", "--preset", "tiny-fusion", "--store", str(work / "store"), "--qa", str(qa), "--model",
-         str(model), "--out", str(work / "run"), "--set", "train.steps=2", "--set", "train.tensorboard=false"])  # fmt: skip
+         str(model), "--out", str(work / "run"), "--set", f"train.steps={steps}", "--set", "train.global_batch=2",
+         "--set", "train.warmup_ratio=0", "--set", "train.tensorboard=false"])  # fmt: skip
     run([CLI, "export", str(work / "run"), "--out", str(work / "export"), "--teacher", str(teacher)])
-    return {"corpus": work / "corpus" / "videos", "store": work / "store", "export": work / "export"}
+    return {
+        "corpus": work / "corpus",
+        "videos": work / "corpus" / "videos",
+        "store": work / "store",
+        "run": work / "run",
+        "export": work / "export",
+    }
 
 
 def main() -> None:
@@ -131,11 +146,12 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build_demo_chain(Path(tmp))
-        pairs = cached_and_online(paths["store"], paths["corpus"], paths["export"])
+        paths = build_chain(Path(tmp), demo_synth())
+        pairs = cached_and_online(paths["store"], paths["videos"], paths["export"])
         stats = open_store(paths["store"]).fingerprint.preprocess["fusion"]
         result = {
             "what": "cached (dequantised) vs online fusion features per token, demo corpus, tiny VGGT",
+            "corpus": demo_synth().__dict__,
             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared); a CPU smoke figure",
             "fusion_feature_set": stats,
             **summary(token_cosines(pairs), pairs),
