@@ -265,13 +265,14 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
 
 
 def _check_fits(cfg: TeacherConfig, depth: int, patch_size: int) -> None:
-    bad = [layer for layer in (*cfg.feature_layers, *cfg.fusion_layers) if layer >= depth]
-    if bad:
-        raise ConfigError(
-            f"teacher.feature_layers {list(cfg.feature_layers)} / fusion_layers {list(cfg.fusion_layers)} do not fit the teacher checkpoint "
-            f"{cfg.checkpoint}: it has {depth} aggregator layers (0 to {depth - 1}), so {bad} do not exist; "
-            "use the preset made for this teacher or set its layers (--set teacher.feature_layers=[...])"
-        )
+    for name, layers in (("feature_layers", cfg.feature_layers), ("fusion_layers", cfg.fusion_layers)):
+        bad = [layer for layer in layers if layer >= depth]
+        if bad:
+            raise ConfigError(
+                f"teacher.{name} {list(layers)} do not fit the teacher checkpoint "
+                f"{cfg.checkpoint}: it has {depth} aggregator layers (0 to {depth - 1}), so {bad} do not exist; "
+                f"use the preset made for this teacher or set its layers (--set teacher.{name}=[...])"
+            )
     if cfg.size_multiple % (2 * patch_size):
         raise ConfigError(
             f"teacher.size_multiple ({cfg.size_multiple}) must be a multiple of twice the patch size "
