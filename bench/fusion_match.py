@@ -10,7 +10,7 @@ stage) runs on each clip's frames decoded again from the video (`corpus.video.de
 frame indices the store recorded). Up to quantisation the two must be one function of the frames:
 p1 of the per-token cosine >= 0.99 is the acceptance bar (the codec alone gives about 0.998).
 
-    python bench/fusion_match.py [--out bench/results/fusion_match_cpu_tiny.json]
+    python bench/fusion_match.py [--out bench/results/fusion_match_cpu_tiny.json] [--in-process]
 
 CPU only; a smoke figure of the tiny models, not a statement about VGGT-1B's activations.
 """
@@ -102,8 +102,47 @@ def demo_synth() -> Any:
     )
 
 
-def build_chain(work: Path, synth: Any, steps: int = 2) -> dict[str, Path]:
-    """Corpus, tiny models, a fusion store, a `steps`-step fusion run and its export, through the CLI."""
+def precompute_in_process(videos: Path, store: Path, teacher: Path, preset: str = "tiny-fusion") -> None:
+    """The precompute tasks (`pipeline.tasks`: decode, the teacher actor's labelling, encode) run one
+    after another in this process and the clips committed as one shard: the functions the Ray driver
+    schedules, without a Ray node (whose start times out on a heavily loaded box)."""
+    from geovr.app.presets import load_section
+    from geovr.corpus.config import SamplingConfig
+    from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
+    from geovr.pipeline.tasks import TeacherActor, decode_clip, encode_labels
+    from geovr.teacher_cache.schema import StoreFingerprint, clip_id_for
+    from geovr.teacher_cache.store import open_writer
+
+    sampling = load_section(SamplingConfig, "sampling", preset).policy()
+    teacher_cfg = load_section(TeacherConfig, "teacher", preset, checkpoint=teacher)
+    cfg = load_section(PrecomputeConfig, "precompute", preset)
+    actor = TeacherActor(teacher_cfg, "cpu", 0, 1)
+    parts = actor.fingerprint_parts()
+    budget = {"video_max_pixels": cfg.video_max_pixels, "video_min_pixels": cfg.video_min_pixels}
+    fingerprint = StoreFingerprint(
+        **{k: parts[k] for k in ("teacher", "checkpoint_sha256", "teacher_config", "metric_teacher")},
+        preprocess={**parts["preprocess"], "student_frames": budget},
+        sampling=sampling,
+        feature_layers=tuple(teacher_cfg.feature_layers),
+    )
+    writer = open_writer(store, fingerprint, cfg.format)
+    encoded = []
+    for video in sorted(path.name for path in videos.glob("*.mp4")):
+        row = {"clip_id": clip_id_for(video, sampling), "video": video}
+        status, frames, info = decode_clip(
+            video, str(videos), sampling, cfg.video_max_pixels, cfg.video_min_pixels, cfg.jpeg_quality
+        )
+        job = {"clip_id": row["clip_id"], "keep": status["keep"], "student_hw": status["student_hw"]}
+        statuses, labels = actor.label([job], frames)
+        if not statuses[0]["ok"]:
+            raise RuntimeError(f"{video}: {statuses[0]['reason']}")
+        encoded.append(encode_labels(row, info, labels, writer.codecs)[1])
+    writer.write_encoded_shard("000000", sorted(encoded, key=lambda clip: clip.clip_id), [])
+
+
+def build_chain(work: Path, synth: Any, steps: int = 2, ray: bool = True) -> dict[str, Path]:
+    """Corpus, tiny models, a fusion store, a `steps`-step fusion run and its export, through the CLI
+    (`ray=False`: the store by `precompute_in_process`)."""
     from geovr.app.presets import load_section
     from geovr.corpus.config import SamplingConfig
     from geovr.corpus.synth import write_corpus
@@ -118,8 +157,11 @@ def build_chain(work: Path, synth: Any, steps: int = 2) -> dict[str, Path]:
     )
     teacher = write_tiny_vggt(work / "vggt-tiny", synth.seed)
     model = write_tiny_qwen3vl(work / "qwen3vl-tiny", seed=synth.seed)
-    run([CLI, "precompute", "--preset", "tiny-fusion", "--manifest", str(work / "manifest.parquet"),
-         "--out", str(work / "store"), "--teacher", str(teacher), "--ray-address", "local", "--device", "cpu"])  # fmt: skip
+    if ray:
+        run([CLI, "precompute", "--preset", "tiny-fusion", "--manifest", str(work / "manifest.parquet"),
+             "--out", str(work / "store"), "--teacher", str(teacher), "--ray-address", "local", "--device", "cpu"])  # fmt: skip
+    else:
+        precompute_in_process(work / "corpus" / "videos", work / "store", teacher)
     qa = work / "qa.jsonl"
     rows = [
         {"id": f"q{i}", "video": f"{scene}.mp4", "conversations": [
@@ -143,15 +185,19 @@ def build_chain(work: Path, synth: Any, steps: int = 2) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/results/fusion_match_cpu_tiny.json"))
+    parser.add_argument(
+        "--in-process", action="store_true", help="label the store without Ray (`precompute_in_process`)"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        paths = build_chain(Path(tmp), demo_synth())
+        paths = build_chain(Path(tmp), demo_synth(), ray=not args.in_process)
         pairs = cached_and_online(paths["store"], paths["videos"], paths["export"])
         stats = open_store(paths["store"]).fingerprint.preprocess["fusion"]
         result = {
             "what": "cached (dequantised) vs online fusion features per token, demo corpus, tiny VGGT",
             "corpus": demo_synth().__dict__,
+            "precompute": "in process (pipeline.tasks)" if args.in_process else "CLI, local Ray cluster",
             "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores (shared); a CPU smoke figure",
             "fusion_feature_set": stats,
             **summary(token_cosines(pairs), pairs),
