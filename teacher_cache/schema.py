@@ -4,7 +4,8 @@ This is the contract between precompute (writer) and training/eval (readers). Sh
 S = sampled frames of the clip, L = distilled teacher layers, (Ht, Wt) = teacher image size
 (e.g. 392x504 for a 640x480 video), (Hd, Wd) = depth resolution (half the teacher's, 196x252),
 (h, w) = pooled feature grid (teacher patch grid / 2, 14x18), C = feature channels (1024 for
-VGGT-1B: the frame-attention half of the aggregator tokens).
+VGGT-1B: the frame-attention half of the aggregator tokens). Optional, Spatial-MLLM's fusion
+features (`ClipLabels.fusion`): Lf fused layers at full width (2C) on the student's patch grid.
 """
 
 from __future__ import annotations
