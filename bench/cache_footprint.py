@@ -27,6 +27,14 @@ process; per clip the least CPU time over the repeats counts (the box is shared)
 must stay under 10%.
 
     python bench/cache_footprint.py --out /tmp/footprint [--shards 2 --clips-per-shard 3 --integrity-repeats 5]
+
+The fusion feature set (Spatial-MLLM's fused layer, `schema.ClipLabels.fusion`) is measured by
+`--fusion` alone (DIR/fusion_footprint.json): stores of both backends holding both feature sets, the
+fusion features of VGGT-1B's stage 23 at full width for a 640x480 video (student 640x480 -> VGGT
+560x420: a 30x40 grid, 2048 channels = frame half + global half), synthetic with the statistics
+above and `FUSION_OUTLIERS_PER_HALF` 100x outlier channels in each half; bytes per frame of the
+`fusion` field, its token cosine (all channels, and without the outlier channels), against the
+float16 reference.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ FRAMES, LAYERS, GRID_H, GRID_W, CHANNELS = 32, 4, 14, 18, 1024
 DEPTH_H, DEPTH_W = 196, 252
 IMAGE_H, IMAGE_W = 480, 640
 OUTLIERS_PER_LAYER = 4
+FUSION_GRID_H, FUSION_GRID_W, FUSION_CHANNELS = 30, 40, 2048
+FUSION_OUTLIERS_PER_HALF = 4
 TARGETS = {
     "total_bytes_per_frame_max": 1.0e6,
     "feature_cosine_p1_min": 0.995,
@@ -124,6 +134,27 @@ def synthetic_features(rng: np.random.Generator, frames: int) -> tuple[np.ndarra
             )
             noise = rng.laplace(0, noise_weight / math.sqrt(2), (GRID_H, GRID_W, CHANNELS)).astype(np.float32)
             out[s, layer] = (0.8 * base + drift + noise + offset) * scale
+    return out, outliers
+
+
+def synthetic_fusion_features(rng: np.random.Generator, frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """(S, 1, 30, 40, 2048) float32 fusion features (the statistics of `synthetic_features`, one layer
+    of two 1024-channel halves, each with its own outlier channels) and their outlier indices."""
+    half = FUSION_CHANNELS // 2
+    scale = np.exp(rng.normal(0, 0.5, FUSION_CHANNELS)).astype(np.float32)
+    offset = rng.normal(0, 0.5, FUSION_CHANNELS).astype(np.float32)
+    outliers = np.concatenate(
+        [h * half + rng.choice(half, FUSION_OUTLIERS_PER_HALF, replace=False) for h in range(2)]
+    )
+    scale[outliers] *= 100.0
+    grid = (FUSION_GRID_H, FUSION_GRID_W)
+    base = smooth_fields(rng, FUSION_CHANNELS, grid, (4, 5)).transpose(1, 2, 0)
+    out = np.empty((frames, 1, *grid, FUSION_CHANNELS), np.float32)
+    drift = np.zeros_like(base)
+    for s in range(frames):
+        drift = 0.9 * drift + 0.3 * smooth_fields(rng, FUSION_CHANNELS, grid, (4, 5)).transpose(1, 2, 0)
+        noise = rng.laplace(0, 0.3 / math.sqrt(2), (*grid, FUSION_CHANNELS)).astype(np.float32)
+        out[s, 0] = (0.8 * base + drift + noise + offset) * scale
     return out, outliers
 
 
@@ -510,6 +541,59 @@ def codec_choices(seed: int, frames: int = 8) -> dict[str, Any]:
     return {"frames": frames, "features": features, "depth": depth_rows, "zstd_on_feat_q": zstd_rows}
 
 
+def fusion_footprint(root: Path, seed: int, clips: int) -> dict[str, Any]:
+    """Stores of both backends with both feature sets: the fusion field's bytes per frame and fidelity."""
+    from dataclasses import replace
+
+    fingerprint = StoreFingerprint(
+        teacher="vggt-1b (synthetic labels)",
+        checkpoint_sha256="0" * 64,
+        teacher_config={},
+        metric_teacher="",
+        preprocess={"teacher_long_side": 504, "fusion": {"layers": [23]}},
+        sampling={"fps": 2.0, "min_frames": 4, "max_frames": FRAMES},
+        feature_layers=(4, 11, 17, 23),
+    )
+    result: dict[str, Any] = {}
+    for store_format in ("zarr", "wds"):
+        store = root / f"fusion_{store_format}"
+        shutil.rmtree(store, ignore_errors=True)
+        writer = open_writer(store, fingerprint, store_format)
+        cos, cos_inliers = [], []
+        for index in range(clips):
+            clip, _ = synthetic_clip(seed, index)
+            fusion, outliers = synthetic_fusion_features(np.random.default_rng([seed, index, 23]), FRAMES)
+            clip = replace(clip, fusion=fusion)
+            writer.write_shard(f"{index:06d}", [clip], [])
+            decoded = open_store(store).read_clip(clip.clip_id).fusion
+            keep = np.setdiff1d(np.arange(FUSION_CHANNELS), outliers)
+            cos.append(token_cosine(fusion, decoded))
+            cos_inliers.append(token_cosine(fusion[..., keep], decoded[..., keep]))
+            del clip, fusion, decoded
+        stats = store_stats(store)
+        shutil.rmtree(store)
+        result[store_format] = {
+            "bytes_per_frame": stats["bytes_per_frame"],
+            "fusion_bytes_per_frame": stats["bytes_per_frame"]["fusion"],
+            "total_bytes_per_frame": stats["total_bytes_per_frame"],
+            "fusion_cosine": {
+                "all_channels": summary(np.concatenate(cos), low=True),
+                "without_outlier_channels": summary(np.concatenate(cos_inliers), low=True),
+            },
+        }
+    return {
+        "fusion_set": {
+            "frames_per_clip": FRAMES,
+            "fusion": [1, FUSION_GRID_H, FUSION_GRID_W, FUSION_CHANNELS],
+            "outlier_channels": 2 * FUSION_OUTLIERS_PER_HALF,
+            "codec_outlier_channels": CodecConfig().fusion_outlier_channels,
+        },
+        "clips_per_backend": clips,
+        "float16_fusion_bytes_per_frame": 2 * FUSION_GRID_H * FUSION_GRID_W * FUSION_CHANNELS,
+        "backends": result,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="directory for the stores and footprint.json")
@@ -523,12 +607,19 @@ def main() -> None:
     parser.add_argument(
         "--keep-stores", action="store_true", help="keep the stores (about 0.2 GB per 8 clips)"
     )
+    parser.add_argument("--fusion", action="store_true", help="measure the fusion feature set only")
     args = parser.parse_args()
 
     # One process on one core: no codec thread pools.
     zarr.config.set({"threading.max_workers": 1})
     numcodecs.blosc.use_threads = False
     args.out.mkdir(parents=True, exist_ok=True)
+    machine = f"{platform.machine()} {os.cpu_count()} cores (shared), {platform.python_version()}"
+    if args.fusion:
+        fusion = {"machine": machine, **fusion_footprint(args.out, args.seed, args.clips_per_shard)}
+        (args.out / "fusion_footprint.json").write_text(json.dumps(fusion, indent=2))
+        print(json.dumps(fusion, indent=2))
+        return
     result: dict[str, Any] = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores (shared), {platform.python_version()}",
         "label_set": {

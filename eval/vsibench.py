@@ -167,11 +167,13 @@ def read_video_frames(path: Path, num_frames: int, cap: bool = True) -> tuple[np
 
 @dataclass
 class VideoQuestion:
-    """One request: frames (S, H, W, 3) uint8 at the student size, their times, and the user text."""
+    """One request: frames (S, H, W, 3) uint8 at the student size, their times, and the user text;
+    `source`: the same frames as decoded (a fusion model's encoder resizes them itself)."""
 
     frames: np.ndarray
     timestamps: np.ndarray
     prompt: str
+    source: np.ndarray | None = None
 
 
 class Generator(Protocol):
@@ -182,15 +184,19 @@ class Qwen3VLGenerator:
     """Answers of a Qwen3-VL-format directory (base model or exported student), batched, decoded
     as the profile says (greedy, or sampled from torch's global generator)."""
 
-    def __init__(self, model_dir: str | Path, cfg: VSIBenchConfig) -> None:
+    def __init__(self, model_dir: str | Path, cfg: VSIBenchConfig, model: Any = None) -> None:
         from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
 
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(f"{model_dir}: not a model directory (no config.json)")
         dtype = getattr(torch, cfg.dtype)
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
-            model_dir, dtype=dtype, local_files_only=True
+        self.model = (
+            model
+            if model is not None
+            else Qwen3VLForConditionalGeneration.from_pretrained(
+                model_dir, dtype=dtype, local_files_only=True
+            )
         )
         self.model.to(cfg.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
@@ -243,8 +249,9 @@ class Qwen3VLGenerator:
         inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(self.model.dtype)
         spec = self.cfg.spec
         sampling = {"temperature": spec.temperature, "top_p": spec.top_p, "top_k": spec.top_k}
-        output = self.model.generate(
-            **{key: value.to(self.model.device) for key, value in inputs.items()},
+        output = self._generate(
+            requests,
+            {key: value.to(self.model.device) for key, value in inputs.items()},
             max_new_tokens=self.cfg.max_new_tokens,
             do_sample=spec.do_sample,
             num_beams=1,
@@ -254,6 +261,37 @@ class Qwen3VLGenerator:
         )
         answers = self.tokenizer.batch_decode(output[:, length:], skip_special_tokens=True)
         return [answer.strip() for answer in answers] if spec.strip_answer else answers
+
+    def _generate(
+        self, requests: Sequence[VideoQuestion], inputs: dict[str, torch.Tensor], **decoding: Any
+    ) -> Any:
+        return self.model.generate(**inputs, **decoding)
+
+
+class FusionGenerator(Qwen3VLGenerator):
+    """Answers of an exported fusion model (`student.fusion_model`): its VGGT aggregator runs on each
+    video's decoded frames (resized to its own size, as precompute did) and the connector adds the
+    tokens to the merged video tokens."""
+
+    def __init__(self, model_dir: str | Path, cfg: VSIBenchConfig) -> None:
+        from geovr.student.fusion_model import FusionModel
+
+        self.fusion = FusionModel.from_pretrained(model_dir, cfg.device, getattr(torch, cfg.dtype))
+        super().__init__(model_dir, cfg, self.fusion.base)
+
+    def _generate(
+        self, requests: Sequence[VideoQuestion], inputs: dict[str, torch.Tensor], **decoding: Any
+    ) -> Any:
+        spatial = [self.fusion.spatial_features(r.source, r.frames.shape[1:3]) for r in requests]
+        return self.fusion.generate(spatial, **inputs, **decoding)
+
+
+def load_generator(model_dir: str | Path, cfg: VSIBenchConfig) -> Qwen3VLGenerator:
+    """The generator of a model directory: a fusion model's (it carries its encoder) or a plain Qwen3-VL's."""
+    from geovr.student.fusion_model import FUSION_CONFIG
+
+    fusion = (Path(model_dir) / FUSION_CONFIG).is_file()
+    return (FusionGenerator if fusion else Qwen3VLGenerator)(model_dir, cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,17 +320,17 @@ class _FrameCache:
     def __init__(self, cfg: VSIBenchConfig, size: int = 2) -> None:
         self.cfg, self.size, self.items = cfg, size, OrderedDict()
 
-    def get(self, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    def get(self, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(student-size frames, times, the frames as decoded) of a video."""
         if path not in self.items:
             if not path.is_file():
                 raise FileNotFoundError(f"video {path} not found")
-            frames, times = read_video_frames(path, self.cfg.frames, self.cfg.spec.cap_frames)
+            source, times = read_video_frames(path, self.cfg.frames, self.cfg.spec.cap_frames)
             cfg = self.cfg
             size_hw = student_frame_size(
-                *frames.shape[:3], cfg.clip_max_pixels(len(frames)), cfg.video_min_pixels, cfg.frame_pairing
+                *source.shape[:3], cfg.clip_max_pixels(len(source)), cfg.video_min_pixels, cfg.frame_pairing
             )
-            frames = resize_frames(frames, size_hw)
-            self.items[path] = (frames, times)
+            self.items[path] = (resize_frames(source, size_hw), times, source)
             while len(self.items) > self.size:
                 self.items.popitem(last=False)
         return self.items[path]
@@ -307,7 +345,8 @@ def run_vsibench(
 ) -> dict[str, Any]:
     """Answer the questions not yet in `out_dir/predictions.jsonl`, then score and report all.
 
-    `generator` defaults to `Qwen3VLGenerator(model_dir, cfg)` (created only if a question is left).
+    `generator` defaults to `load_generator(model_dir, cfg)` (created only if a question is left): a
+    fusion model's directory (`student.fusion_model`) runs with its encoder.
     Returns the summary (see `geovr.eval.report`).
     """
     cfg.validate()
@@ -406,8 +445,8 @@ class _Answerer:
             for row in pending:
                 video = self.data_dir / row["dataset"] / f"{row['scene_name']}.mp4"
                 try:
-                    frames, times = self.cache.get(video)
-                    self.batch.append((row, VideoQuestion(frames, times, self.cfg.spec.prompt(row))))
+                    frames, times, source = self.cache.get(video)
+                    self.batch.append((row, VideoQuestion(frames, times, self.cfg.spec.prompt(row), source)))
                 except (OSError, ValueError, VideoError, av.error.FFmpegError) as err:
                     self.errors.append({"id": row["id"], "reason": str(err)})
                     progress.advance(task)
@@ -422,7 +461,7 @@ class _Answerer:
             return 0
         cfg = self.cfg
         if self.generator is None:
-            self.generator = Qwen3VLGenerator(self.model_dir, cfg)
+            self.generator = load_generator(self.model_dir, cfg)
         torch.manual_seed(batch_seed(cfg.seed, [row["id"] for row, _ in self.batch]))
         answers = self.generator.generate([request for _, request in self.batch])
         for (row, _), answer in zip(self.batch, answers, strict=True):

@@ -53,6 +53,8 @@ def labels_to_dict(labels: Any) -> dict[str, Any]:
     out["scale"] = float(get("scale"))
     out["scale_valid"] = bool(get("scale_valid"))
     out["teacher_hw"] = tuple(int(v) for v in get("teacher_hw"))
+    if get("fusion") is not None:
+        out["fusion"] = np.asarray(get("fusion"))
     return out
 
 

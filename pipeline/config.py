@@ -45,6 +45,9 @@ class TeacherConfig:
         metric_min_pixels: fewer pixels in the scale fit (non-sky, confident, positive depths) than
             this: scale invalid.
         metric_frames_per_call: frames per metric-depth forward pass.
+        fusion_layers: aggregator stages stored at full width for Spatial-MLLM-style fusion, from a
+            second aggregator pass at 7/8 of the student frame size (`teachers.vggt_fusion`); empty:
+            no fusion features (Spatial-MLLM: [23], the last stage of VGGT-1B).
     """
 
     checkpoint: Path | None = None
@@ -64,6 +67,7 @@ class TeacherConfig:
     metric_sky_fraction: float = 0.95
     metric_min_pixels: int = 1000
     metric_frames_per_call: int = 16
+    fusion_layers: tuple[int, ...] = ()
 
     def validate(self) -> None:
         require(
@@ -85,6 +89,7 @@ class TeacherConfig:
         require(0.0 < self.metric_sky_fraction <= 1.0, "teacher.metric_sky_fraction must be in (0, 1]")
         require(self.metric_min_pixels >= 16, "teacher.metric_min_pixels must be at least 16")
         require(self.metric_frames_per_call > 0, "teacher.metric_frames_per_call must be positive")
+        require(all(layer >= 0 for layer in self.fusion_layers), "teacher.fusion_layers must be >= 0")
 
 
 @dataclass

@@ -24,6 +24,10 @@ Labels per clip (S frames, teacher image Ht x Wt, patch grid gh x gw = Ht/14 x W
 - `features` (S, L, gh/2, gw/2, C): for each distilled aggregator layer, the frame-attention half
   (first C = embed_dim channels) of the patch tokens, 2x2 average-pooled on the patch grid
   (36x28 -> 18x14), float32.
+- `fusion` (S, Lf, gh', gw', 2C), only with `fusion_layers`: Spatial-MLLM's fused tokens, the
+  patch tokens of those stages at full width from a second, aggregator-only pass on the source
+  frames resized to 7/8 of the clip's student frame size (`teachers.vggt_fusion`: the alignment
+  choice and its cost), so that (gh', gw') is the student's unmerged 16-pixel patch grid.
 - `scale`, `scale_valid`: metres per VGGT depth unit (`metric ≈ scale * depth`), GeoVR's chain
   (`metric_scale`): DA3-Metric (`metric_teacher: da3-metric`, the default) runs on the teacher
   frames themselves, its canonical depth becomes metres with VGGT's focal length, sky pixels are
@@ -75,6 +79,7 @@ from geovr.teacher_cache.config import ConfigError, to_dict
 from geovr.teachers import da3_metric, metric_depth
 from geovr.teachers.da3_metric import SKY_THRESHOLD, DepthAnything3Metric
 from geovr.teachers.metric_depth import MetricDepthModel
+from geovr.teachers.vggt_fusion import fusion_image_size, fusion_input, fusion_tokens
 
 VGGT_CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.pt")
 """The files of a VGGT checkpoint directory that determine its outputs (hashed for the fingerprint)."""
@@ -94,6 +99,7 @@ class TeacherLabels:
         scale: metres per VGGT unit (metric depth ≈ scale * depth); NaN when not valid.
         scale_valid: whether `scale` was fitted from a metric model over enough pixels.
         teacher_hw: (Ht, Wt).
+        fusion: (S, Lf, gh', gw', 2C) full-width tokens of `fusion_layers` at the fusion size, or None.
     """
 
     pose_enc: np.ndarray
@@ -105,6 +111,7 @@ class TeacherLabels:
     scale: float
     scale_valid: bool
     teacher_hw: tuple[int, int]
+    fusion: np.ndarray | None = None
 
 
 class TeacherOOM(torch.OutOfMemoryError):
@@ -258,13 +265,14 @@ def check_teacher_config(cfg: TeacherConfig) -> None:
 
 
 def _check_fits(cfg: TeacherConfig, depth: int, patch_size: int) -> None:
-    bad = [layer for layer in cfg.feature_layers if layer >= depth]
-    if bad:
-        raise ConfigError(
-            f"teacher.feature_layers {list(cfg.feature_layers)} do not fit the teacher checkpoint "
-            f"{cfg.checkpoint}: it has {depth} aggregator layers (0 to {depth - 1}), so {bad} do not exist; "
-            "use the preset made for this teacher or set its layers (--set teacher.feature_layers=[...])"
-        )
+    for name, layers in (("feature_layers", cfg.feature_layers), ("fusion_layers", cfg.fusion_layers)):
+        bad = [layer for layer in layers if layer >= depth]
+        if bad:
+            raise ConfigError(
+                f"teacher.{name} {list(layers)} do not fit the teacher checkpoint "
+                f"{cfg.checkpoint}: it has {depth} aggregator layers (0 to {depth - 1}), so {bad} do not exist; "
+                f"use the preset made for this teacher or set its layers (--set teacher.{name}=[...])"
+            )
     if cfg.size_multiple % (2 * patch_size):
         raise ConfigError(
             f"teacher.size_multiple ({cfg.size_multiple}) must be a multiple of twice the patch size "
@@ -302,13 +310,20 @@ class TeacherLabeler:
         """(Ht, Wt) the teacher sees for a (height, width) source frame (see `teacher_size`)."""
         return teacher_size(height, width, self.cfg.image_long_side, self.cfg.size_multiple)
 
-    def label(self, clips: Sequence[np.ndarray]) -> list[TeacherLabels]:
+    def label(
+        self, clips: Sequence[np.ndarray], student_sizes: Sequence[tuple[int, int] | None] | None = None
+    ) -> list[TeacherLabels]:
         """Label clips of uint8 RGB frames (S, H, W, 3); returns one `TeacherLabels` per clip, in order.
 
-        Clips of equal frame count and teacher size share forward passes. Raises `TeacherOOM`
-        when one clip alone does not fit on the device.
+        `student_sizes`: per clip the (h, w) of its student frames, or None: with `fusion_layers`
+        those clips also get fusion features (the frames must then be the source frames).
+        Clips of equal frame count, teacher size and student size share forward passes. Raises
+        `TeacherOOM` when one clip alone does not fit on the device.
         """
-        groups: dict[tuple[int, int, int], list[int]] = defaultdict(list)
+        sizes = list(student_sizes or [None] * len(clips))
+        if not self.cfg.fusion_layers:
+            sizes = [None] * len(clips)
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
         for index, frames in enumerate(clips):
             if not (
                 isinstance(frames, np.ndarray)
@@ -324,10 +339,11 @@ class TeacherLabeler:
                 raise ValueError(f"clip {index}: expected uint8 frames (S, H, W, 3), got {got}")
             if frames.shape[0] == 0:
                 raise ValueError(f"clip {index}: no frames")
-            groups[(frames.shape[0], *self.teacher_size(frames.shape[1], frames.shape[2]))].append(index)
+            size_hw = self.teacher_size(frames.shape[1], frames.shape[2])
+            groups[(frames.shape[0], size_hw, sizes[index] and tuple(sizes[index]))].append(index)
 
         results: list[TeacherLabels | None] = [None] * len(clips)
-        for (num_frames, *size_hw), indices in groups.items():
+        for (num_frames, size_hw, student_hw), indices in groups.items():
             per_call = max(1, self.cfg.max_frames_per_call // num_frames)
             for start in range(0, len(indices), per_call):
                 batch = indices[start : start + per_call]
@@ -336,17 +352,17 @@ class TeacherLabeler:
                 images = torch.stack([resize_clip(clips[i], tuple(size_hw)) for i in batch])
                 if self.device.type == "cuda":
                     images = images.pin_memory()
-                labeled = self._label_with_retry(batch, images, [clips[i] for i in batch])
+                labeled = self._label_with_retry(batch, images, [clips[i] for i in batch], student_hw)
                 for index, labels in zip(batch, labeled, strict=True):
                     results[index] = labels
         return results  # type: ignore[return-value]
 
     def _label_with_retry(
-        self, batch: list[int], images: Tensor, clips: list[np.ndarray]
+        self, batch: list[int], images: Tensor, clips: list[np.ndarray], student_hw: tuple[int, int] | None
     ) -> list[TeacherLabels]:
         """Label one batch (B, S, 3, Ht, Wt); on device OOM retry clip by clip; `batch`: clip indices."""
         try:
-            return self._label_batch(images, clips)
+            return self._label_batch(images, clips, student_hw)
         except torch.OutOfMemoryError:
             if len(batch) == 1:
                 raise TeacherOOM(batch[0], images.shape[1], tuple(images.shape[-2:])) from None
@@ -356,7 +372,9 @@ class TeacherLabeler:
         for position, index in enumerate(batch):
             try:
                 labels.extend(
-                    self._label_batch(images[position : position + 1], clips[position : position + 1])
+                    self._label_batch(
+                        images[position : position + 1], clips[position : position + 1], student_hw
+                    )
                 )
             except torch.OutOfMemoryError:
                 raise TeacherOOM(index, images.shape[1], tuple(images.shape[-2:])) from None
@@ -367,8 +385,11 @@ class TeacherLabeler:
             torch.cuda.empty_cache()
 
     @torch.inference_mode()
-    def _label_batch(self, images: Tensor, frames: list[np.ndarray]) -> list[TeacherLabels]:
-        """images (B, S, 3, Ht, Wt) uint8 on the host; frames: the B source clips (for metric depth)."""
+    def _label_batch(
+        self, images: Tensor, frames: list[np.ndarray], student_hw: tuple[int, int] | None = None
+    ) -> list[TeacherLabels]:
+        """images (B, S, 3, Ht, Wt) uint8 on the host; frames: the B source clips (for metric depth,
+        and for the fusion pass when `student_hw` is given)."""
         height, width = images.shape[-2:]
         grid_hw = (height // self.patch_size, width // self.patch_size)
         images = to_unit_range(images.to(self.device, non_blocking=True))
@@ -388,6 +409,7 @@ class TeacherLabeler:
             dim=2,
         )
         host = {
+            **self._fusion(frames, student_hw),
             "pose_enc": out["pose_enc"].float().cpu().numpy(),
             "extrinsic": out["extrinsic"].float().cpu().numpy(),
             "intrinsic": out["intrinsic"].float().cpu().numpy(),
@@ -404,6 +426,22 @@ class TeacherLabeler:
             )
             for b, (scale, valid) in enumerate(scales)
         ]
+
+    def _fusion(self, frames: list[np.ndarray], student_hw: tuple[int, int] | None) -> dict[str, np.ndarray]:
+        """{"fusion": (B, S, Lf, gh', gw', 2C)} from the aggregator-only pass at the fusion size of
+        `student_hw` (`teachers.vggt_fusion`), or {} without fusion features."""
+        if student_hw is None:
+            return {}
+        size_hw = fusion_image_size(student_hw, self.patch_size)
+        images = torch.stack([fusion_input(clip, size_hw) for clip in frames])
+        images = to_unit_range(images.to(self.device, non_blocking=True))
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            tokens = fusion_tokens(self.model, images, self.cfg.fusion_layers)
+        return {"fusion": tokens.cpu().numpy()}
 
     def _metric_scales(
         self, images: Tensor, out: dict[str, Any], frames: list[np.ndarray]
@@ -471,7 +509,23 @@ class TeacherLabeler:
                 "dtype": cfg.dtype,
                 "dpt_head_dtype": cfg.dtype if cfg.dpt_head_autocast else "float32",
                 "metric_scale": self._metric_rule(),
+                **self._fusion_rule(),
             },
+        }
+
+    def _fusion_rule(self) -> dict[str, Any]:
+        """The fusion feature set (the fingerprint's `preprocess.fusion`), or {} without one: a store
+        without fusion features keeps the fingerprint it had before fusion existed."""
+        if not self.cfg.fusion_layers:
+            return {}
+        return {
+            "fusion": {
+                "layers": list(self.cfg.fusion_layers),
+                "channels": "frame-attention half then global-attention half (2 * embed_dim), patch tokens",
+                "image": "source frame, PIL bicubic from uint8, to the student frame size * patch_size / 16",
+                "grid": "the student's unmerged 16-pixel patch grid (no resampling)",
+                "pass": "aggregator only, the clip's frames in one pass, the labels' dtype",
+            }
         }
 
     def _metric_rule(self) -> dict[str, Any] | None:

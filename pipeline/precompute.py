@@ -113,6 +113,7 @@ class _Clip:
     info_ref: Any = None
     encoded_ref: Any = None
     keep: int = 0
+    student_hw: tuple[int, int] | None = None  # the student frame size (the fusion pass's input)
 
     def failure(self, stage: str, reason: str) -> ClipFailure:
         return ClipFailure(self.row["clip_id"], self.row["video"], stage, reason)
@@ -365,7 +366,9 @@ class Precompute:
         # Depth Anything V2 reads the source frames; VGGT and DA3-Metric read the teacher-size ones.
         teacher = self.teacher
         v2 = teacher.metric_checkpoint is not None and teacher.metric_teacher == "depth-anything-v2"
-        resize = None if v2 else (int(teacher.image_long_side), int(teacher.size_multiple))
+        # The fusion pass (`teacher.fusion_layers`) resizes the source frames to its own size.
+        source = v2 or bool(teacher.fusion_layers)
+        resize = None if source else (int(teacher.image_long_side), int(teacher.size_multiple))
         return Limits(actors, decode_workers, max_shards, 2 * cfg.clips_per_batch * actors, resize)
 
     # -- run -----------------------------------------------------------------------------------
@@ -575,7 +578,12 @@ class Scheduler:
             actor = self.load.index(min(self.load))
             self.load[actor] += 1
             jobs = [
-                {"clip_id": c.row["clip_id"], "keep": c.keep, "voxel_size": self.voxel_size}
+                {
+                    "clip_id": c.row["clip_id"],
+                    "keep": c.keep,
+                    "voxel_size": self.voxel_size,
+                    "student_hw": c.student_hw,
+                }
                 for c in batch.clips
             ]
             refs = (
@@ -613,6 +621,7 @@ class Scheduler:
             return
         self.timings["decode_s"] += status["decode_s"]
         clip.state, clip.keep = "decoded", status["keep"]
+        clip.student_hw = tuple(status["student_hw"])
 
     def on_labelled(self, ref: Any, batch: _Batch) -> int:
         """Handle a finished teacher call; returns how many decoded clips left the waiting set."""

@@ -66,7 +66,7 @@ def decode_clip(
     source-size frames.
 
     Returns (status, frames, info):
-        status: {"ok": True, "frames": S decoded, "keep": frames to keep, "decode_s"} or a failure
+        status: {"ok": True, "frames": S decoded, "keep": frames to keep, "student_hw", "decode_s"} or a failure
             {"ok": False, "stage", "reason"}.
         frames: (S, H, W, 3) uint8 RGB for the teacher (the candidates for space-aware sampling),
             at the displayed source size or at the teacher size (`teacher_resize`).
@@ -113,6 +113,7 @@ def decode_clip(
         "ok": True,
         "frames": len(indices),
         "keep": int(keep),
+        "student_hw": [int(student_frames.shape[1]), int(student_frames.shape[2])],
         "decode_s": time.perf_counter() - started,
     }
     return status, frames, info
@@ -150,13 +151,22 @@ class TeacherActor:
 
     def _label_locked(self, jobs: list[dict[str, Any]], clips: tuple[np.ndarray, ...]) -> list[Any]:
         started = time.perf_counter()
-        results = self._label_many(list(clips))
+        # Fusion features (when the teacher stores them) for the frames that are stored only: not for
+        # the candidates of a space-aware clip, which are relabelled below.
+        candidates = [
+            bool(job.get("voxel_size")) and job["keep"] < len(clip)
+            for job, clip in zip(jobs, clips, strict=True)
+        ]
+        student_sizes = [
+            None if c else job.get("student_hw") for job, c in zip(jobs, candidates, strict=True)
+        ]
+        results = self._label_many(list(clips), student_sizes)
         # Space-aware clips: choose `keep` of the candidates from their reconstruction, then label
         # the chosen frames on their own (the teacher sees exactly the frames that are stored).
         chosen: dict[int, np.ndarray] = {}
         for i, job in enumerate(jobs):
             result = results[i]
-            if job.get("voxel_size") and isinstance(result, dict) and job["keep"] < len(clips[i]):
+            if candidates[i] and isinstance(result, dict):
                 chosen[i] = select_space_aware(
                     result["depth"],
                     result["depth_conf"],
@@ -168,7 +178,9 @@ class TeacherActor:
                 )
         if chosen:
             order = sorted(chosen)
-            relabelled = self._label_many([clips[i][chosen[i]] for i in order])
+            relabelled = self._label_many(
+                [clips[i][chosen[i]] for i in order], [jobs[i].get("student_hw") for i in order]
+            )
             for i, result in zip(order, relabelled, strict=True):
                 if isinstance(result, dict):
                     result["selected"] = chosen[i]
@@ -193,30 +205,34 @@ class TeacherActor:
         statuses[0]["teacher_s"] = elapsed  # the batch's busy time, reported once
         return [statuses, *labels]
 
-    def _label_many(self, clips: list[np.ndarray]) -> list[dict[str, Any] | Exception]:
-        """Label clips in one teacher call where possible; a clip that does not fit is split."""
+    def _label_many(
+        self, clips: list[np.ndarray], student_sizes: list[Any] | None = None
+    ) -> list[dict[str, Any] | Exception]:
+        """Label clips in one teacher call where possible; a clip that does not fit is split.
+        `student_sizes`: per clip its student frame size (fusion features) or None."""
         from geovr.pipeline.labeler import TeacherOOM
 
+        sizes = student_sizes or [None] * len(clips)
         results: list[dict[str, Any] | Exception | None] = [None] * len(clips)
         todo = []
         for i, clip in enumerate(clips):
             if self.max_teacher_frames and len(clip) > self.max_teacher_frames:
-                results[i] = self._split_or_error(clip)
+                results[i] = self._split_or_error(clip, sizes[i])
             else:
                 todo.append(i)
         while todo:
             try:
-                labelled = self.labeler.label([clips[i] for i in todo])
+                labelled = self.labeler.label([clips[i] for i in todo], [sizes[i] for i in todo])
             except TeacherOOM as err:
-                results[todo[err.clip_index]] = self._split_or_error(clips[todo[err.clip_index]])
-                del todo[err.clip_index]
+                i = todo.pop(err.clip_index)
+                results[i] = self._split_or_error(clips[i], sizes[i])
                 continue
             except Exception as err:
                 if len(todo) == 1:
                     results[todo[0]] = err
                 else:  # find the clip at fault: the others still get labelled
                     for i in todo:
-                        results[i] = self._label_many([clips[i]])[0]
+                        results[i] = self._label_many([clips[i]], [sizes[i]])[0]
                 todo = []
                 continue
             for i, labels in zip(todo, labelled, strict=True):
@@ -224,7 +240,14 @@ class TeacherActor:
             todo = []
         return results  # type: ignore[return-value]
 
-    def _split_or_error(self, clip: np.ndarray) -> dict[str, Any] | Exception:
+    def _split_or_error(self, clip: np.ndarray, student_hw: Any = None) -> dict[str, Any] | Exception:
+        if student_hw is not None and self.labeler.cfg.fusion_layers:
+            # Global attention: fused tokens depend on the clip's whole frame set; halves would differ
+            # from what the online encoder computes at inference.
+            return SplitError(
+                f"a clip of {len(clip)} frames does not fit the teacher in one pass, and fusion features "
+                "need the whole clip in one pass (no split); use fewer frames or a larger device"
+            )
         try:
             m = split_point(len(clip))
             first, second = self._label_many([clip[: m + 1], clip[m:]])
@@ -237,14 +260,14 @@ class TeacherActor:
 
 
 # Teacher outputs that must be finite for a clip to be stored (the scale may be NaN: not valid).
-LABEL_OUTPUTS = ("pose_enc", "extrinsic", "intrinsic", "depth", "depth_conf", "features")
+LABEL_OUTPUTS = ("pose_enc", "extrinsic", "intrinsic", "depth", "depth_conf", "features", "fusion")
 
 
 def nonfinite_outputs(labels: dict[str, Any]) -> str:
     """The teacher outputs of one clip's labels that hold non-finite values, with the likely cause
     where it is known ("" when all are finite), e.g. "intrinsic (the camera head's field of view is 0
     in 5 of 5 frames: an infinite focal length)"."""
-    names = [name for name in LABEL_OUTPUTS if not np.isfinite(labels[name]).all()]
+    names = [name for name in LABEL_OUTPUTS if name in labels and not np.isfinite(labels[name]).all()]
     if not names:
         return ""
     zero_fov = int((labels["pose_enc"][:, 7:9] <= 0).any(axis=1).sum())
@@ -275,6 +298,7 @@ def assemble_clip(row: dict[str, Any], info: dict[str, Any], labels: dict[str, A
         indices, times, jpegs = indices[selected], times[selected], [jpegs[int(i)] for i in selected]
     if labels.get("split"):
         meta["split"] = labels["split"]
+    fusion = labels.get("fusion")
     clip = ClipLabels(
         clip_id=row["clip_id"],
         video=row["video"],
@@ -290,6 +314,7 @@ def assemble_clip(row: dict[str, Any], info: dict[str, Any], labels: dict[str, A
         scale_valid=bool(labels["scale_valid"]),
         features=labels["features"].astype(np.float32),
         meta=meta,
+        fusion=None if fusion is None else fusion.astype(np.float32),
     )
     clip.validate()
     return clip

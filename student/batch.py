@@ -73,6 +73,7 @@ class StudentSample:
     scale_valid: bool
     clip_id: str
     labelled: bool = True  # False: no teacher labels, language only (`student.unlabelled`)
+    fusion: Tensor | None = None  # (S, h, w, D) one fusion layer, for a fusion student
 
 
 @dataclass
@@ -96,6 +97,7 @@ class StudentBatch:
     scale_valid: Tensor
     clip_ids: list[str]
     labelled: Tensor
+    fusion: Tensor | None = None
 
     def to(
         self, device: torch.device | str, dtype: torch.dtype | None = None, non_blocking: bool = False
@@ -194,6 +196,7 @@ def make_sample(
     preprocess: VideoPreprocess | None = None,
     max_length: int | None = None,
     feature_dtype: torch.dtype = torch.float32,
+    fusion_layer: int | None = None,
 ) -> StudentSample:
     """Build one training sample from a cached clip and a conversation about it.
 
@@ -204,6 +207,8 @@ def make_sample(
         preprocess: the model directory's video settings (`VideoPreprocess.from_model_dir`).
         max_length: raise `SequenceTooLong` beyond this many tokens.
         feature_dtype: dtype the teacher features are kept in (bf16 halves host memory).
+        fusion_layer: for a fusion student, which of the clip's fusion layers the sample carries
+            (ValueError when the clip has none, or their grid is not the video's patch grid).
     """
     labels.validate()
     frames = np.stack([decode_jpeg(jpeg) for jpeg in labels.frames_jpeg])
@@ -219,6 +224,7 @@ def make_sample(
         scale=float(labels.scale),
         scale_valid=bool(labels.scale_valid) and bool(np.isfinite(labels.scale)),
         clip_id=labels.clip_id,
+        fusion=None if fusion_layer is None else fusion_sample(labels, fusion_layer, grid, feature_dtype),
     )
 
 
@@ -251,6 +257,17 @@ def make_language_sample(
         clip_id=clip_id,
         labelled=False,
     )
+def fusion_sample(labels: ClipLabels, layer: int, grid_thw: Tensor, dtype: torch.dtype) -> Tensor:
+    """(S, h, w, D) fusion features of one layer of the clip, checked against the video's patch grid."""
+    if labels.fusion is None:
+        raise ValueError(f"clip {labels.clip_id}: the store holds no fusion features for it")
+    features = torch.from_numpy(np.asarray(labels.fusion[:, layer], dtype=np.float32)).to(dtype)
+    if tuple(features.shape[1:3]) != (int(grid_thw[1]), int(grid_thw[2])):
+        raise ValueError(
+            f"clip {labels.clip_id}: fusion features of grid {tuple(features.shape[1:3])} but the video's "
+            f"patch grid is {(int(grid_thw[1]), int(grid_thw[2]))}"
+        )
+    return features
 
 
 def _pad(tensors: Sequence[Tensor], shape: Sequence[int], value: float | bool) -> Tensor:
@@ -292,4 +309,13 @@ def collate_samples(samples: Sequence[StudentSample], pad_token_id: int) -> Stud
         scale_valid=torch.tensor([s.scale_valid for s in samples]),
         clip_ids=[s.clip_id for s in samples],
         labelled=torch.tensor([s.labelled for s in samples]),
+        fusion=_pad_fusion(samples, frames),
     )
+
+
+def _pad_fusion(samples: Sequence[StudentSample], frames: int) -> Tensor | None:
+    """(B, S_max, h_max, w_max, D) zero-padded fusion features, or None when the samples carry none."""
+    if samples[0].fusion is None:
+        return None
+    hw = [max(s.fusion.shape[i] for s in samples) for i in (1, 2)]
+    return _pad([s.fusion for s in samples], (frames, *hw, samples[0].fusion.shape[-1]), 0.0)

@@ -35,6 +35,19 @@ class StudentConfig:
             GeoVR: 32 * 300 * 32 * 32 and 4 * 16 * 32 * 32). Must equal the store's (precompute's).
         train_deepstack_mergers: also train the vision tower's DeepStack mergers (GeoVR freezes
             them: it unfreezes only `visual.merger`); they then train at the LLM rate.
+        fusion: Spatial-MLLM's dual encoder: its connector (`student.fusion`) adds the cached fusion
+            features (the store's `fusion` feature set) to the merged video tokens. The connector
+            and `visual.merger` then train at `train.lr_heads` (Spatial-MLLM's mm_projector_lr), the
+            LLM at `train.lr_llm`.
+        fusion_layer_index: which of the store's fusion layers feeds the connector (Spatial-MLLM's
+            `spatial_embeds_layer_idx`: -1, the last).
+        fusion_feature_dim: width D of the fusion features (2 x the teacher's embed_dim; `matched_to`
+            sets it from the store).
+        fusion_teacher_layer, fusion_dtype: the aggregator stage behind `fusion_layer_index` and the
+            precision the store's fusion pass ran in (`matched_to` sets both from the store): the
+            online encoder at inference runs that stage in that precision (`student.fusion_model`).
+        train_llm, train_merger: whether the language model (with its embeddings) and `visual.merger`
+            train (GeoVR and Spatial-MLLM: both; the rest of the vision tower is always frozen).
     """
 
     base_model: str = ""
@@ -65,6 +78,13 @@ class StudentConfig:
     video_max_pixels: int = 32 * 300 * 32 * 32
     video_min_pixels: int = 4 * 16 * 32 * 32
     train_deepstack_mergers: bool = False
+    fusion: bool = False
+    fusion_layer_index: int = -1
+    fusion_feature_dim: int = 2048
+    fusion_teacher_layer: int = 23
+    fusion_dtype: Literal["bfloat16", "float32"] = "bfloat16"
+    train_llm: bool = True
+    train_merger: bool = True
 
     def validate(self) -> None:
         require(len(self.teacher_layers) > 0, "student.teacher_layers: at least one layer")
@@ -99,8 +119,34 @@ class StudentConfig:
             teacher_depth=int(teacher["depth"]),
             teacher_feature_dim=int(teacher["embed_dim"]),
         )
+        if self.fusion:
+            matched = _matched_fusion(matched, fingerprint)
         matched.validate()
         return matched
+
+
+def _matched_fusion(config: StudentConfig, fingerprint: StoreFingerprint) -> StudentConfig:
+    """`config` with the fusion width of the store; ValueError when the store has no fusion features
+    or no layer at `fusion_layer_index`."""
+    fusion = fingerprint.preprocess.get("fusion")
+    if fusion is None:
+        raise ValueError(
+            "student.fusion needs a store with fusion features: precompute it with teacher.fusion_layers "
+            "(the fusion preset stores [23])"
+        )
+    layers = len(fusion["layers"])
+    if not -layers <= config.fusion_layer_index < layers:
+        raise ValueError(
+            f"student.fusion_layer_index {config.fusion_layer_index} does not index the store's "
+            f"{layers} fusion layer(s) {fusion['layers']}"
+        )
+    width = 2 * int(fingerprint.teacher_config["embed_dim"])
+    return dataclasses.replace(
+        config,
+        fusion_feature_dim=width,
+        fusion_teacher_layer=int(fusion["layers"][config.fusion_layer_index]),
+        fusion_dtype=fingerprint.preprocess.get("dtype", "float32"),
+    )
 
 
 @dataclass

@@ -498,8 +498,10 @@ class StudentSampleBuilder:
         on_bad_row: str,
         video_pixels: tuple[int, int] = (VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS),
         language_only: LanguageOnlySource | None = None,
+        fusion_layer: int | None = None,
     ):
         self.model_dir = str(model_dir)
+        self.fusion_layer = fusion_layer  # a fusion student's layer of the cached fusion features
         self.max_seq_len = max_seq_len
         self.on_bad_row = on_bad_row
         self.video_pixels = video_pixels  # (max, min) pixels of a clip: the student's frame budget
@@ -529,7 +531,10 @@ class StudentSampleBuilder:
         try:
             if labels is None:
                 return self._language_sample(sample)
-            return make_sample(labels, sample.messages(), self._tokenizer, self._preprocess, self.max_seq_len)
+            return make_sample(
+                labels, sample.messages(), self._tokenizer, self._preprocess, self.max_seq_len,
+                fusion_layer=self.fusion_layer,
+            )  # fmt: skip
         except SequenceTooLong as err:
             if self.on_bad_row == "error":
                 raise DataError(f"QA row {sample.row_id} ({sample.where}): {err}") from None

@@ -14,7 +14,12 @@ from pathlib import Path
 
 from transformers import Qwen3VLForConditionalGeneration
 
-from geovr.student.checkpoint import copy_processor_files, resolve_checkpoint
+from geovr.student.checkpoint import (
+    CONFIG_FILE,
+    copy_processor_files,
+    read_student_config,
+    resolve_checkpoint,
+)
 
 
 def export_plain(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
@@ -24,6 +29,16 @@ def export_plain(checkpoint_or_run: str | Path, out_dir: str | Path) -> Path:
     ValueError when `out_dir` is the checkpoint itself or holds files of another model.
     """
     checkpoint = resolve_checkpoint(Path(checkpoint_or_run))
+    if (checkpoint / CONFIG_FILE).is_file() and read_student_config(checkpoint).fusion:
+        raise ValueError(
+            f"{checkpoint}: a fusion student needs its spatial encoder at inference; export it with "
+            "--teacher VGGT_CHECKPOINT (student.fusion_model.export_fusion)"
+        )
+    return write_plain_model(checkpoint, out_dir)
+
+
+def write_plain_model(checkpoint: Path, out_dir: str | Path) -> Path:
+    """The body of `export_plain` for a resolved checkpoint directory (also the fusion export's base)."""
     out = Path(out_dir)
     if out.exists() and out.resolve() == checkpoint.resolve():
         raise ValueError(f"{out}: the export must not overwrite the checkpoint it reads")

@@ -22,6 +22,11 @@ Teacher layer l maps to index round((l + 1) / teacher_depth * N): [4, 11, 17, 23
 [6, 14, 21, 28] for 28 layers, [1, 2, 3, 4] for the tiny 4-layer model. The camera and scale heads
 read index N, and so do the depth and distillation heads at their deepest level, as in GeoVR.
 
+Fusion (`student.fusion`: Spatial-MLLM's dual encoder): the connector (`student.fusion`) adds the
+batch's cached fusion features to each clip's merged video tokens before they enter the sequence
+(DeepStack features unchanged). It is stored with the heads (`spatial_connector.*`) but, unlike
+them, it is part of the model at inference: `export` keeps it (`student.fusion_export`).
+
 Checkpoints: `save_pretrained` / `from_pretrained` write and read the format of `student.checkpoint`.
 """
 
@@ -45,6 +50,7 @@ from geovr.student.checkpoint import (
     write_checkpoint,
 )
 from geovr.student.config import StudentConfig
+from geovr.student.fusion import SpatialConnector
 from geovr.student.losses import IGNORE_INDEX, causal_lm_loss
 from geovr.student.objectives import OBJECTIVES, HiddenStates, depth_inside, enabled_objectives
 
@@ -260,6 +266,15 @@ class GeoVRStudent(nn.Module):
             if objective.reads == "scale_token" and not hasattr(self, "scale_token"):
                 self.scale_token = nn.Embedding(1, width)
             setattr(self, objective.module, objective.build_head(width, config))
+        if config.fusion:
+            vision = base.config.vision_config
+            self.spatial_connector = SpatialConnector(
+                config.fusion_feature_dim,
+                width,
+                vision.spatial_merge_size,
+                vision.temporal_patch_size,
+                getattr(text, "initializer_range", 0.02),
+            )
         self.freeze_vision_tower()
 
     # ----------------------------------------------------------------- parameters
@@ -269,8 +284,11 @@ class GeoVRStudent(nn.Module):
         train only with `train_deepstack_mergers`."""
         visual = self.base.model.visual
         visual.requires_grad_(False)
-        visual.merger.requires_grad_(True)
+        visual.merger.requires_grad_(self.config.train_merger)
         visual.deepstack_merger_list.requires_grad_(self.config.train_deepstack_mergers)
+        if not self.config.train_llm:
+            self.base.model.language_model.requires_grad_(False)
+            self.base.lm_head.requires_grad_(False)
 
     def geometry_modules(self) -> dict[str, nn.Module]:
         """The parts added to Qwen3-VL (dropped at export), by state-dict prefix."""
@@ -279,13 +297,16 @@ class GeoVRStudent(nn.Module):
             for objective in self.objectives
             for name in (*_TOKENS.get(objective.reads, ()), objective.module)
         ]
+        names.append("spatial_connector")
         return {name: getattr(self, name) for name in dict.fromkeys(names) if hasattr(self, name)}
 
     def param_groups(
         self, lr_llm: float = 2e-5, lr_heads: float = 1e-4, weight_decay: float = 0.0
     ) -> list[dict]:
         """Optimizer groups: {"name": "llm"} LLM + trained mergers at `lr_llm`, {"name": "heads"} heads and
-        new tokens at `lr_heads` (DESIGN defaults). Frozen and tied (shared) parameters appear once."""
+        new tokens at `lr_heads` (DESIGN defaults); a fusion student puts `visual.merger` with its
+        connector at `lr_heads` (Spatial-MLLM's mm_projector_lr). Frozen and tied (shared)
+        parameters appear once."""
         seen: set[int] = set()
 
         def take(modules) -> list[nn.Parameter]:
@@ -298,10 +319,11 @@ class GeoVRStudent(nn.Module):
             return params
 
         visual = self.base.model.visual
+        projector = [visual.merger] if self.config.fusion else []
+        heads = take([*self.geometry_modules().values(), *projector])
         llm = take(
             [self.base.model.language_model, self.base.lm_head, visual.merger, visual.deepstack_merger_list]
         )
-        heads = take(self.geometry_modules().values())
         leftover = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in seen]
         if leftover:
             raise RuntimeError(f"trainable parameters in no group: {leftover[:5]}")
@@ -343,7 +365,7 @@ class GeoVRStudent(nn.Module):
         for b, patches in enumerate(layout.patch_positions):
             rows.append(torch.full((patches.numel(),), b, device=embeds.device))
             cols.append(patches.reshape(-1))
-            values.append(vision.pooler_output[b].to(embeds.dtype))
+            values.append(self._video_tokens(vision.pooler_output[b], batch, b).to(embeds.dtype))
             if hasattr(self, "camera_token"):
                 frames = layout.camera_positions[b].numel()
                 # embedding row 0 for the first frame, row 1 for the others
@@ -358,6 +380,19 @@ class GeoVRStudent(nn.Module):
         embeds = embeds.index_put((torch.cat(rows), torch.cat(cols)), torch.cat(values))
         deepstack = [torch.cat(level).to(embeds.dtype) for level in vision.deepstack_features]
         return embeds, deepstack
+
+    def _video_tokens(self, merged: Tensor, batch: StudentBatch, b: int) -> Tensor:
+        """Clip b's (N, d) merged visual tokens, plus the connector's fusion tokens for a fusion student."""
+        if not hasattr(self, "spatial_connector"):
+            return merged
+        if batch.fusion is None:
+            raise ValueError(
+                "a fusion student needs batches with fusion features (make_sample's fusion_layer)"
+            )
+        grid = batch.video_grid_thw[b]
+        frames = int(batch.frame_mask[b].sum())
+        features = batch.fusion[b, :frames, : int(grid[1]), : int(grid[2])]
+        return self.spatial_connector(merged, features, grid)
 
     def _decoder(
         self, embeds: Tensor, layout: GeometryLayout, deepstack: list[Tensor], wanted: set[int]

@@ -22,6 +22,9 @@ C channels, K = min(`feature_outlier_channels`, C), (Hd, Wd) depth size):
   zigzag-coded differences along the width (`depth_q`), which zstd compresses to about a third.
 - depth_conf: log-confidence over 256 levels per frame (`conf_q` uint8, same zigzag differences),
   `conf_log_range` (S, 2) float32; relative error at most half a level (1.4% for a 1..1000 range).
+- fusion (optional, Spatial-MLLM's fused tokens; `schema.ClipLabels.fusion`): the features codec
+  above on (S, Lf, h, w, Cf), arrays `fuse_*`, with `fusion_outlier_channels` float16 channels.
+  A clip either has all `fuse_*` arrays or none; one store may hold both feature sets.
 - cameras (frame indices, timestamps, pose_enc, extrinsic, intrinsic, scale, scale_valid): lossless.
 - frames_jpeg: the JPEG bytes as given.
 """
@@ -44,12 +47,16 @@ FRAME_ARRAYS: dict[str, tuple[str, ...]] = {
     "features": ("feat_q", "feat_token_step", "feat_outliers"),
     "depth": ("depth_q", "depth_log_range"),
     "depth_conf": ("conf_q", "conf_log_range"),
+    "fusion": ("fuse_q", "fuse_token_step", "fuse_outliers"),
 }
 # Per-clip arrays (no frame axis).
 CLIP_ARRAYS: dict[str, tuple[str, ...]] = {
     "cameras": ("scale", "scale_valid"),
     "features": ("feat_channel_rms", "feat_outlier_channels"),
+    "fusion": ("fuse_channel_rms", "fuse_outlier_channels"),
 }
+# Fields a clip may lack (all of its arrays or none).
+OPTIONAL_FIELDS = ("fusion",)
 ARRAY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(dtype)
     for name, dtype in {
@@ -69,10 +76,15 @@ ARRAY_DTYPES: dict[str, np.dtype] = {
         "depth_log_range": "float32",
         "conf_q": "uint8",
         "conf_log_range": "float32",
+        "fuse_q": "int8",
+        "fuse_token_step": "float32",
+        "fuse_outliers": "float16",
+        "fuse_channel_rms": "float32",
+        "fuse_outlier_channels": "int16",
     }.items()
 }
 # Fields as reported in byte counts: the array groups above plus the JPEG frames.
-FIELDS = ("frames_jpeg", "features", "depth", "depth_conf", "cameras")
+FIELDS = ("frames_jpeg", "features", "depth", "depth_conf", "cameras", "fusion")
 
 
 def field_of(array_name: str) -> str:
@@ -92,6 +104,8 @@ class CodecConfig:
         feature_token_steps: int8 steps per token rms; 5 gives cosine >= 0.998 on the quantised
             channels (error rms / signal rms = 1 / (sqrt(12) * 5)).
         feature_outlier_channels: channels per layer kept in float16 (the largest rms).
+        fusion_outlier_channels: the same for the fusion features (2048 channels of VGGT-1B's raw
+            residual stream, frame and global halves: 8 per half, each may have its own).
         depth_log_step: log-depth step; relative error at most half of it (2**-10: <= 0.05%).
         zstd_level: level of the lossless zstd applied by both backends. Level 2 was measured best on
             int8 features: levels >= 3 search for matches that cost entropy-coding efficiency there
@@ -100,12 +114,14 @@ class CodecConfig:
 
     feature_token_steps: float = 5.0
     feature_outlier_channels: int = 8
+    fusion_outlier_channels: int = 16
     depth_log_step: float = 2.0**-10
     zstd_level: int = 2
 
     def validate(self) -> None:
         require(self.feature_token_steps > 0, "codecs.feature_token_steps must be > 0")
         require(self.feature_outlier_channels >= 0, "codecs.feature_outlier_channels must be >= 0")
+        require(self.fusion_outlier_channels >= 0, "codecs.fusion_outlier_channels must be >= 0")
         require(0 < self.depth_log_step <= 0.01, "codecs.depth_log_step must be in (0, 0.01]")
         require(1 <= self.zstd_level <= 22, "codecs.zstd_level must be in 1..22")
 
@@ -114,6 +130,7 @@ class CodecConfig:
             "version": CODEC_VERSION,
             "feature_token_steps": self.feature_token_steps,
             "feature_outlier_channels": self.feature_outlier_channels,
+            "fusion_outlier_channels": self.fusion_outlier_channels,
             "depth_log_step": self.depth_log_step,
             "zstd_level": self.zstd_level,
         }
@@ -138,7 +155,8 @@ class EncodedClip:
     Attributes:
         clip_id, video, meta: as in `ClipLabels`.
         frames_jpeg: S JPEG frames.
-        arrays: every name of `FRAME_ARRAYS` (leading axis S) and `CLIP_ARRAYS`, dtypes `ARRAY_DTYPES`.
+        arrays: every name of `FRAME_ARRAYS` (leading axis S) and `CLIP_ARRAYS`, dtypes `ARRAY_DTYPES`;
+            the arrays of an `OPTIONAL_FIELDS` field all or none.
     """
 
     clip_id: str
@@ -151,16 +169,30 @@ class EncodedClip:
     def num_frames(self) -> int:
         return len(self.frames_jpeg)
 
+    @property
+    def has_fusion(self) -> bool:
+        return "fuse_q" in self.arrays
+
     def geometry(self) -> str:
-        """Key of the label shapes (depth and feature grid); clips of one key stack along frames."""
+        """Key of the label shapes (depth and feature grids); clips of one key stack along frames."""
         _, hd, wd = self.arrays["depth_q"].shape
         _, layers, h, w, channels = self.arrays["feat_q"].shape
         outliers = self.arrays["feat_outliers"].shape[-1]
-        return f"d{hd}x{wd}_f{layers}x{h}x{w}x{channels}k{outliers}"
+        key = f"d{hd}x{wd}_f{layers}x{h}x{w}x{channels}k{outliers}"
+        if self.has_fusion:
+            _, layers, h, w, channels = self.arrays["fuse_q"].shape
+            key += f"_u{layers}x{h}x{w}x{channels}k{self.arrays['fuse_outliers'].shape[-1]}"
+        return key
 
     def validate(self) -> None:
         """Check names, dtypes and frame counts; raise `SchemaError` naming the clip and array."""
-        expected = {n for group in (*FRAME_ARRAYS.values(), *CLIP_ARRAYS.values()) for n in group}
+        expected = {
+            n
+            for groups in (FRAME_ARRAYS, CLIP_ARRAYS)
+            for name, group in groups.items()
+            if name not in OPTIONAL_FIELDS or (name == "fusion" and self.has_fusion)
+            for n in group
+        }
         if set(self.arrays) != expected:
             raise SchemaError(
                 f"clip {self.clip_id}: encoded arrays {sorted(self.arrays)} != expected {sorted(expected)}"
@@ -171,7 +203,7 @@ class EncodedClip:
                     f"clip {self.clip_id}: {name} is {array.dtype}, expected {ARRAY_DTYPES[name]}"
                 )
         for arrays in FRAME_ARRAYS.values():
-            for name in arrays:
+            for name in (n for n in arrays if n in self.arrays):
                 if self.arrays[name].shape[0] != self.num_frames:
                     raise SchemaError(
                         f"clip {self.clip_id}: {name} has {self.arrays[name].shape[0]} frames, "
@@ -323,6 +355,10 @@ def encode_clip(clip: ClipLabels, config: CodecConfig) -> EncodedClip:
         "scale_valid": np.asarray(bool(clip.scale_valid)),
     }
     arrays.update(encode_features(clip.features, config.feature_token_steps, config.feature_outlier_channels))
+    if clip.fusion is not None:
+        _check_finite(clip.clip_id, "fusion", clip.fusion)
+        fused = encode_features(clip.fusion, config.feature_token_steps, config.fusion_outlier_channels)
+        arrays.update({"fuse_" + name.removeprefix("feat_"): value for name, value in fused.items()})
     arrays.update(encode_depth(clip.depth, config.depth_log_step))
     arrays.update(encode_confidence(clip.depth_conf))
     return EncodedClip(
@@ -359,4 +395,11 @@ def decode_clip(encoded: EncodedClip) -> ClipLabels:
             a["feat_outlier_channels"],
         ),
         meta=dict(encoded.meta),
+        fusion=_decode_fusion(a) if encoded.has_fusion else None,
     )
+
+
+def _decode_fusion(arrays: dict[str, np.ndarray]) -> np.ndarray:
+    """(S, Lf, h, w, Cf) float32 fusion features from the `fuse_*` arrays."""
+    names = ("q", "token_step", "outliers", "channel_rms", "outlier_channels")
+    return decode_features(*(arrays[f"fuse_{name}"] for name in names))

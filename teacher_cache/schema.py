@@ -4,7 +4,8 @@ This is the contract between precompute (writer) and training/eval (readers). Sh
 S = sampled frames of the clip, L = distilled teacher layers, (Ht, Wt) = teacher image size
 (e.g. 392x504 for a 640x480 video), (Hd, Wd) = depth resolution (half the teacher's, 196x252),
 (h, w) = pooled feature grid (teacher patch grid / 2, 14x18), C = feature channels (1024 for
-VGGT-1B: the frame-attention half of the aggregator tokens).
+VGGT-1B: the frame-attention half of the aggregator tokens). Optional, Spatial-MLLM's fusion
+features (`ClipLabels.fusion`): Lf fused layers at full width (2C) on the student's patch grid.
 """
 
 from __future__ import annotations
@@ -83,6 +84,10 @@ class ClipLabels:
             `VideoFrame.rotation` convention) by which the stream's display matrix rotates the stored
             frames, already applied at decode; `source_size` is the displayed size (a phone's
             portrait 1920x1080 stream with rotation 270 has source_size [1080, 1920]).
+        fusion: (S, Lf, h, w, Cf) float32 Spatial-MLLM fusion features, or None when the store holds
+            none: the full-width (frame and global halves, Cf = 2 * C) patch tokens of the fused
+            aggregator layers, from a teacher pass at 7/8 of the student frame size, so that (h, w)
+            is the student's unmerged 16-pixel patch grid (`pipeline.labeler`'s docstring).
     """
 
     clip_id: str
@@ -99,6 +104,7 @@ class ClipLabels:
     scale_valid: bool
     features: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    fusion: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -126,6 +132,8 @@ class ClipLabels:
         check("depth", self.depth.ndim == 3 and self.depth.shape[0] == s, f"({s}, Hd, Wd)")
         check("depth_conf", self.depth_conf.shape == self.depth.shape, str(self.depth.shape))
         check("features", self.features.ndim == 5 and self.features.shape[0] == s, f"({s}, L, h, w, C)")
+        if self.fusion is not None:
+            check("fusion", self.fusion.ndim == 5 and self.fusion.shape[0] == s, f"({s}, Lf, h, w, Cf)")
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,9 @@ def _print_scores(summary: dict) -> None:
 @eval_app.command("vsibench")
 def vsibench(
     model: Path = typer.Option(
-        ..., "--model", help="Qwen3-VL-format model directory (base model or exported student)"
+        ...,
+        "--model",
+        help="Qwen3-VL-format model directory (base model, exported student, or exported fusion model: it runs its encoder)",
     ),
     data: Path = typer.Option(
         ..., "--data", help="VSI-Bench directory: *.parquet or *.jsonl + <dataset>/<scene>.mp4"

@@ -257,13 +257,19 @@ class Trainer:
         check_frame_budget(store.fingerprint, student_cfg.video_max_pixels, student_cfg.video_min_pixels)
         language_only = None
         if data_cfg.missing_labels == "language_only":
+            if student_cfg.fusion:
+                raise DataError(
+                    "a fusion student reads the cached fusion features of every clip: "
+                    "data.missing_labels must be skip"
+                )
             language_only = LanguageOnlySource.of_store(store.fingerprint, data_cfg.corpus_root)
         builder = StudentSampleBuilder(
             self.inputs.model,
             data_cfg.max_seq_len,
             data_cfg.on_bad_row,
             (student_cfg.video_max_pixels, student_cfg.video_min_pixels),
-            language_only,
+            language_only=language_only,
+            fusion_layer=student_cfg.fusion_layer_index if student_cfg.fusion else None,
         )
         self.loader = TrainLoader(
             self.samples, store, partial(open_store, self.inputs.store), builder,

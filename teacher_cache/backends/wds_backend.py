@@ -11,6 +11,8 @@ Members of the sample of clip <id> (the WebDataset key is the clip id), in this 
                                      with zstd's content checksum
     <id>.depth.safetensors.zst       depth_q, depth_log_range
     <id>.depth_conf.safetensors.zst  conf_q, conf_log_range
+    <id>.fusion.safetensors.zst      the fusion arrays (`fuse_*`), only in a clip with fusion
+                                     features (its header then holds "fusion": true)
     <id>.0000.jpg ... <id>.NNNN.jpg  the JPEG frames as given
 
 The tar is written with `tarfile` to a temporary name chosen by `store` (WebDataset's ShardWriter
@@ -48,6 +50,11 @@ from geovr.teacher_cache.schema import DamagedClipError
 COMPRESSED_FIELDS = ("features", "depth", "depth_conf")
 
 
+def _compressed_fields(fusion: bool) -> tuple[str, ...]:
+    """The zstd members of a sample, in write order; the fusion member only in a clip with fusion."""
+    return (*COMPRESSED_FIELDS, "fusion") if fusion else COMPRESSED_FIELDS
+
+
 def _field_arrays(name: str) -> tuple[str, ...]:
     return FRAME_ARRAYS[name] + CLIP_ARRAYS.get(name, ())
 
@@ -66,13 +73,15 @@ def _members(clip: EncodedClip, zstd: numcodecs.Zstd, integrity: bool) -> list[t
     cameras = {n: clip.arrays[n] for n in _field_arrays("cameras")}
     # In the order of `_suffixes`.
     members = [("cameras.safetensors", "cameras", safetensors.numpy.save(cameras))]
-    for name in COMPRESSED_FIELDS:
+    for name in _compressed_fields(clip.has_fusion):
         payload = safetensors.numpy.save(
             {n: np.ascontiguousarray(clip.arrays[n]) for n in _field_arrays(name)}
         )
         members.append((f"{name}.safetensors.zst", name, bytes(zstd.encode(payload))))
     members.extend((f"{i:04d}.jpg", "frames_jpeg", frame) for i, frame in enumerate(clip.frames_jpeg))
     header = {"clip_id": clip.clip_id, "video": clip.video, "meta": clip.meta, "num_frames": clip.num_frames}
+    if clip.has_fusion:
+        header["fusion"] = True
     if integrity:
         header["crc32c"] = {s: google_crc32c.value(p) for s, _, p in members if not s.endswith(".zst")}
     return [("json", "metadata", json.dumps(header).encode()), *members]
@@ -128,9 +137,9 @@ Damaged = Callable[[str, str], DamagedClipError]
 """(field, problem) -> the error naming the store, shard and clip."""
 
 
-def _suffixes(num_frames: int) -> list[str]:
+def _suffixes(num_frames: int, fusion: bool = False) -> list[str]:
     """Suffixes of a sample's members after its `.json` header, in the order they are written."""
-    compressed = [f"{name}.safetensors.zst" for name in COMPRESSED_FIELDS]
+    compressed = [f"{name}.safetensors.zst" for name in _compressed_fields(fusion)]
     return ["cameras.safetensors", *compressed, *(f"{i:04d}.jpg" for i in range(num_frames))]
 
 
@@ -142,7 +151,7 @@ def _check_members(sample: dict[str, bytes], clip_id: str, header_crc32c: int, d
     if google_crc32c.value(sample["json"]) != header_crc32c:
         raise damaged("metadata", f"member {clip_id}.json fails its crc32c checksum")
     header = json.loads(sample["json"])
-    suffixes = _suffixes(header["num_frames"])
+    suffixes = _suffixes(header["num_frames"], bool(header.get("fusion")))
     for suffix in suffixes:
         if suffix not in sample:
             raise damaged(_field_of_member(suffix), f"member {clip_id}.{suffix} is missing")
@@ -168,7 +177,7 @@ def decode_sample(
         suffix = "cameras.safetensors"
         arrays = dict(safetensors.numpy.load(sample[suffix]))
         zstd = numcodecs.Zstd()
-        for name in COMPRESSED_FIELDS:
+        for name in _compressed_fields(bool(header.get("fusion"))):
             suffix = f"{name}.safetensors.zst"
             arrays.update(safetensors.numpy.load(bytes(zstd.decode(sample[suffix]))))
         frames = []

@@ -8,10 +8,12 @@ commit logic is in `store`):
                                       clip_index, frame_offset, num_frames}; consolidated metadata
     <shard>/<geometry>/               one subgroup per label geometry (`EncodedClip.geometry`, e.g.
                                       "d196x252_f4x14x18x1024k8"; a corpus of one video size has one)
-        <frame array>                 (F, ...) every per-frame array of `codecs.FRAME_ARRAYS`, the F
-                                      frames of the subgroup's clips stacked in order; inner chunks
-                                      of `ROWS_PER_CHUNK` frames, zstd with its content checksum
-        <clip array>                  (N, ...) every per-clip array of `codecs.CLIP_ARRAYS`
+        <frame array>                 (F, ...) every per-frame array of `codecs.FRAME_ARRAYS` the
+                                      clips have (the fusion arrays only in a geometry with fusion
+                                      features), the F frames of the subgroup's clips stacked in
+                                      order; inner chunks of `ROWS_PER_CHUNK` frames, zstd with its
+                                      content checksum
+        <clip array>                  (N, ...) every per-clip array of `codecs.CLIP_ARRAYS` the clips have
         frame_offsets                 (N + 1,) int64: clip n holds frames [offsets[n], offsets[n+1])
         jpeg_bytes, jpeg_offsets      (B,) uint8 concatenated JPEG frames (no compression, crc32c),
                                       and (F + 1,) int64 byte offsets of each frame
@@ -116,11 +118,13 @@ def write_shard(
         group = root.create_group(geometry)
         frame_counts = [c.num_frames for c in members]
         frame_offsets = np.concatenate([[0], np.cumsum(frame_counts)]).astype(np.int64)
-        for name in _FRAME_ARRAY_NAMES:
+        # One geometry: the same fields in every member (the key includes the fusion shape).
+        present = members[0].arrays
+        for name in (n for n in _FRAME_ARRAY_NAMES if n in present):
             _write_array(
                 group, name, np.concatenate([c.arrays[name] for c in members]), zstd_level, integrity
             )
-        for name in _CLIP_ARRAY_NAMES:
+        for name in (n for n in _CLIP_ARRAY_NAMES if n in present):
             _write_array(group, name, np.stack([c.arrays[name] for c in members]), zstd_level, integrity)
         _write_array(group, "frame_offsets", frame_offsets, zstd_level, integrity)
 
@@ -227,11 +231,12 @@ async def _read_clip_arrays(
                 raise damaged("frames_jpeg" if name.startswith("jpeg_") else name, _problem(value))
         return [np.asarray(v) for v in values]
 
-    reads = [(name, slice(start, stop)) for name in _FRAME_ARRAY_NAMES]
-    reads += [(name, clip_index) for name in _CLIP_ARRAY_NAMES]
+    # The optional fields' arrays (fusion) exist only in the geometries that hold them.
+    reads = [(name, slice(start, stop)) for name in _FRAME_ARRAY_NAMES if name in group]
+    reads += [(name, clip_index) for name in _CLIP_ARRAY_NAMES if name in group]
     *values, offsets = await gather([*reads, ("jpeg_offsets", slice(start, stop + 1))])
     (data,) = await gather([("jpeg_bytes", slice(int(offsets[0]), int(offsets[-1])))])
-    return dict(zip(_FRAME_ARRAY_NAMES + _CLIP_ARRAY_NAMES, values, strict=True)), offsets, data
+    return dict(zip([name for name, _ in reads], values, strict=True)), offsets, data
 
 
 class ZarrShardReader:
