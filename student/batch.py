@@ -224,7 +224,7 @@ def make_sample(
         scale=float(labels.scale),
         scale_valid=bool(labels.scale_valid) and bool(np.isfinite(labels.scale)),
         clip_id=labels.clip_id,
-        fusion=None if fusion_layer is None else fusion_sample(labels, fusion_layer, grid, feature_dtype),
+        fusion=_fusion(labels, fusion_layer, inputs["video_grid_thw"], feature_dtype),
     )
 
 
@@ -257,6 +257,12 @@ def make_language_sample(
         clip_id=clip_id,
         labelled=False,
     )
+
+
+def _fusion(labels: ClipLabels, layer: int | None, grid_thw: Tensor, dtype: torch.dtype) -> Tensor | None:
+    return None if layer is None else fusion_sample(labels, layer, grid_thw, dtype)
+
+
 def fusion_sample(labels: ClipLabels, layer: int, grid_thw: Tensor, dtype: torch.dtype) -> Tensor:
     """(S, h, w, D) fusion features of one layer of the clip, checked against the video's patch grid."""
     if labels.fusion is None:
