@@ -142,6 +142,9 @@ def collect_videos(sources: list[Path], corpus_root: Path) -> CollectedVideos:
 
 
 def _collect_qa_file(source: Path, corpus_root: Path, found: CollectedVideos) -> None:
+    """Count the videos the rows of `source` name, streaming the rows (none is kept). Many rows name
+    one video (VSI-590K: about 6 per video), so each distinct path is normalised once."""
+    normalised: dict[str, str | QARowError] = {}
     for row in read_rows(source):
         found.qa_rows += 1
         try:
@@ -151,9 +154,21 @@ def _collect_qa_file(source: Path, corpus_root: Path, found: CollectedVideos) ->
             if video is None:
                 found.rows_without_video += 1
                 continue
-            found.videos[normalise_video(video, corpus_root)] += 1
+            if video not in normalised:
+                normalised[video] = _normalised_or_error(video, corpus_root)
+            normal = normalised[video]
+            if isinstance(normal, QARowError):
+                raise normal
+            found.videos[normal] += 1
         except QARowError as err:
             found.bad_rows.append(f"{row.where}: {err}")
+
+
+def _normalised_or_error(video: str, corpus_root: Path) -> str | QARowError:
+    try:
+        return normalise_video(video, corpus_root)
+    except QARowError as err:
+        return err
 
 
 def walk_folder(folder: Path, corpus_root: Path, problems: list[dict[str, str]]) -> list[Path]:

@@ -91,7 +91,7 @@ from geovr.teacher_cache.config import to_dict
 from geovr.teacher_cache.lease import StoreLease, acquire_lease
 from geovr.teacher_cache.records import ClipFailure, write_failures, write_run_record
 from geovr.teacher_cache.schema import StoreFingerprint
-from geovr.teacher_cache.store import StoreWriter, open_store, open_writer
+from geovr.teacher_cache.store import StoreReader, StoreWriter, open_store, open_writer
 
 # Batches queued per teacher actor (and its threads): the next batch's frames are fetched, and the
 # last batch's labels stored, while the current one runs.
@@ -185,17 +185,23 @@ class Limits:
     teacher_resize: tuple[int, int] | None  # (long side, multiple): teacher frames resized at decode
 
 
-def check_committed_shards(
-    by_shard: dict[str, list[dict[str, Any]]], markers: dict[str, dict[str, Any]], store: Path
-) -> None:
+def write_task_options(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """Ray options of the shard write task: it reserves CPUs, so the cluster bounds how many run."""
+    return {"num_cpus": cfg.write_cpus, "max_retries": 2}
+
+
+def check_committed_shards(by_shard: dict[str, list[dict[str, Any]]], reader: StoreReader, store: Path) -> None:
     """Refuse to resume when a committed shard holds other clips than the manifest puts in it.
 
     That happens when the corpus was re-indexed from scratch after videos were added (shards are
     packed by sorted clip id): resuming would skip committed shards whose clip lists no longer
     match and silently leave clips unlabelled. `index --extend OLD_MANIFEST` keeps the old layout.
     """
-    for shard_id, marker in sorted(markers.items()):
-        stored = {row["clip_id"] for row in marker["clips"]}
+    failed: dict[str, set[str]] = {}
+    for row in reader.failures():
+        failed.setdefault(row["shard_id"], set()).add(row["clip_id"])
+    for shard_id in sorted(reader.shards()):
+        stored = set(reader.shard_clip_ids(shard_id)) | failed.get(shard_id, set())
         wanted = {row["clip_id"] for row in by_shard.get(shard_id, [])}
         if stored != wanted:
             raise ValueError(
@@ -330,7 +336,7 @@ class Precompute:
         by_shard = self.manifest.shards()
         self.counts.shards_total = len(by_shard)
         reader = open_store(self.store)
-        check_committed_shards(by_shard, reader.markers, self.store)
+        check_committed_shards(by_shard, reader, self.store)
         shards: list[_Shard] = []
         if self.retry_failed:
             failed = {f["clip_id"] for f in reader.failures()}
@@ -465,7 +471,7 @@ class Scheduler:
         self.encode_task = ray.remote(encode_labels).options(
             num_returns=2, num_cpus=cfg.decode_cpus, max_retries=1
         )
-        self.write_task = ray.remote(write_shard).options(num_cpus=0, max_retries=2)
+        self.write_task = ray.remote(write_shard).options(**write_task_options(cfg))
         self.fingerprint_json = writer.fingerprint.to_json()
         self.voxel_size = run.sampling.voxel_size if run.sampling.method == "space_aware" else 0.0
         self.queue: deque[_Shard] = deque()

@@ -337,6 +337,17 @@ class ZarrBackend:
     ) -> dict[str, Any]:
         return write_shard(path, clips, zstd_level, integrity)
 
+    def reader_marker(self, marker: dict[str, Any]) -> dict[str, Any]:
+        """The sha256 of the shard's root zarr.json (checked on open); the clip index is in that file."""
+        files = marker.get("files", {})
+        return {
+            "files": {
+                name: {"sha256": info["sha256"]}
+                for name, info in files.items()
+                if name.count("/") == 1 and name.endswith("/zarr.json")
+            }
+        }
+
     def open_reader(
         self, path: Path, store: str, shard_id: str, marker: dict[str, Any], integrity: bool
     ) -> ZarrShardReader:
