@@ -190,7 +190,9 @@ def write_task_options(cfg: PrecomputeConfig) -> dict[str, Any]:
     return {"num_cpus": cfg.write_cpus, "max_retries": 2}
 
 
-def check_committed_shards(by_shard: dict[str, list[dict[str, Any]]], reader: StoreReader, store: Path) -> None:
+def check_committed_shards(
+    by_shard: dict[str, list[dict[str, Any]]], reader: StoreReader, store: Path
+) -> None:
     """Refuse to resume when a committed shard holds other clips than the manifest puts in it.
 
     That happens when the corpus was re-indexed from scratch after videos were added (shards are

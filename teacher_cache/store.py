@@ -635,9 +635,10 @@ def iter_committed_shard(root: Path, shard_id: str) -> Iterator[EncodedClip]:
     `SchemaError` for another schema version or fingerprint, `DamagedClipError` at a damaged clip."""
     meta = read_store_json(root)
     marker = read_marker(root, shard_id)
-    if marker.get("schema_version") != SCHEMA_VERSION or marker.get("fingerprint_digest") != meta[
-        "fingerprint"
-    ].digest():
+    if (
+        marker.get("schema_version") != SCHEMA_VERSION
+        or marker.get("fingerprint_digest") != meta["fingerprint"].digest()
+    ):
         raise SchemaError(f"{root}: shard {shard_id} was written under another schema or fingerprint")
     try:
         reader = open_shard_reader(root, meta["format"], shard_id, marker)

@@ -71,7 +71,7 @@ def test_pickled_reader_carries_the_compact_index_and_reads_no_marker(store, mon
     reader.read_encoded(ids[0])
     payload = pickle.dumps(reader.detached())
     marker_bytes = sum(len((root / "_done" / f"{s}.json").read_bytes()) for s in reader.shards())
-    assert payload.count(b"{\"sha256\"") <= len(reader.shards())  # Zarr: the root zarr.json's only
+    assert payload.count(b'{"sha256"') <= len(reader.shards())  # Zarr: the root zarr.json's only
     if reader.format == "zarr":  # markers with a sha256 per file (a tar shard is one file)
         assert len(payload) < marker_bytes / 2
     monkeypatch.setattr(store_module, "read_marker", lambda *a: pytest.fail("a worker read a marker"))

@@ -31,11 +31,14 @@ app.add_typer(cache_app, name="cache", rich_help_panel=STAGE_1)
 def verify(
     store: Path = typer.Argument(..., help="Store directory."),
     quick: bool = typer.Option(
-        False, "--quick", help="Markers, file sizes and shard metadata only: no payload is read or checksummed."
+        False,
+        "--quick",
+        help="Markers, file sizes and shard metadata only: no payload is read or checksummed.",
     ),
     workers: int = typer.Option(0, help="Local processes checking shards (0: one per CPU available)."),
     ray_address: str = typer.Option(
-        None, help="Check shards as tasks on this Ray cluster ('local': start one) instead of local processes."
+        None,
+        help="Check shards as tasks on this Ray cluster ('local': start one) instead of local processes.",
     ),
 ) -> None:
     """Check every checksum, the schema, and that every committed shard opens and every clip decodes
