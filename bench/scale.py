@@ -10,7 +10,8 @@ that of one process doing one thing):
 - open: `open_store` wall time and RSS growth, in a process that has imported what a loader worker
   imports (torch, the student data path); the pickled reader a worker receives, in bytes;
 - worker: RSS growth after reading one clip of every shard with the LRU of shard readers
-  (`data.open_shards`, default 64), and with an unbounded cache (what the code did before);
+  (`data.open_shards`, default 64), and with an unbounded cache (what the code did before; at the
+  sizes up to `--unbounded-up-to` only: touching a shard costs about 60 ms here);
 - loader: a real `TrainLoader` (random access, 2 workers): time to the first micro-batch of each worker;
 - verify: `verify_store` quick and full, 2 local processes, wall and CPU seconds;
 - join: `join_qa` over a QA file of `--qa-rows[i]` rows naming the store's clips, wall and RSS growth;
@@ -24,7 +25,7 @@ QA series; extrapolated values are labelled so in the JSON. `budgets` holds each
 limit, extrapolated value, met) and `budgets_met` is true only when all hold. CPU box figures: the
 times are of this shared machine (its load is recorded), the ratios and exponents are what matters.
 
-    python bench/scale.py --out /dev/shm/geovr-scale [--sizes 1000,3000,8000] [--qa-rows 150000,300000,600000]
+    python bench/scale.py --out /dev/shm/geovr-scale [--sizes 1000,2500,8000] [--qa-rows 150000,300000,600000]
 """
 
 from __future__ import annotations
@@ -300,13 +301,18 @@ def power_fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def fits(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per series: the measured values, the growth exponent, the extrapolation to production size."""
     result = {}
     for name, (axis, read) in SERIES.items():
-        xs, ys = [p[axis] for p in points], [read(p) for p in points]
-        a, b = power_fit(xs, ys)
+        measured = [
+            (p[axis], read(p))
+            for p in points
+            if name != "worker_touched_rss_mb_unbounded_cache" or "open_unbounded" in p
+        ]
+        a, b = power_fit([x for x, _ in measured], [y for _, y in measured])
         target = TARGET_OF_AXIS[axis]
         result[name] = {
-            "axis": axis, "measured": dict(zip(map(str, xs), ys, strict=True)), "growth_exponent": b,
+            "axis": axis, "measured": {str(x): y for x, y in measured}, "growth_exponent": b,
             "extrapolated_to": {axis: target}, "extrapolated": a * target**b,
         }  # fmt: skip
     return result
@@ -317,7 +323,9 @@ def budgets(fit: dict[str, Any]) -> list[dict[str, Any]]:
     rows = [
         ("open store per process (MB of RSS)", 50.0, fit["open_rss_mb"]["extrapolated"]),
         ("loader worker after touching every shard (MB of RSS)", 300.0, fit["worker_touched_rss_mb"]["extrapolated"]),
-        ("full verify of the tiny store on 2 cores (minutes, wall)", 10.0, fit["verify_full_wall_s"]["extrapolated"] / 60),
+        # CPU seconds of the 2 verify processes / 2: the wall time on 2 cores of its own (the wall
+        # time measured here, on a box shared with other jobs, is in the fits too).
+        ("full verify of the tiny store on 2 cores (minutes)", 10.0, fit["verify_full_cpu_s"]["extrapolated"] / 120),
         ("index of 590k QA rows (MB of peak RSS)", 500.0, fit["index_peak_rss_mb"]["extrapolated"]),
         # Proportional to the retried shards: the cost per retried shard does not grow with the store.
         ("retry cost per retried shard: growth exponent in store size", 0.3, fit["retry_per_shard_s"]["growth_exponent"]),
@@ -328,7 +336,9 @@ def budgets(fit: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
-def measure_size(store: Path, out: Path, shards: int, qa_rows: int, writers: int) -> dict[str, Any]:
+def measure_size(
+    store: Path, out: Path, shards: int, qa_rows: int, writers: int, probes: list[str]
+) -> dict[str, Any]:
     build_s = grow_store(store, shards, writers)
     qa = out / f"qa_{qa_rows}.jsonl"
     write_qa(qa, qa_rows, shards * CLIPS_PER_SHARD)
@@ -336,7 +346,7 @@ def measure_size(store: Path, out: Path, shards: int, qa_rows: int, writers: int
         "shards": shards, "clips": shards * CLIPS_PER_SHARD, "qa_rows": qa_rows,
         "build_s": build_s, "load_avg_before": os.getloadavg(),
     }  # fmt: skip
-    for name in PROBES:
+    for name in probes:
         point[name] = run_probe(name, store, qa)
         print(f"  {shards} shards: {name} {json.dumps(point[name])}", flush=True)
     point["verify_quick"] = measure_verify(store, quick=True)
@@ -347,14 +357,36 @@ def measure_size(store: Path, out: Path, shards: int, qa_rows: int, writers: int
     return point
 
 
+def write_result(result: dict[str, Any], path: Path) -> None:
+    """Fit, extrapolate and check the budgets of `result["points"]`; write the JSON to `path`."""
+    fit = fits(result["points"])
+    checked = budgets(fit)
+    result |= {
+        "fits": fit, "budgets": checked, "budgets_met": all(b["met"] for b in checked),
+        "note": "fits.*.extrapolated and budgets.*.extrapolated are extrapolations of power-law fits "
+        "over the measured sizes to the production size, not measurements",
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps({"budgets": checked, "budgets_met": result["budgets_met"]}, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("/dev/shm/geovr-scale"))
-    parser.add_argument("--sizes", default="1000,3000,8000", help="store sizes in shards, ascending")
+    parser.add_argument("--sizes", default="1000,2500,8000", help="store sizes in shards, ascending")
     parser.add_argument("--qa-rows", default="150000,300000,600000", help="QA rows at each size")
     parser.add_argument("--writers", type=int, default=2, help="processes writing shards")
     parser.add_argument("--result", type=Path, default=RESULT)
     parser.add_argument("--keep", action="store_true", help="keep the store under --out")
+    parser.add_argument(
+        "--resume", action="store_true", help="grow the store a kept or killed run left under --out"
+    )
+    parser.add_argument(
+        "--unbounded-up-to", type=int, default=2500,
+        help="measure the unbounded reader cache (the old behaviour) at sizes up to this many shards only",
+    )  # fmt: skip
+    parser.add_argument("--refit", action="store_true", help="recompute fits and budgets of --result")
     parser.add_argument("--probe", choices=sorted(PROBES), help=argparse.SUPPRESS)
     parser.add_argument("--store", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--qa", type=Path, help=argparse.SUPPRESS)
@@ -362,32 +394,29 @@ def main() -> None:
     if args.probe:
         print(json.dumps(PROBES[args.probe](args)))
         return
+    if args.refit:
+        write_result(json.loads(args.result.read_text()), args.result)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     qa_rows = [int(s) for s in args.qa_rows.split(",")]
     if len(sizes) != len(qa_rows) or len(sizes) < 2 or sizes != sorted(sizes):
         parser.error("--sizes and --qa-rows: as many values each, at least 2, sizes ascending")
     store = args.out / "store"
-    shutil.rmtree(args.out, ignore_errors=True)
-    args.out.mkdir(parents=True)
+    if not args.resume:
+        shutil.rmtree(args.out, ignore_errors=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     points = []
     for shards, rows in zip(sizes, qa_rows, strict=True):
         print(f"store of {shards} shards, QA file of {rows} rows", flush=True)
-        points.append(measure_size(store, args.out, shards, rows, args.writers))
-    fit = fits(points)
-    checked = budgets(fit)
+        probes = [n for n in PROBES if n != "open_unbounded" or shards <= args.unbounded_up_to]
+        points.append(measure_size(store, args.out, shards, rows, args.writers, probes))
     result = {
         "benchmark": "bench/scale.py", "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared box)",
         "python": platform.python_version(), "clips_per_shard": CLIPS_PER_SHARD,
-        "production_size": TARGET, "points": points, "fits": fit,
-        "note": "values under fits.*.extrapolated and budgets.*.extrapolated are extrapolations of "
-        "power-law fits over the measured sizes, not measurements",
-        "budgets": checked, "budgets_met": all(b["met"] for b in checked),
-        "wall_s": time.perf_counter() - started,
+        "production_size": TARGET, "points": points, "wall_s": time.perf_counter() - started,
     }  # fmt: skip
-    args.result.parent.mkdir(parents=True, exist_ok=True)
-    args.result.write_text(json.dumps(result, indent=2))
-    print(json.dumps({"budgets": checked, "budgets_met": result["budgets_met"]}, indent=2))
+    write_result(result, args.result)
     if not args.keep:
         shutil.rmtree(args.out, ignore_errors=True)
 

@@ -38,7 +38,7 @@ An actor runs its queued calls in `ACTOR_QUEUE` threads with one on the device a
 finished batch's labels (about 130 MB per 32-frame clip) are put into the object store while the
 next batch already runs.
 The driver holds references and status dicts only, never frames or labels: at 100,000 videos it
-holds the manifest rows (~1 KB each) and a few shards' worth of small records.
+holds the manifest as one Arrow table (about 100 bytes a row) and dicts of the in-flight shards' rows.
 
 Resume and drift: the store's fingerprint (teacher name, checkpoint hash, teacher config, metric
 teacher, preprocessing, sampling policy, feature layers) is built from the first actor's labeler and
@@ -76,6 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 from rich.console import Console
 from rich.markup import escape
@@ -120,9 +121,12 @@ class _Clip:
 
 @dataclass
 class _Shard:
+    """A shard to label: `positions` of its rows in the manifest; `clips` made when it starts."""
+
     shard_id: str
-    clips: list[_Clip]
+    positions: np.ndarray
     keep_stored: bool = False
+    clips: list[_Clip] = field(default_factory=list)
     failures: list[ClipFailure] = field(default_factory=list)
     next_to_batch: int = 0  # clips before this index are resolved (decoded or failed) and batched
     forming: list[_Clip] = field(default_factory=list)
@@ -190,21 +194,20 @@ def write_task_options(cfg: PrecomputeConfig) -> dict[str, Any]:
     return {"num_cpus": cfg.write_cpus, "max_retries": 2}
 
 
-def check_committed_shards(
-    by_shard: dict[str, list[dict[str, Any]]], reader: StoreReader, store: Path
-) -> None:
+def check_committed_shards(manifest: Manifest, reader: StoreReader, store: Path) -> None:
     """Refuse to resume when a committed shard holds other clips than the manifest puts in it.
 
     That happens when the corpus was re-indexed from scratch after videos were added (shards are
     packed by sorted clip id): resuming would skip committed shards whose clip lists no longer
     match and silently leave clips unlabelled. `index --extend OLD_MANIFEST` keeps the old layout.
     """
+    clip_ids, by_shard = manifest.clip_ids(), manifest.shards()
     failed: dict[str, set[str]] = {}
     for row in reader.failures():
         failed.setdefault(row["shard_id"], set()).add(row["clip_id"])
     for shard_id in sorted(reader.shards()):
         stored = set(reader.shard_clip_ids(shard_id)) | failed.get(shard_id, set())
-        wanted = {row["clip_id"] for row in by_shard.get(shard_id, [])}
+        wanted = set(clip_ids[by_shard[shard_id]]) if shard_id in by_shard else set()
         if stored != wanted:
             raise ValueError(
                 f"{store}: committed shard {shard_id} holds {len(stored)} clips, the manifest assigns it "
@@ -338,26 +341,27 @@ class Precompute:
         by_shard = self.manifest.shards()
         self.counts.shards_total = len(by_shard)
         reader = open_store(self.store)
-        check_committed_shards(by_shard, reader, self.store)
+        check_committed_shards(self.manifest, reader, self.store)
         shards: list[_Shard] = []
         if self.retry_failed:
             failed = {f["clip_id"] for f in reader.failures()}
-            for shard_id, rows in by_shard.items():
+            clip_ids = self.manifest.clip_ids()
+            for shard_id, positions in by_shard.items():
                 if shard_id not in committed:
-                    shards.append(_Shard(shard_id, [_Clip(r) for r in rows]))
+                    shards.append(_Shard(shard_id, positions))
                     continue
-                retry = [r for r in rows if r["clip_id"] in failed]
-                if retry:
-                    shards.append(_Shard(shard_id, [_Clip(r) for r in retry], keep_stored=True))
+                retry = np.asarray([p for p in positions if clip_ids[p] in failed], dtype=np.int64)
+                if len(retry):
+                    shards.append(_Shard(shard_id, retry, keep_stored=True))
                 else:
                     self.counts.shards_skipped += 1
         else:
-            for shard_id, rows in by_shard.items():
+            for shard_id, positions in by_shard.items():
                 if shard_id in committed:
                     self.counts.shards_skipped += 1
                 else:
-                    shards.append(_Shard(shard_id, [_Clip(r) for r in rows]))
-        self.counts.clips_todo = sum(len(s.clips) for s in shards)
+                    shards.append(_Shard(shard_id, positions))
+        self.counts.clips_todo = sum(len(s.positions) for s in shards)
         return shards
 
     def limits(self, actors: int) -> Limits:
@@ -524,6 +528,7 @@ class Scheduler:
             case Written(shard):
                 self.on_written(ref, shard)
                 self.active.remove(shard)
+                shard.clips = []  # written: the dicts of its rows go (the driver's memory stays flat)
 
     def fail(self, shard: _Shard, clip: _Clip, failure: ClipFailure) -> None:
         clip.state = "failed"
@@ -554,6 +559,7 @@ class Scheduler:
     def submit_decodes(self) -> None:
         while self.queue and len(self.active) < self.limits.max_shards:
             shard = self.queue.popleft()
+            shard.clips = [_Clip(row) for row in self.run_.manifest.take(shard.positions)]
             self.active.append(shard)
             for clip in shard.clips:
                 if clip.row["status"] != "ok":

@@ -53,11 +53,8 @@ class ClipIndex:
             self.shard_ids.append(shard_id)
             revisions.append(int(marker.get("revision", 0)))
             self._reader_markers.append(json.dumps(reader_marker(marker), separators=(",", ":")))
-            for row in marker["clips"]:
-                if row["status"] == "ok":
-                    row_ids.append(row["clip_id"])
-                else:
-                    self.failures.append({**{k: row[k] for k in FAILURE_KEYS}, "shard_id": shard_id})
+            row_ids += [row["clip_id"] for row in marker["clips"] if row["status"] == "ok"]
+            self.failures += _failure_rows(shard_id, marker)
             row_start.append(len(row_ids))
         self._position = {shard_id: n for n, shard_id in enumerate(self.shard_ids)}
         self.revisions = np.asarray(revisions, dtype=np.int32)
@@ -103,3 +100,13 @@ class ClipIndex:
         self.revisions[n] = int(marker.get("revision", 0))
         self._reader_markers[n] = json.dumps(self._reader_marker_of(marker), separators=(",", ":"))
         self._moved_rows[shard_id] = [r["clip_id"] for r in marker["clips"] if r["status"] == "ok"]
+        self.failures = [row for row in self.failures if row["shard_id"] != shard_id]
+        self.failures += _failure_rows(shard_id, marker)
+
+
+def _failure_rows(shard_id: str, marker: dict[str, Any]) -> list[dict[str, Any]]:
+    return [
+        {**{k: row[k] for k in FAILURE_KEYS}, "shard_id": shard_id}
+        for row in marker["clips"]
+        if row["status"] != "ok"
+    ]

@@ -5,6 +5,7 @@ reserve CPUs, loader workers that persist across epochs. Real Zarr v3 and tar st
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -180,10 +181,66 @@ def test_random_access_workers_persist_across_epochs(tmp_path):
     store = open_store(store_dir)
     samples, _ = join_qa(qa, store, config)
     collator = TokenBudgetCollator(lambda built: [b.pid for b in built], lambda b: b.tokens, 10_000)
-    loader = TrainLoader(samples, store, store.detached, build_pid, collator, config, 0, 1, seed=3)
+    opener = functools.partial(open_store, store_dir)
+    loader = TrainLoader(samples, store, opener, build_pid, collator, config, 0, 1, seed=3)
     pids, epochs = set(), set()
     for _ in range(3 * loader.batches_per_epoch):
         epoch, batch = loader.next()
         epochs.add(epoch)
         pids.update(pid for chunk in batch.chunks for pid in chunk)
     assert epochs == {0, 1, 2} and len(pids) == 1 and os.getpid() not in pids
+
+
+def test_manifest_is_columnar(tmp_path):
+    """A loaded manifest and its shard grouping cost about 100 bytes a row (as dicts: about 2 KB)."""
+    import tracemalloc
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from geovr.pipeline.index import MANIFEST_FORMAT_VERSION, MANIFEST_SCHEMA, read_manifest
+
+    rows = 20_000
+    columns = {field.name: [None] * rows for field in MANIFEST_SCHEMA}
+    columns |= {
+        "clip_id": [f"{n:016x}" for n in range(rows)], "video": [f"videos/v{n:07d}.mp4" for n in range(rows)],
+        "shard": [f"{n // 8:06d}" for n in range(rows)], "status": ["ok"] * rows, "reason": [""] * rows,
+        "num_qa_rows": [6] * rows,
+    }  # fmt: skip
+    meta = {"format_version": MANIFEST_FORMAT_VERSION, "corpus_root": "/c", "sampling": {}, "clips_per_shard": 8}
+    table = pa.table(columns, schema=MANIFEST_SCHEMA.with_metadata({"geovr": json.dumps(meta)}))
+    pq.write_table(table, tmp_path / "m.parquet")
+
+    arrow_before = pa.total_allocated_bytes()
+    tracemalloc.start()
+    manifest = read_manifest(tmp_path / "m.parquet")
+    shards = manifest.shards()
+    python_bytes = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    per_row = (python_bytes + pa.total_allocated_bytes() - arrow_before) / rows
+    assert per_row < 400, f"{per_row:.0f} bytes per manifest row"
+    assert len(shards) == rows // 8 and manifest.take(shards["000002"])[0]["clip_id"] == f"{16:016x}"
+
+
+def test_reader_follows_a_replaced_shard_in_its_compact_index(tmp_path):
+    """A retried shard (its failed clip now stored) replaced and deleted under an open reader: the
+    reader follows the marker, and its stored clips and failure rows are the new version's."""
+    import time
+
+    from geovr.teacher_cache.records import ClipFailure
+    from geovr.teacher_cache.store import DONE_DIR, REVISION_GRACE_S
+
+    root = tmp_path / "store"
+    clips = [make_clip(i) for i in range(3)]
+    failure = ClipFailure(clips[2].clip_id, clips[2].video, "teacher", "out of memory")
+    with open_writer(root, FINGERPRINT, "zarr") as writer:
+        writer.write_shard("000000", clips[:2], [failure])
+    before = open_store(root)
+    assert [f["clip_id"] for f in before.failures()] == [clips[2].clip_id]
+    with open_writer(root, FINGERPRINT, "zarr") as writer:
+        writer.write_shard("000000", clips, [], replace=True)
+    replaced_at = time.time() - REVISION_GRACE_S - 1
+    os.utime(root / DONE_DIR / "000000.json", (replaced_at, replaced_at))
+    open_writer(root, FINGERPRINT, "zarr").close()  # deletes revision 0
+    assert before.read_clip(clips[0].clip_id).clip_id == clips[0].clip_id
+    assert before.shard_clip_ids("000000") == [c.clip_id for c in clips] and before.failures() == []
