@@ -207,7 +207,12 @@ def test_manifest_is_columnar(tmp_path):
         "shard": [f"{n // 8:06d}" for n in range(rows)], "status": ["ok"] * rows, "reason": [""] * rows,
         "num_qa_rows": [6] * rows,
     }  # fmt: skip
-    meta = {"format_version": MANIFEST_FORMAT_VERSION, "corpus_root": "/c", "sampling": {}, "clips_per_shard": 8}
+    meta = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "corpus_root": "/c",
+        "sampling": {},
+        "clips_per_shard": 8,
+    }
     table = pa.table(columns, schema=MANIFEST_SCHEMA.with_metadata({"geovr": json.dumps(meta)}))
     pq.write_table(table, tmp_path / "m.parquet")
 
