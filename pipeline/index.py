@@ -99,7 +99,13 @@ class Manifest:
         """Every row as a dict (a copy of the whole manifest: for small uses, not the driver)."""
         return self.table.to_pylist()
 
-    def shards(self) -> dict[str, np.ndarray]:
+    def shards(self) -> dict[str, list[dict[str, Any]]]:
+        """Rows grouped by shard id, shards in id order, rows in manifest order (every row as a
+        dict: for small uses; the driver uses `shard_positions`)."""
+        rows = self.rows
+        return {shard: [rows[p] for p in positions] for shard, positions in self.shard_positions().items()}
+
+    def shard_positions(self) -> dict[str, np.ndarray]:
         """Row positions (int64) grouped by shard id, shards in id order, rows in manifest order."""
         shard = self.table.column("shard").to_numpy(zero_copy_only=False)
         order = np.argsort(shard, kind="stable")

@@ -201,7 +201,7 @@ def check_committed_shards(manifest: Manifest, reader: StoreReader, store: Path)
     packed by sorted clip id): resuming would skip committed shards whose clip lists no longer
     match and silently leave clips unlabelled. `index --extend OLD_MANIFEST` keeps the old layout.
     """
-    clip_ids, by_shard = manifest.clip_ids(), manifest.shards()
+    clip_ids, by_shard = manifest.clip_ids(), manifest.shard_positions()
     failed: dict[str, set[str]] = {}
     for row in reader.failures():
         failed.setdefault(row["shard_id"], set()).add(row["clip_id"])
@@ -338,7 +338,7 @@ class Precompute:
     def _plan(self, writer: Any) -> list[_Shard]:
         """The shards this run labels: uncommitted ones, or with --retry-failed the failed clips of committed ones."""
         committed = set(writer.committed_shards())
-        by_shard = self.manifest.shards()
+        by_shard = self.manifest.shard_positions()
         self.counts.shards_total = len(by_shard)
         reader = open_store(self.store)
         check_committed_shards(self.manifest, reader, self.store)

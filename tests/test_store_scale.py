@@ -219,7 +219,7 @@ def test_manifest_is_columnar(tmp_path):
     arrow_before = pa.total_allocated_bytes()
     tracemalloc.start()
     manifest = read_manifest(tmp_path / "m.parquet")
-    shards = manifest.shards()
+    shards = manifest.shard_positions()
     python_bytes = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     per_row = (python_bytes + pa.total_allocated_bytes() - arrow_before) / rows
@@ -249,3 +249,39 @@ def test_reader_follows_a_replaced_shard_in_its_compact_index(tmp_path):
     open_writer(root, FINGERPRINT, "zarr").close()  # deletes revision 0
     assert before.read_clip(clips[0].clip_id).clip_id == clips[0].clip_id
     assert before.shard_clip_ids("000000") == [c.clip_id for c in clips] and before.failures() == []
+
+
+def test_cli_verify_quick_names_the_bad_shard(tmp_path):
+    import subprocess
+    import sys
+
+    root = tmp_path / "store"
+    write_store(root, "zarr")
+    marker = json.loads((root / "_done" / "000004.json").read_text())
+    (root / next(n for n in marker["files"] if "/c/" in n)).unlink()
+    cli = Path(sys.executable).parent / "geovr-pipeline"
+    result = subprocess.run(
+        [str(cli), "cache", "verify", str(root), "--quick", "--workers", "2"], capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "BAD shard 000004: file 000004/" in result.stderr and "is missing" in result.stderr
+    assert "FAILED (1 bad shards: 000004)" in result.stdout and "(quick: no payload read)" in result.stdout
+
+
+def test_cli_verify_on_a_local_ray_cluster_names_the_bad_shard(tmp_path):
+    """`--ray-address local`: the shard batches run as Ray tasks (a cluster on loopback, ended with the command)."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "store"
+    write_store(root, "zarr")
+    marker = json.loads((root / "_done" / "000001.json").read_text())
+    payload = max((n for n in marker["files"] if "/c/" in n), key=lambda n: marker["files"][n]["bytes"])
+    flip_last_byte(root / payload)
+    cli = Path(sys.executable).parent / "geovr-pipeline"
+    result = subprocess.run(
+        [str(cli), "cache", "verify", str(root), "--ray-address", "local"], capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"BAD shard 000001: file {payload} fails its sha256 checksum" in result.stderr
+    assert f"FAILED (1 bad shards: 000001): {SHARDS} shards" in result.stdout
