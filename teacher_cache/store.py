@@ -643,7 +643,7 @@ def iter_committed_shard(root: Path, shard_id: str) -> Iterator[EncodedClip]:
     try:
         reader = open_shard_reader(root, meta["format"], shard_id, marker)
     except DamagedShardError as err:
-        raise err.for_clip(next(iter(r["clip_id"] for r in marker["clips"]), "?")) from None
+        raise err.for_clip(next((r["clip_id"] for r in marker["clips"]), "?")) from None
     yield from reader
 
 
