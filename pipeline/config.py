@@ -104,6 +104,8 @@ class PrecomputeConfig:
         decode_workers: decode tasks in flight at most; 0 = the cluster's CPUs not held by actors.
         decode_cpus: CPUs reserved per decode task.
         actor_cpus: CPUs reserved per teacher actor (its torch threads on --device cpu).
+        write_cpus: CPUs reserved per shard write task (it checksums and fsyncs the shard; > 0 so
+            that the cluster's CPUs bound how many run at once, e.g. in --retry-failed).
         max_inflight_shards: shards open at once; 0 = enough to queue two batches on every actor,
             plus two shards being encoded and written.
         max_failure_ratio: exit non-zero when failed / all clips of the store is above this.
@@ -123,6 +125,7 @@ class PrecomputeConfig:
     decode_workers: int = 0
     decode_cpus: float = 1.0
     actor_cpus: float = 1.0
+    write_cpus: float = 1.0
     max_inflight_shards: int = 0
     max_failure_ratio: float = 0.01
     max_teacher_frames: int = 0
@@ -140,6 +143,7 @@ class PrecomputeConfig:
             self.decode_workers >= 0, f"precompute.decode_workers must be >= 0, got {self.decode_workers}"
         )
         require(self.decode_cpus > 0 and self.actor_cpus > 0, "precompute.decode_cpus/actor_cpus must be > 0")
+        require(self.write_cpus > 0, f"precompute.write_cpus must be > 0, got {self.write_cpus}")
         require(self.max_inflight_shards >= 0, "precompute.max_inflight_shards must be >= 0")
         require(
             0.0 <= self.max_failure_ratio <= 1.0,

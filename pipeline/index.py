@@ -50,6 +50,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -83,20 +84,42 @@ MANIFEST_SCHEMA = pa.schema(
 
 @dataclass
 class Manifest:
-    """A loaded manifest: rows (dicts with the MANIFEST_SCHEMA columns) and its metadata."""
+    """A loaded manifest: its rows as one Arrow table with the MANIFEST_SCHEMA columns (columnar:
+    about 100 bytes a row in memory, where a row as a Python dict costs about 2.3 KB; the precompute
+    driver makes dicts of a shard's rows only while the shard is in flight), and its metadata."""
 
-    rows: list[dict[str, Any]]
+    table: pa.Table
     corpus_root: Path
     sampling: dict[str, Any]
     clips_per_shard: int
     sources: list[str] = field(default_factory=list)
 
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        """Every row as a dict (a copy of the whole manifest: for small uses, not the driver)."""
+        return self.table.to_pylist()
+
     def shards(self) -> dict[str, list[dict[str, Any]]]:
-        """Rows grouped by shard id, shards in id order, rows in manifest order."""
-        grouped: dict[str, list[dict[str, Any]]] = {}
-        for row in self.rows:
-            grouped.setdefault(row["shard"], []).append(row)
-        return dict(sorted(grouped.items()))
+        """Rows grouped by shard id, shards in id order, rows in manifest order (every row as a
+        dict: for small uses; the driver uses `shard_positions`)."""
+        rows = self.rows
+        return {shard: [rows[p] for p in positions] for shard, positions in self.shard_positions().items()}
+
+    def shard_positions(self) -> dict[str, np.ndarray]:
+        """Row positions (int64) grouped by shard id, shards in id order, rows in manifest order."""
+        shard = self.table.column("shard").to_numpy(zero_copy_only=False)
+        order = np.argsort(shard, kind="stable")
+        ids, starts = np.unique(shard[order], return_index=True)
+        bounds = [*starts.tolist(), len(order)]
+        return {str(s): order[a:b] for s, a, b in zip(ids, bounds, bounds[1:], strict=False)}
+
+    def take(self, positions: np.ndarray) -> list[dict[str, Any]]:
+        """The rows at `positions`, as dicts."""
+        return self.table.take(pa.array(positions, type=pa.int64())).to_pylist()
+
+    def clip_ids(self) -> np.ndarray:
+        """(N,) the clip id of every row, in manifest order."""
+        return self.table.column("clip_id").to_numpy(zero_copy_only=False)
 
 
 @dataclass
@@ -142,6 +165,9 @@ def collect_videos(sources: list[Path], corpus_root: Path) -> CollectedVideos:
 
 
 def _collect_qa_file(source: Path, corpus_root: Path, found: CollectedVideos) -> None:
+    """Count the videos the rows of `source` name, streaming the rows (none is kept). Many rows name
+    one video (VSI-590K: about 6 per video), so each distinct path is normalised once."""
+    normalised: dict[str, str | QARowError] = {}
     for row in read_rows(source):
         found.qa_rows += 1
         try:
@@ -151,9 +177,21 @@ def _collect_qa_file(source: Path, corpus_root: Path, found: CollectedVideos) ->
             if video is None:
                 found.rows_without_video += 1
                 continue
-            found.videos[normalise_video(video, corpus_root)] += 1
+            if video not in normalised:
+                normalised[video] = _normalised_or_error(video, corpus_root)
+            normal = normalised[video]
+            if isinstance(normal, QARowError):
+                raise normal
+            found.videos[normal] += 1
         except QARowError as err:
             found.bad_rows.append(f"{row.where}: {err}")
+
+
+def _normalised_or_error(video: str, corpus_root: Path) -> str | QARowError:
+    try:
+        return normalise_video(video, corpus_root)
+    except QARowError as err:
+        return err
 
 
 def walk_folder(folder: Path, corpus_root: Path, problems: list[dict[str, str]]) -> list[Path]:
@@ -356,7 +394,7 @@ def read_manifest(path: str | Path) -> Manifest:
     if missing:
         raise ValueError(f"manifest {path} lacks the column(s) {', '.join(missing)}")
     return Manifest(
-        rows=table.to_pylist(),
+        table=table,
         corpus_root=Path(metadata["corpus_root"]),
         sampling=metadata["sampling"],
         clips_per_shard=int(metadata["clips_per_shard"]),

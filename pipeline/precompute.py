@@ -38,7 +38,7 @@ An actor runs its queued calls in `ACTOR_QUEUE` threads with one on the device a
 finished batch's labels (about 130 MB per 32-frame clip) are put into the object store while the
 next batch already runs.
 The driver holds references and status dicts only, never frames or labels: at 100,000 videos it
-holds the manifest rows (~1 KB each) and a few shards' worth of small records.
+holds the manifest as one Arrow table (about 100 bytes a row) and dicts of the in-flight shards' rows.
 
 Resume and drift: the store's fingerprint (teacher name, checkpoint hash, teacher config, metric
 teacher, preprocessing, sampling policy, feature layers) is built from the first actor's labeler and
@@ -76,6 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 from rich.console import Console
 from rich.markup import escape
@@ -91,7 +92,7 @@ from geovr.teacher_cache.config import to_dict
 from geovr.teacher_cache.lease import StoreLease, acquire_lease
 from geovr.teacher_cache.records import ClipFailure, write_failures, write_run_record
 from geovr.teacher_cache.schema import StoreFingerprint
-from geovr.teacher_cache.store import StoreWriter, open_store, open_writer
+from geovr.teacher_cache.store import StoreReader, StoreWriter, open_store, open_writer
 
 # Batches queued per teacher actor (and its threads): the next batch's frames are fetched, and the
 # last batch's labels stored, while the current one runs.
@@ -121,9 +122,12 @@ class _Clip:
 
 @dataclass
 class _Shard:
+    """A shard to label: `positions` of its rows in the manifest; `clips` made when it starts."""
+
     shard_id: str
-    clips: list[_Clip]
+    positions: np.ndarray
     keep_stored: bool = False
+    clips: list[_Clip] = field(default_factory=list)
     failures: list[ClipFailure] = field(default_factory=list)
     next_to_batch: int = 0  # clips before this index are resolved (decoded or failed) and batched
     forming: list[_Clip] = field(default_factory=list)
@@ -186,18 +190,25 @@ class Limits:
     teacher_resize: tuple[int, int] | None  # (long side, multiple): teacher frames resized at decode
 
 
-def check_committed_shards(
-    by_shard: dict[str, list[dict[str, Any]]], markers: dict[str, dict[str, Any]], store: Path
-) -> None:
+def write_task_options(cfg: PrecomputeConfig) -> dict[str, Any]:
+    """Ray options of the shard write task: it reserves CPUs, so the cluster bounds how many run."""
+    return {"num_cpus": cfg.write_cpus, "max_retries": 2}
+
+
+def check_committed_shards(manifest: Manifest, reader: StoreReader, store: Path) -> None:
     """Refuse to resume when a committed shard holds other clips than the manifest puts in it.
 
     That happens when the corpus was re-indexed from scratch after videos were added (shards are
     packed by sorted clip id): resuming would skip committed shards whose clip lists no longer
     match and silently leave clips unlabelled. `index --extend OLD_MANIFEST` keeps the old layout.
     """
-    for shard_id, marker in sorted(markers.items()):
-        stored = {row["clip_id"] for row in marker["clips"]}
-        wanted = {row["clip_id"] for row in by_shard.get(shard_id, [])}
+    clip_ids, by_shard = manifest.clip_ids(), manifest.shard_positions()
+    failed: dict[str, set[str]] = {}
+    for row in reader.failures():
+        failed.setdefault(row["shard_id"], set()).add(row["clip_id"])
+    for shard_id in sorted(reader.shards()):
+        stored = set(reader.shard_clip_ids(shard_id)) | failed.get(shard_id, set())
+        wanted = set(clip_ids[by_shard[shard_id]]) if shard_id in by_shard else set()
         if stored != wanted:
             raise ValueError(
                 f"{store}: committed shard {shard_id} holds {len(stored)} clips, the manifest assigns it "
@@ -328,29 +339,30 @@ class Precompute:
     def _plan(self, writer: Any) -> list[_Shard]:
         """The shards this run labels: uncommitted ones, or with --retry-failed the failed clips of committed ones."""
         committed = set(writer.committed_shards())
-        by_shard = self.manifest.shards()
+        by_shard = self.manifest.shard_positions()
         self.counts.shards_total = len(by_shard)
         reader = open_store(self.store)
-        check_committed_shards(by_shard, reader.markers, self.store)
+        check_committed_shards(self.manifest, reader, self.store)
         shards: list[_Shard] = []
         if self.retry_failed:
             failed = {f["clip_id"] for f in reader.failures()}
-            for shard_id, rows in by_shard.items():
+            clip_ids = self.manifest.clip_ids()
+            for shard_id, positions in by_shard.items():
                 if shard_id not in committed:
-                    shards.append(_Shard(shard_id, [_Clip(r) for r in rows]))
+                    shards.append(_Shard(shard_id, positions))
                     continue
-                retry = [r for r in rows if r["clip_id"] in failed]
-                if retry:
-                    shards.append(_Shard(shard_id, [_Clip(r) for r in retry], keep_stored=True))
+                retry = np.asarray([p for p in positions if clip_ids[p] in failed], dtype=np.int64)
+                if len(retry):
+                    shards.append(_Shard(shard_id, retry, keep_stored=True))
                 else:
                     self.counts.shards_skipped += 1
         else:
-            for shard_id, rows in by_shard.items():
+            for shard_id, positions in by_shard.items():
                 if shard_id in committed:
                     self.counts.shards_skipped += 1
                 else:
-                    shards.append(_Shard(shard_id, [_Clip(r) for r in rows]))
-        self.counts.clips_todo = sum(len(s.clips) for s in shards)
+                    shards.append(_Shard(shard_id, positions))
+        self.counts.clips_todo = sum(len(s.positions) for s in shards)
         return shards
 
     def limits(self, actors: int) -> Limits:
@@ -468,7 +480,7 @@ class Scheduler:
         self.encode_task = ray.remote(encode_labels).options(
             num_returns=2, num_cpus=cfg.decode_cpus, max_retries=1
         )
-        self.write_task = ray.remote(write_shard).options(num_cpus=0, max_retries=2)
+        self.write_task = ray.remote(write_shard).options(**write_task_options(cfg))
         self.fingerprint_json = writer.fingerprint.to_json()
         self.voxel_size = run.sampling.voxel_size if run.sampling.method == "space_aware" else 0.0
         self.queue: deque[_Shard] = deque()
@@ -519,6 +531,7 @@ class Scheduler:
             case Written(shard):
                 self.on_written(ref, shard)
                 self.active.remove(shard)
+                shard.clips = []  # written: the dicts of its rows go (the driver's memory stays flat)
 
     def fail(self, shard: _Shard, clip: _Clip, failure: ClipFailure) -> None:
         clip.state = "failed"
@@ -549,6 +562,7 @@ class Scheduler:
     def submit_decodes(self) -> None:
         while self.queue and len(self.active) < self.limits.max_shards:
             shard = self.queue.popleft()
+            shard.clips = [_Clip(row) for row in self.run_.manifest.take(shard.positions)]
             self.active.append(shard)
             for clip in shard.clips:
                 if clip.row["status"] != "ok":

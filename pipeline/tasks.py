@@ -364,7 +364,7 @@ def write_shard(
     stored bytes (rewritten bit for bit) beside the newly labelled ones. `lease_token`: the run's
     store lease (held by the driver), checked before the commit.
     """
-    from geovr.teacher_cache.store import open_store, open_writer
+    from geovr.teacher_cache.store import iter_committed_shard, open_writer
 
     started = time.perf_counter()
     encoded = {clip.clip_id: clip for clip in ray.get(list(encoded_refs))}
@@ -375,7 +375,7 @@ def write_shard(
     if committed and not keep_stored:  # a retried task whose first try committed
         return {"shard": shard, "clips": len(encoded), "write_s": time.perf_counter() - started}
     if keep_stored:
-        for clip in open_store(store).iter_shard_encoded(shard):
+        for clip in iter_committed_shard(Path(store), shard):
             encoded.setdefault(clip.clip_id, clip)
     # keep_stored: the new version replaces the committed one atomically (the store's commit protocol).
     record = writer.write_encoded_shard(

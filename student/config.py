@@ -168,6 +168,8 @@ class DataConfig:
             samples (random access always covers each joined sample once per epoch).
         num_workers: DataLoader worker processes per rank (0 = load in the training process).
         prefetch_factor: micro-batches prefetched per worker.
+        open_shards: shard readers each loading process keeps open (LRU; a Zarr reader costs about
+            100 KB, so the bound, not the store's size, sets a worker's memory).
         pin_memory: pin batches in page-locked memory (only used with a CUDA device).
         on_missing_clip: "skip" (count) or "error" for rows whose clip is absent or failed in the store
             (and, under `missing_labels: language_only`, whose video file is absent too).
@@ -196,6 +198,7 @@ class DataConfig:
     samples_per_epoch: int = 0
     num_workers: int = 4
     prefetch_factor: int = 4
+    open_shards: int = 64
     pin_memory: bool = True
     on_missing_clip: Literal["skip", "error"] = "skip"
     missing_labels: Literal["skip", "language_only"] = "skip"
@@ -220,6 +223,7 @@ class DataConfig:
         require(self.samples_per_epoch >= 0, "data.samples_per_epoch must be >= 0")
         require(self.num_workers >= 0, f"data.num_workers must be >= 0, got {self.num_workers}")
         require(self.prefetch_factor >= 1, f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+        require(self.open_shards >= 1, f"data.open_shards must be >= 1, got {self.open_shards}")
         require(
             0.0 <= self.max_damaged_ratio <= 1.0,
             f"data.max_damaged_ratio must be in [0, 1], got {self.max_damaged_ratio}",

@@ -696,6 +696,7 @@ class TrainLoader:
             self.batches_per_epoch = batches_per_worker * workers
         self.position = state or LoaderState()
         self._iterator: Iterator[MicroBatch] | None = None
+        self._random_loader: DataLoader | None = None
 
     def state(self) -> LoaderState:
         return LoaderState(self.position.epoch, self.position.batches)
@@ -721,11 +722,14 @@ class TrainLoader:
             loader_args["prefetch_factor"] = self.config.prefetch_factor
         if self.access == "random":
             self.sampler.set_position(epoch, done)
-            loader = DataLoader(self.dataset, batch_sampler=self.sampler, **loader_args)
-        else:
-            self.dataset.set_position(epoch, done)
-            loader = DataLoader(self.dataset, batch_size=None, **loader_args)
-        return iter(loader)
+            if self._random_loader is None:
+                # Workers persist across epochs: each opens the store once (the sampler runs here).
+                self._random_loader = DataLoader(
+                    self.dataset, batch_sampler=self.sampler, persistent_workers=workers > 0, **loader_args
+                )
+            return iter(self._random_loader)
+        self.dataset.set_position(epoch, done)
+        return iter(DataLoader(self.dataset, batch_size=None, **loader_args))
 
     def next(self) -> tuple[int, MicroBatch]:
         if self.position.batches >= self.batches_per_epoch:

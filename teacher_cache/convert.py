@@ -39,7 +39,7 @@ def convert_store(src: str | Path, dst: str | Path, format: str) -> dict[str, An
             clips = list(reader.iter_shard_encoded(shard_id))
             failures = [
                 ClipFailure.from_row(row)
-                for row in reader.markers[shard_id]["clips"]
+                for row in reader.read_marker(shard_id)["clips"]
                 if row["status"] == "failed"
             ]
             writer.write_encoded_shard(shard_id, clips, failures)

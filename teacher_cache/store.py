@@ -65,15 +65,17 @@ import re
 import shutil
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from geovr.teacher_cache.backends import FORMATS, get_backend
 from geovr.teacher_cache.backends.base import ShardReader
+from geovr.teacher_cache.clip_index import ClipIndex
 from geovr.teacher_cache.codecs import CODEC_VERSION, CodecConfig, EncodedClip, decode_clip, encode_clip
 from geovr.teacher_cache.lease import LEASE_FILE, StoreLease, acquire_lease, check_lease
-from geovr.teacher_cache.records import FAILURE_KEYS, ClipFailure
+from geovr.teacher_cache.records import ClipFailure
 from geovr.teacher_cache.schema import (
     SCHEMA_VERSION,
     ClipLabels,
@@ -94,6 +96,8 @@ DONE_DIR = "_done"
 TMP_DIR = "_tmp"
 # A superseded revision is deleted by the next writer run at least this long after the replacement.
 REVISION_GRACE_S = 3600.0
+# Shard readers a `StoreReader` keeps open (LRU); `data.open_shards` sets it for training.
+MAX_OPEN_SHARDS = 64
 _SHARD_ID = re.compile(r"^[0-9A-Za-z_-]+$")
 _SHARD_NAME = re.compile(r"^(?P<id>[0-9A-Za-z_-]+?)(?:\.r(?P<revision>[0-9]+))?$")
 
@@ -458,62 +462,94 @@ def open_shard_reader(
 
 
 class StoreReader:
-    """Reads committed shards of one store (see `open_store`)."""
+    """Reads committed shards of one store (see `open_store`).
 
-    def __init__(self, root: Path, old_layout_ok: bool = False):
+    The done markers are read once, into the compact `ClipIndex`; a pickled reader (a DataLoader
+    worker's) carries that index and no open shard. Open shard readers are kept in an LRU cache of
+    at most `max_open_shards` (each costs about 100 KB on Zarr), so a process that touches every
+    shard of a large store stays bounded.
+    """
+
+    def __init__(self, root: Path, old_layout_ok: bool = False, max_open_shards: int = MAX_OPEN_SHARDS):
+        if max_open_shards < 1:
+            raise ValueError(f"max_open_shards must be >= 1, got {max_open_shards}")
         self.root = root
         meta = read_store_json(root, old_layout_ok)
         self.fingerprint: StoreFingerprint = meta["fingerprint"]
         self.format: str = meta["format"]
         self.codecs: CodecConfig = meta["codecs"]
         self.integrity = meta["layout_version"] == LAYOUT_VERSION
-        self.markers: dict[str, dict[str, Any]] = {}
-        self._clip_shard: dict[str, str] = {}
-        for shard_id in committed_shard_ids(root):
-            marker = read_marker(root, shard_id)
-            if marker.get("schema_version") != SCHEMA_VERSION:
-                raise SchemaError(
-                    f"{root}: shard {shard_id} was written with schema version {marker.get('schema_version')}, "
-                    f"this code reads {SCHEMA_VERSION}"
-                )
-            if marker.get("fingerprint_digest") != self.fingerprint.digest():
-                raise SchemaError(f"{root}: shard {shard_id} was written under another fingerprint")
-            self.markers[shard_id] = marker
-            for row in marker["clips"]:
-                if row["status"] == "ok":
-                    self._clip_shard.setdefault(row["clip_id"], shard_id)
-        self._readers: dict[str, ShardReader] = {}
+        self.max_open_shards = max_open_shards
+        digest = self.fingerprint.digest()
+        self.index = ClipIndex(
+            ((shard_id, self._checked_marker(shard_id, digest)) for shard_id in committed_shard_ids(root)),
+            get_backend(self.format).reader_marker,
+        )
+        self._readers: OrderedDict[str, ShardReader] = OrderedDict()
+
+    def _checked_marker(self, shard_id: str, digest: str) -> dict[str, Any]:
+        marker = read_marker(self.root, shard_id)
+        if marker.get("schema_version") != SCHEMA_VERSION:
+            raise SchemaError(
+                f"{self.root}: shard {shard_id} was written with schema version {marker.get('schema_version')}, "
+                f"this code reads {SCHEMA_VERSION}"
+            )
+        if marker.get("fingerprint_digest") != digest:
+            raise SchemaError(f"{self.root}: shard {shard_id} was written under another fingerprint")
+        return marker
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without open shards (a DataLoader worker opens its own)."""
+        return {**self.__dict__, "_readers": OrderedDict()}
+
+    def detached(self) -> StoreReader:
+        """A reader of the same store sharing this one's clip index, with no open shard: what a
+        loader worker opens (pickled with it, so no worker reads a marker)."""
+        copy = object.__new__(StoreReader)
+        copy.__dict__.update(self.__getstate__())
+        return copy
 
     def shards(self) -> list[str]:
-        return list(self.markers)
+        return list(self.index.shard_ids)
 
     def clip_ids(self) -> list[str]:
-        return list(self._clip_shard)
+        return self.index.clip_ids()
+
+    def shard_clip_ids(self, shard_id: str) -> list[str]:
+        """The shard's stored clip ids in order (its failed clips are in `failures()`)."""
+        return self.index.shard_clip_ids(shard_id)
+
+    def read_marker(self, shard_id: str) -> dict[str, Any]:
+        """The shard's whole done marker, read from disk now (the reader keeps only `index`)."""
+        if shard_id not in self.index:
+            raise KeyError(f"{self.root}: no committed shard {shard_id!r}")
+        return read_marker(self.root, shard_id)
 
     def failures(self) -> list[dict[str, Any]]:
         """Failure rows of every committed shard: {"clip_id", "video", "stage", "reason", "shard_id"}."""
-        return [
-            {**{k: row[k] for k in FAILURE_KEYS}, "shard_id": shard_id}
-            for shard_id, marker in self.markers.items()
-            for row in marker["clips"]
-            if row["status"] == "failed"
-        ]
+        return [dict(row) for row in self.index.failures]
 
     def shard_reader(self, shard_id: str) -> ShardReader:
-        if shard_id not in self.markers:
+        if shard_id not in self.index:
             raise KeyError(f"{self.root}: no committed shard {shard_id!r}")
-        if shard_id not in self._readers:
-            try:
-                reader = self._open_shard(shard_id)
-            except DamagedShardError:
-                if not self._marker_moved(shard_id):
-                    raise
-                reader = self._open_shard(shard_id)
-            self._readers[shard_id] = reader
-        return self._readers[shard_id]
+        reader = self._readers.get(shard_id)
+        if reader is not None:
+            self._readers.move_to_end(shard_id)
+            return reader
+        try:
+            reader = self._open_shard(shard_id)
+        except DamagedShardError:
+            if not self._marker_moved(shard_id):
+                raise
+            reader = self._open_shard(shard_id)
+        self._readers[shard_id] = reader
+        while len(self._readers) > self.max_open_shards:
+            self._readers.popitem(last=False)
+        return reader
 
     def _open_shard(self, shard_id: str) -> ShardReader:
-        return open_shard_reader(self.root, self.format, shard_id, self.markers[shard_id], self.integrity)
+        marker = self.index.reader_marker(shard_id)
+        return open_shard_reader(self.root, self.format, shard_id, marker, self.integrity)
 
     def _marker_moved(self, shard_id: str) -> bool:
         """Re-read the shard's marker; True (and this reader follows it) when a replacement committed
@@ -522,17 +558,17 @@ class StoreReader:
             marker = read_marker(self.root, shard_id)
         except (OSError, SchemaError):
             return False
-        if marker.get("revision", 0) == self.markers[shard_id].get("revision", 0):
+        if int(marker.get("revision", 0)) == self.index.revision(shard_id):
             return False
-        self.markers[shard_id] = marker
+        self.index.update(shard_id, marker)
         self._readers.pop(shard_id, None)
         return True
 
     def read_encoded(self, clip_id: str) -> EncodedClip:
         """The clip as stored; `DamagedClipError` when its data is missing or fails a check."""
-        if clip_id not in self._clip_shard:
+        shard_id = self.index.shard_of(clip_id)
+        if shard_id is None:
             raise KeyError(f"{self.root}: no clip {clip_id!r} in the committed shards")
-        shard_id = self._clip_shard[clip_id]
         try:
             return self._read_current(shard_id, clip_id)
         except DamagedClipError:
@@ -567,7 +603,7 @@ class StoreReader:
             yield item
 
     def _iter_current(self, shard_id: str) -> Iterator[EncodedClip | DamagedClipError]:
-        rows = [r["clip_id"] for r in self.markers[shard_id]["clips"] if r["status"] == "ok"]
+        rows = self.index.shard_clip_ids(shard_id)
         if not rows:
             return
         try:
@@ -593,7 +629,27 @@ class StoreReader:
             yield from self.iter_shard(shard_id)
 
 
-def open_store(path: str | Path, old_layout_ok: bool = False) -> StoreReader:
+def iter_committed_shard(root: Path, shard_id: str) -> Iterator[EncodedClip]:
+    """The stored clips of one committed shard in order, from store.json and that shard's marker only:
+    rewriting one shard (precompute --retry-failed) costs the same in a store of any size. Raises
+    `SchemaError` for another schema version or fingerprint, `DamagedClipError` at a damaged clip."""
+    meta = read_store_json(root)
+    marker = read_marker(root, shard_id)
+    if (
+        marker.get("schema_version") != SCHEMA_VERSION
+        or marker.get("fingerprint_digest") != meta["fingerprint"].digest()
+    ):
+        raise SchemaError(f"{root}: shard {shard_id} was written under another schema or fingerprint")
+    try:
+        reader = open_shard_reader(root, meta["format"], shard_id, marker)
+    except DamagedShardError as err:
+        raise err.for_clip(next((r["clip_id"] for r in marker["clips"]), "?")) from None
+    yield from reader
+
+
+def open_store(
+    path: str | Path, old_layout_ok: bool = False, max_open_shards: int = MAX_OPEN_SHARDS
+) -> StoreReader:
     """Open a store for reading (format from store.json; `SchemaError` for another schema version or,
-    unless `old_layout_ok`, an old layout)."""
-    return StoreReader(Path(path), old_layout_ok)
+    unless `old_layout_ok`, an old layout). `max_open_shards`: shard readers kept open (LRU)."""
+    return StoreReader(Path(path), old_layout_ok, max_open_shards)

@@ -1,15 +1,20 @@
-"""`verify_store` (checksums, schema, every committed shard opens and every clip decodes) and
-`store_stats` (clips, frames, failures, bytes per field per frame, from the done markers)."""
+"""`verify_store` (checksums, schema, every committed shard opens and every clip decodes; in
+parallel, or quick without reading payloads) and `store_stats` (clips, frames, failures, bytes per field per frame, from the done markers)."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from geovr.teacher_cache.backends import get_backend
-from geovr.teacher_cache.codecs import CODEC_VERSION, FIELDS, decode_clip
+from geovr.teacher_cache.codecs import CODEC_VERSION, FIELDS, EncodedClip, decode_clip
 from geovr.teacher_cache.schema import SCHEMA_VERSION
 from geovr.teacher_cache.store import (
     DONE_DIR,
@@ -52,8 +57,41 @@ class VerifyReport:
         return sorted({where for where, _ in self.problems if where != "store"})
 
 
-def verify_store(path: str | Path) -> VerifyReport:
-    """Check the store at `path` completely; never raises for a damaged store (see `VerifyReport`)."""
+@dataclass
+class ShardCheck:
+    """What checking one committed shard found: `name` of its data in the store root, `problems`,
+    and the (clip id, frames) it decoded (full mode) or its marker lists (quick mode)."""
+
+    shard_id: str
+    name: str
+    problems: list[str]
+    clips: list[tuple[str, int]]
+
+
+# Shards per task of the parallel verify: few enough for an even spread and a live ETA, many enough
+# that a task's start-up is small beside its work (a tiny shard checks in a few ms).
+SHARDS_PER_TASK = 16
+
+# (the shard-checking function, batches of shard ids) -> the results of each batch, in any order.
+BatchMap = Callable[[Callable[[list[str]], list[ShardCheck]], list[list[str]]], Iterable[list[ShardCheck]]]
+
+
+def verify_store(
+    path: str | Path,
+    quick: bool = False,
+    workers: int | None = None,
+    map_batches: BatchMap | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> VerifyReport:
+    """Check the store at `path`; never raises for a damaged store (see `VerifyReport`).
+
+    Full: every marker against its shard's files (sizes and sha256), every shard opens, every clip
+    decodes and matches its marker. `quick`: markers, file sizes and each shard's metadata (the
+    zarr.json checksum and clip index, or the marker's rows), no payload read. Each marker is read
+    once. The shards are checked in parallel in batches: by `map_batches` (e.g. Ray tasks), else in
+    `workers` local processes (default: the CPUs this process may use; 1 checks in this process).
+    `on_progress(shards_done, shards_total)` after each batch.
+    """
     root = Path(path)
     report = VerifyReport(path=str(root))
     try:
@@ -61,36 +99,104 @@ def verify_store(path: str | Path) -> VerifyReport:
     except (OSError, ValueError) as err:
         report.problems.append(("store", str(err)))
         return report
-    store_format, digest = meta["format"], meta["fingerprint"].digest()
+    store_format = meta["format"]
     integrity = meta["layout_version"] == LAYOUT_VERSION
     if not integrity:
         report.warnings.append(
             f"store layout version {meta['layout_version']} has no per-chunk checksums: train refuses it; "
             f"upgrade it with `geovr-pipeline cache convert {root} NEW_STORE --format {store_format}`"
         )
-
     shard_ids = committed_shard_ids(root)
-    good: list[str] = []
-    committed_names: set[str] = set()
-    for shard_id in shard_ids:
-        report.shards_checked += 1
-        problems, name = _check_shard_files(root, store_format, digest, shard_id)
-        report.problems += [(shard_id, p) for p in problems]
-        committed_names.add(name)
-        if not problems:
-            good.append(shard_id)
-
-    _check_decodes(root, store_format, good, report, integrity)
-    _find_leftovers(root, store_format, committed_names, report)
+    batches = [shard_ids[i : i + SHARDS_PER_TASK] for i in range(0, len(shard_ids), SHARDS_PER_TASK)]
+    check = partial(
+        check_shards, root, store_format, meta["fingerprint"].digest(), integrity=integrity, quick=quick
+    )
+    if map_batches is None:
+        map_batches = partial(local_map, workers or len(os.sched_getaffinity(0)))
+    results: list[ShardCheck] = []
+    for batch in map_batches(check, batches):
+        results += batch
+        if on_progress is not None:
+            on_progress(len(results), len(shard_ids))
+    _collect(sorted(results, key=lambda r: r.shard_id), report, quick)
+    _find_leftovers(root, store_format, {r.name for r in results}, report)
     return report
 
 
-def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str) -> tuple[list[str], str]:
-    """(problems, name of the committed shard data in the store root)."""
+def local_map(
+    workers: int, check: Callable[[list[str]], list[ShardCheck]], batches: list[list[str]]
+) -> Iterator[list[ShardCheck]]:
+    """`check` over `batches` in `workers` spawned processes (in this one when `workers` is 1)."""
+    if workers <= 1 or len(batches) <= 1:
+        yield from map(check, batches)
+        return
+    # spawn: zarr runs an event-loop thread, which a fork would copy in an unknown state.
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(check, batch) for batch in batches]
+        for future in as_completed(futures):
+            yield future.result()
+
+
+def _collect(results: list[ShardCheck], report: VerifyReport, quick: bool) -> None:
+    """Add the shard checks to the report, and find clips stored in two shards."""
+    seen: dict[str, str] = {}
+    for result in results:
+        report.shards_checked += 1
+        report.problems += [(result.shard_id, p) for p in result.problems]
+        if result.problems:
+            continue
+        for clip_id, frames in result.clips:
+            if clip_id in seen:
+                report.problems.append((result.shard_id, f"clip {clip_id} is also in shard {seen[clip_id]}"))
+            seen[clip_id] = result.shard_id
+            report.clips_checked += 1
+            report.frames_checked += 0 if quick else frames
+
+
+def check_shards(
+    root: Path, store_format: str, digest: str, shard_ids: list[str], integrity: bool, quick: bool
+) -> list[ShardCheck]:
+    """Check each shard of `shard_ids` (one task of `verify_store`)."""
+    return [_check_shard(root, store_format, digest, s, integrity, quick) for s in shard_ids]
+
+
+def _check_shard(
+    root: Path, store_format: str, digest: str, shard_id: str, integrity: bool, quick: bool
+) -> ShardCheck:
     try:
         marker = read_marker(root, shard_id)
     except (OSError, ValueError) as err:
-        return [str(err)], shard_path(root, store_format, shard_id).name
+        return ShardCheck(shard_id, shard_path(root, store_format, shard_id).name, [str(err)], [])
+    problems, name = _check_shard_files(root, store_format, digest, shard_id, marker, quick)
+    if problems:
+        return ShardCheck(shard_id, name, problems, [])
+    expected = [(r["clip_id"], r["num_frames"]) for r in marker["clips"] if r["status"] == "ok"]
+    if not expected:
+        return ShardCheck(shard_id, name, [], [])
+    try:
+        reader = open_shard_reader(root, store_format, shard_id, marker, integrity)
+        # Quick: the shard's own clip index (Zarr: its checksummed zarr.json) against the marker.
+        found = expected if quick else [_decoded(encoded) for encoded in reader]
+        held = reader.clip_ids() if quick else [c for c, _ in found]
+    except Exception as err:  # any failure to open or decode names the shard
+        return ShardCheck(shard_id, name, [f"does not decode: {type(err).__name__}: {err}"], [])
+    if held != [c for c, _ in expected] or found != expected:
+        holds = held if quick else found
+        return ShardCheck(shard_id, name, [f"holds clips {holds}, marker lists {expected}"], [])
+    return ShardCheck(shard_id, name, [], found)
+
+
+def _decoded(encoded: EncodedClip) -> tuple[str, int]:
+    clip = decode_clip(encoded)
+    clip.validate()
+    return clip.clip_id, clip.num_frames
+
+
+def _check_shard_files(
+    root: Path, store_format: str, digest: str, shard_id: str, marker: dict[str, Any], quick: bool
+) -> tuple[list[str], str]:
+    """(problems, name of the committed shard data in the store root): the marker's own fields, and
+    every file it lists against the shard's files (sizes; the sha256 too unless `quick`)."""
     expected = {
         "shard_id": shard_id,
         "format": store_format,
@@ -112,40 +218,10 @@ def _check_shard_files(root: Path, store_format: str, digest: str, shard_id: str
             problems.append(f"file {name} is missing")
         elif file.stat().st_size != info["bytes"]:
             problems.append(f"file {name} has {file.stat().st_size} bytes, marker says {info['bytes']}")
-        elif sha256_file(file) != info["sha256"]:
+        elif not quick and sha256_file(file) != info["sha256"]:
             problems.append(f"file {name} fails its sha256 checksum")
     problems += [f"file {name} is not listed in the marker" for name in sorted(set(present) - set(listed))]
     return problems, path.name
-
-
-def _check_decodes(
-    root: Path, store_format: str, shard_ids: list[str], report: VerifyReport, integrity: bool
-) -> None:
-    """Open every checksum-clean shard, stream and decode every clip, compare with its marker."""
-    seen: dict[str, str] = {}
-    for shard_id in shard_ids:
-        marker = read_marker(root, shard_id)
-        expected = [(r["clip_id"], r["num_frames"]) for r in marker["clips"] if r["status"] == "ok"]
-        if not expected:
-            continue
-        try:
-            decoded = []
-            for encoded in open_shard_reader(root, store_format, shard_id, marker, integrity):
-                clip = decode_clip(encoded)
-                clip.validate()
-                decoded.append((clip.clip_id, clip.num_frames))
-        except Exception as err:  # any failure to open or decode names the shard
-            report.problems.append((shard_id, f"does not decode: {type(err).__name__}: {err}"))
-            continue
-        if decoded != expected:
-            report.problems.append((shard_id, f"holds clips {decoded}, marker lists {expected}"))
-            continue
-        for clip_id, frames in decoded:
-            if clip_id in seen:
-                report.problems.append((shard_id, f"clip {clip_id} is also in shard {seen[clip_id]}"))
-            seen[clip_id] = shard_id
-            report.clips_checked += 1
-            report.frames_checked += frames
 
 
 def _find_leftovers(root: Path, store_format: str, committed_names: set[str], report: VerifyReport) -> None:
@@ -175,7 +251,8 @@ def store_stats(path: str | Path) -> dict[str, Any]:
     reader = StoreReader(Path(path))
     totals: Counter[str] = Counter({name: 0 for name in (*FIELDS, "metadata")})
     frames = clips = 0
-    for marker in reader.markers.values():
+    for shard_id in reader.shards():
+        marker = reader.read_marker(shard_id)
         totals.update(marker["bytes"])
         frames += marker["num_frames"]
         clips += marker["num_clips"]
@@ -185,7 +262,7 @@ def store_stats(path: str | Path) -> dict[str, Any]:
         "path": str(path),
         "format": reader.format,
         "fingerprint_digest": reader.fingerprint.digest(),
-        "shards": len(reader.markers),
+        "shards": len(reader.shards()),
         "clips": clips,
         "frames": frames,
         "failures": len(failures),

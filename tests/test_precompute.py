@@ -359,11 +359,11 @@ while not os.path.exists(stop):
         reader = open_store(store)
         time.sleep(1.0)
         for shard in reader.shards():
-            marker = reader.markers[shard]
+            listed, revision = len(reader.shard_clip_ids(shard)), reader.index.revision(shard)
             read = [clip.clip_id for clip in reader.iter_shard_encoded(shard)]
-            if len(read) != marker["num_clips"]:
-                errors.append(f"shard {shard}: read {len(read)} clips, its marker lists {marker['num_clips']}")
-            revisions.add(marker.get("revision", 0))
+            if len(read) != listed:
+                errors.append(f"shard {shard}: read {len(read)} clips, its marker lists {listed}")
+            revisions.add(revision)
         polls += 1
     except Exception as err:
         errors.append(f"{type(err).__name__}: {err}")
@@ -448,12 +448,12 @@ def test_nonfinite_teacher_output_is_said_once_and_stops_the_run(cluster: str, w
 def test_resume_refuses_a_changed_shard_layout(work: Path, tmp_path: Path) -> None:
     """A manifest re-packed into other shards cannot resume store_a (needs no cluster: checked from markers)."""
     build_manifest([work / "corpus" / "videos"], tmp_path / "m2.parquet", TINY, clips_per_shard=2, workers=1)
-    markers = open_store(work / "store_a").markers
-    check_committed_shards(read_manifest(work / "m.parquet").shards(), markers, work / "store_a")
+    reader = open_store(work / "store_a")
+    check_committed_shards(read_manifest(work / "m.parquet"), reader, work / "store_a")
     with pytest.raises(
         ValueError, match=r"committed shard 000000 holds 1 clips, the manifest assigns it 2.*--extend"
     ):
-        check_committed_shards(read_manifest(tmp_path / "m2.parquet").shards(), markers, work / "store_a")
+        check_committed_shards(read_manifest(tmp_path / "m2.parquet"), reader, work / "store_a")
 
 
 def read_failures(store: Path) -> dict[str, dict]:

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import typer
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from geovr.app.cli import STAGE_1, app
 from geovr.teacher_cache.backends import FORMATS
@@ -18,12 +28,36 @@ app.add_typer(cache_app, name="cache", rich_help_panel=STAGE_1)
 
 
 @cache_app.command("verify")
-def verify(store: Path = typer.Argument(..., help="Store directory.")) -> None:
-    """Check every checksum, the schema, and that every committed shard opens and every clip decodes.
-    Exit status 1 on any problem; each bad shard is named."""
+def verify(
+    store: Path = typer.Argument(..., help="Store directory."),
+    quick: bool = typer.Option(
+        False,
+        "--quick",
+        help="Markers, file sizes and shard metadata only: no payload is read or checksummed.",
+    ),
+    workers: int = typer.Option(0, help="Local processes checking shards (0: one per CPU available)."),
+    ray_address: str = typer.Option(
+        None,
+        help="Check shards as tasks on this Ray cluster ('local': start one) instead of local processes.",
+    ),
+) -> None:
+    """Check every checksum, the schema, and that every committed shard opens and every clip decodes
+    (--quick: no payload read). Exit status 1 on any problem; each bad shard is named."""
     from geovr.teacher_cache.verify import verify_store
 
-    report = verify_store(store)
+    with Progress(
+        TextColumn("verify {task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(str(store), total=None)
+
+        def on_progress(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        if ray_address is None:
+            report = verify_store(store, quick, workers or None, on_progress=on_progress)
+        else:
+            report = _verify_on_ray(store, quick, ray_address, on_progress)
     for warning in report.warnings:
         typer.echo(f"warning: {warning}")
     for where, problem in report.problems:
@@ -37,10 +71,36 @@ def verify(store: Path = typer.Argument(..., help="Store directory.")) -> None:
         status = "FAILED (the store itself, see above)"
     typer.echo(
         f"{status}: {report.shards_checked} shards, {report.clips_checked} clips, "
-        f"{report.frames_checked} frames checked in {store}"
+        f"{report.frames_checked} frames checked in {store}" + (" (quick: no payload read)" if quick else "")
     )
     if not report.ok:
         raise typer.Exit(1)
+
+
+def _call(check: Callable[[list[str]], Any], batch: list[str]) -> Any:
+    return check(batch)
+
+
+def _verify_on_ray(store: Path, quick: bool, address: str, on_progress: Callable[[int, int], None]) -> Any:
+    """`verify_store` with each batch of shards as a Ray task (the store must be on a shared filesystem)."""
+    import ray
+
+    from geovr.pipeline.precompute import connect_ray
+    from geovr.teacher_cache.verify import verify_store
+
+    def ray_map(check: Callable, batches: list[list[str]]) -> Iterator[Any]:
+        task = ray.remote(_call).options(num_cpus=1)
+        pending = [task.remote(check, batch) for batch in batches]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield ray.get(done[0])
+
+    started = connect_ray(address)
+    try:
+        return verify_store(store, quick, map_batches=ray_map, on_progress=on_progress)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @cache_app.command("stats")

@@ -22,7 +22,6 @@ import json
 import math
 import time
 from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +90,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(inputs.run_dir, env, cfg.keep_last)
         removed = self.checkpoints.remove_partial()
         resume_from = self._resume_point()
-        self.store = open_store(inputs.store)
+        self.store = open_store(inputs.store, max_open_shards=data_cfg.open_shards)
         self.samples, self.report = join_qa(inputs.qa, self.store, data_cfg)
         self._plan_batches()
         self._build_model(student_cfg, resume_from)
@@ -272,7 +271,7 @@ class Trainer:
             fusion_layer=student_cfg.fusion_layer_index if student_cfg.fusion else None,
         )
         self.loader = TrainLoader(
-            self.samples, store, partial(open_store, self.inputs.store), builder,
+            self.samples, store, store.detached, builder,
             student_collator(builder, data_cfg.max_batch_tokens), data_cfg, env.rank, env.world_size,
             self.cfg.seed, device_is_cuda=env.device.type == "cuda",
         )  # fmt: skip

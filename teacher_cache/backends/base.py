@@ -68,6 +68,11 @@ class StoreBackend(Protocol):
         """
         ...
 
+    def reader_marker(self, marker: dict[str, Any]) -> dict[str, Any]:
+        """The entries of a done marker that `open_reader` uses (kept per shard in the store's
+        compact clip index, `clip_index.ClipIndex`, instead of the whole marker)."""
+        ...
+
     def open_reader(
         self, path: Path, store: str, shard_id: str, marker: dict[str, Any], integrity: bool
     ) -> ShardReader:

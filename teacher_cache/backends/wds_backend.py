@@ -307,6 +307,16 @@ class WdsBackend:
     ) -> dict[str, Any]:
         return write_shard(path, clips, zstd_level, integrity)
 
+    def reader_marker(self, marker: dict[str, Any]) -> dict[str, Any]:
+        """The stored clips' rows: each sample's byte span and header crc32c."""
+        return {
+            "clips": [
+                {"clip_id": r["clip_id"], "status": "ok", "location": r["location"]}
+                for r in marker["clips"]
+                if r["status"] == "ok"
+            ]
+        }
+
     def open_reader(
         self, path: Path, store: str, shard_id: str, marker: dict[str, Any], integrity: bool
     ) -> WdsShardReader:
