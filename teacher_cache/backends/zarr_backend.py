@@ -322,7 +322,9 @@ class ZarrShardReader:
         """Every array of a geometry subgroup read whole (its chunks checked as for `read`), or None
         when one fails (the caller then reads clip by clip, to name the damaged clips)."""
         group = self._geometry_arrays(geometry)
-        names = [*_FRAME_ARRAY_NAMES, *_CLIP_ARRAY_NAMES, "jpeg_offsets", "jpeg_bytes"]
+        # The optional fields' arrays (fusion) exist only in the geometries that hold them.
+        fields = [name for name in (*_FRAME_ARRAY_NAMES, *_CLIP_ARRAY_NAMES) if name in group]
+        names = [*fields, "jpeg_offsets", "jpeg_bytes"]
 
         async def gather() -> list[Any]:
             reads = (group[name].async_array.getitem(slice(None)) for name in names)
@@ -332,7 +334,7 @@ class ZarrShardReader:
         if any(isinstance(v, Exception) for v in values):
             return None
         *arrays, offsets, data = (np.asarray(v) for v in values)
-        return dict(zip(names, arrays, strict=False)), offsets, data.tobytes()
+        return dict(zip(fields, arrays, strict=True)), offsets, data.tobytes()
 
     def iter_checked(self) -> Iterator[EncodedClip | DamagedClipError]:
         """Every clip in order, or the error that says why it cannot be read (the rest still follow).
@@ -353,8 +355,10 @@ class ZarrShardReader:
             arrays, offsets, data = whole[geometry]
             start, stop = row["frame_offset"], row["frame_offset"] + row["num_frames"]
             # Copies: a clip must not keep its whole subgroup alive (a shuffle buffer holds many clips).
-            clip_arrays = {n: np.array(arrays[n][start:stop]) for n in _FRAME_ARRAY_NAMES}
-            clip_arrays |= {n: np.array(arrays[n][row["clip_index"]]) for n in _CLIP_ARRAY_NAMES}
+            clip_arrays = {n: np.array(arrays[n][start:stop]) for n in _FRAME_ARRAY_NAMES if n in arrays}
+            clip_arrays |= {
+                n: np.array(arrays[n][row["clip_index"]]) for n in _CLIP_ARRAY_NAMES if n in arrays
+            }
             yield self._clip(
                 clip_id,
                 row,
