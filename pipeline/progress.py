@@ -29,6 +29,8 @@ class RunCounts:
     frames: int = 0  # frames labelled (kept frames of stored clips)
     clips_split: int = 0
     clips_without_scale: int = 0  # stored with scale_valid False (no metric teacher, or too few pixels)
+    clips_ground_truth: int = 0  # ground-truth label source: clips whose chosen fields came from RGB-D
+    clips_gt_fallback: int = 0  # ground-truth label source: clips without usable RGB-D, teacher labels kept
     failures_by_stage: dict[str, int] = field(default_factory=dict)
 
 
@@ -102,6 +104,10 @@ def summary_table(counts: RunCounts, timings: dict[str, float], failure_ratio: f
         *((f"  failed at {stage}", f"{n}") for stage, n in sorted(counts.failures_by_stage.items())),
         ("clips split for the teacher", f"{counts.clips_split}"),
         ("clips without a metric scale", f"{counts.clips_without_scale}"),
+        (
+            "clips with ground-truth labels / teacher fallback",
+            f"{counts.clips_ground_truth} / {counts.clips_gt_fallback}",
+        ),
         ("frames labelled", f"{counts.frames}"),
         ("store failure ratio", f"{failure_ratio:.3f}"),
         ("clips/s", f"{done / wall:.2f}"),
