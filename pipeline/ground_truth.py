@@ -26,6 +26,7 @@ by more than half a frame, the video is rotated, a sampled frame has no pose, or
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from geovr.teacher_cache.geometry import (
     resample_depth_nearest,
     resize_intrinsic,
 )
+from geovr.teacher_cache.schema import ClipLabels
 
 LABEL_FIELDS = ("depth", "camera", "scale")
 # The fields of the teacher's label dict each choice replaces.
@@ -217,3 +219,18 @@ def with_ground_truth(
         return GroundTruthResult(labels, teacher, str(err), problem=True)
     chosen = {name: sources.get(name, "teacher") for name in LABEL_FIELDS}
     return GroundTruthResult(apply_ground_truth(labels, truth, chosen), chosen)
+
+
+def ground_truth_clip(labels: ClipLabels, corpus_root: str | Path) -> ClipLabels | None:
+    """A stored clip with its depth, cameras and scale replaced by its ground truth, in the same
+    conventions (for comparisons: `eval label-quality`, `eval geometry --corpus-root`); None when its
+    video has no RGB-D folder; `GroundTruthError` when the folder is unusable."""
+    folder = find_rgbd(corpus_root, labels.video, labels.meta.get("rgbd"))
+    if folder is None:
+        return None
+    frames = clip_frames(labels.meta, labels.frame_indices, labels.timestamps, labels.depth.shape[1:])
+    truth = clip_ground_truth(folder, frames)
+    fields = {key: truth[key] for name in LABEL_FIELDS for key in REPLACED[name]}
+    return dataclasses.replace(
+        labels, **fields, meta={**labels.meta, "label_sources": dict.fromkeys(LABEL_FIELDS, "gt")}
+    )

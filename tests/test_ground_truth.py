@@ -7,6 +7,7 @@ The worked example's values were computed by hand (notes of issue 16, section 1.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from geovr.corpus.rgbd import RGBDError, read_rgbd, rgbd_dir_for, write_rgbd
 from geovr.corpus.synth import load_scene_gt, read_corpus
 from geovr.pipeline.ground_truth import ClipFrames, GroundTruthError, clip_ground_truth, ground_truth_labels
 from geovr.teacher_cache.codecs import decode_depth, encode_depth
-from geovr.teacher_cache.geometry import normalize_clip, resize_intrinsic, unproject_to_world
+from geovr.teacher_cache.geometry import mat_to_quat, normalize_clip, resize_intrinsic, unproject_to_world
 
 
 def test_reader_gives_the_synthetic_scene_exactly(synth_corpus: Path) -> None:
@@ -224,3 +225,78 @@ def test_encode_task_takes_ground_truth_fields_and_counts_a_fallback(
     status, encoded = encode_labels(other, info, teacher, CodecConfig(), ground_truth)
     assert status["ok"] and status["gt_fallback"] == "no RGB-D folder" and not status["gt_problem"]
     assert decode_encoded(encoded).meta["label_sources"] == dict.fromkeys(sources, "teacher")
+
+
+# ---------------------------------------------------------------------------------------------
+# eval label-quality
+
+
+def _ground_truth_store(corpus: Path, root: Path, perturb: bool = False) -> Path:
+    """A store whose labels are the ground truth of the two synthetic scenes (perturb: frame 2's depth
+    has its top half doubled and the last camera turned by 40 degrees), plus a clip without RGB-D."""
+    from geovr.teacher_cache.schema import StoreFingerprint
+    from geovr.teacher_cache.store import open_writer
+    from tests.helpers import clip_labels
+
+    picked, teacher_hw, depth_hw = np.array([0, 3, 6, 9, 11]), (84, 112), (42, 56)
+    clips = []
+    for n, scene_id in enumerate(read_corpus(corpus)["scenes"]):
+        gt = load_scene_gt(corpus, scene_id)
+        frames = ClipFrames(picked, gt.timestamps[picked], 12, gt.fps, 0, teacher_hw, depth_hw, (120, 160))
+        truth = clip_ground_truth(rgbd_dir_for(gt.video), frames)
+        if perturb:
+            truth["depth"][2, :21] *= 2.0
+            turn = torch.tensor([[0.766, 0.0, 0.643], [0.0, 1.0, 0.0], [-0.643, 0.0, 0.766]])
+            truth["extrinsic"][-1, :, :3] = (turn @ torch.from_numpy(truth["extrinsic"][-1, :, :3])).numpy()
+            truth["pose_enc"][-1, 3:7] = mat_to_quat(torch.from_numpy(truth["extrinsic"][-1, :, :3])).numpy()
+        meta = {
+            "source_size": [160, 120],
+            "source_frames": 12,
+            "source_fps": gt.fps,
+            "rotation": 0,
+            "teacher_size": [112, 84],
+        }
+        clips.append(clip_labels(
+            5, clip_id=f"{n:016d}", video=f"videos/{scene_id}.mp4", depth_hw=depth_hw, frame_indices=picked,
+            timestamps=gt.timestamps[picked], meta=meta, **{k: v for k, v in truth.items()},
+        ))  # fmt: skip
+    clips.append(clip_labels(5, clip_id="f" * 16, video="other/none.mp4", depth_hw=depth_hw))
+    fingerprint = StoreFingerprint("ground-truth", "00" * 32, {}, "", {}, {}, (0, 1, 2, 3))
+    with open_writer(root, fingerprint, "zarr") as writer:
+        writer.write_shard("000000", clips, [])
+    return root
+
+
+def test_label_quality_of_ground_truth_labels_is_perfect(synth_corpus: Path, tmp_path: Path) -> None:
+    """Labels equal to the ground truth: AbsRel 0 (to the depth codec's precision), delta1 1, AUC@30 1,
+    scale error 0; the clip without RGB-D is counted; the command writes its three files."""
+    from typer.testing import CliRunner
+
+    from geovr.app import commands  # noqa: F401  (registers the CLI commands)
+    from geovr.app.cli import app
+
+    store = _ground_truth_store(synth_corpus, tmp_path / "store")
+    out = tmp_path / "quality"
+    result = CliRunner().invoke(app, ["eval", "label-quality", "--store", str(store), "--corpus-root", str(synth_corpus), "--out", str(out)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "label_quality.json").read_text())
+    assert report["num_clips"] == 2 and report["clips_without_ground_truth"] == 1
+    metrics = report["metrics"]
+    assert metrics["depth_abs_rel"] < 5e-4 and metrics["depth_delta1"] == 1.0
+    assert metrics["pose_auc30"] == 1.0 and metrics["rotation_error_deg"] < 0.05
+    assert metrics["scale_log_error"] < 1e-9
+    assert set(report["datasets"]) == {"videos"} and (out / "label_quality.png").stat().st_size > 0
+    assert "| videos |" in (out / "label_quality.md").read_text()
+
+
+def test_label_quality_sees_wrong_depth_and_cameras(synth_corpus: Path, tmp_path: Path) -> None:
+    """A depth frame with half its rows doubled and a camera turned by 40 degrees show up: AbsRel and
+    rotation error grow, AUC@30 drops below 1 (each pair with the turned camera is off by 40 degrees)."""
+    from geovr.eval.label_quality import label_quality
+
+    store = _ground_truth_store(synth_corpus, tmp_path / "store", perturb=True)
+    report = label_quality(store, synth_corpus, tmp_path / "quality")
+    metrics = report["metrics"]
+    assert 0.05 < metrics["depth_abs_rel"] < 0.5 and metrics["depth_delta1"] < 0.95
+    assert metrics["pose_auc30"] == pytest.approx(6 / 10, abs=0.02)  # 4 of 10 pairs hold the turned camera
+    assert metrics["rotation_error_deg"] == pytest.approx(4 / 10 * 40.0, abs=0.5)
