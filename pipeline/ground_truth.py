@@ -82,10 +82,13 @@ class ClipFrames:
 
 
 def find_rgbd(corpus_root: str | Path, video: str, explicit: str | None = None) -> Path | None:
-    """The RGB-D folder of `video` (relative to `corpus_root`): `explicit` (relative to the root, or
-    absolute) when given, else the naming rule (`corpus.rgbd.rgbd_dir_for`); None when there is none."""
+    """The RGB-D folder of `video` (relative to `corpus_root`): `explicit` (the manifest's `rgbd`
+    column: relative to the root, or absolute; "" = none) when given, else the naming rule
+    (`corpus.rgbd.rgbd_dir_for`, for manifests without the column); None when there is none."""
+    if explicit == "":
+        return None
     root = Path(corpus_root)
-    path = root / explicit if explicit else rgbd_dir_for(root / video)
+    path = root / explicit if explicit is not None else rgbd_dir_for(root / video)
     return path if is_rgbd_dir(path) else None
 
 

@@ -34,7 +34,9 @@ Manifest rows, one per clip (all probed fields null when the video failed):
   clip_id, video (relative path), shard, status ("ok" | "missing" | "broken-link" | "symlink-loop" |
   "not-a-file" | "unreadable" | "empty" | "corrupt" | "no-video-stream" | "too-short"), reason (the
   detail message, "" when ok), width, height,
-  num_frames, fps, duration_s, variable_frame_rate, codec, pix_fmt, num_qa_rows.
+  num_frames, fps, duration_s, variable_frame_rate, codec, pix_fmt, num_qa_rows, rgbd (the paired
+  RGB-D folder, "" when none), rgbd_status (`pipeline.rgbd_pairing`; a QA row may name its video's
+  folder under "rgbd").
 Parquet schema metadata key `geovr` (JSON): format_version, corpus_root (absolute), sampling
 (the policy dict), clips_per_shard, sources.
 """
@@ -56,10 +58,12 @@ import pyarrow.parquet as pq
 from geovr.corpus.config import SamplingConfig
 from geovr.corpus.video import VideoError, is_video_file, probe_video
 from geovr.pipeline.config import CLIPS_PER_SHARD, MAX_PROBE_WORKERS
+from geovr.pipeline.rgbd_pairing import pair_rgbd
 from geovr.teacher_cache.qa import QARowError, normalise_video, read_rows, video_of
 from geovr.teacher_cache.schema import clip_id_for
 
 MANIFEST_FORMAT_VERSION = 1
+OPTIONAL_COLUMNS = {"rgbd", "rgbd_status"}  # absent from older manifests: read as absent from the rows
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -77,6 +81,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("codec", pa.string()),
         ("pix_fmt", pa.string()),
         ("num_qa_rows", pa.int64()),
+        ("rgbd", pa.string()),  # `rgbd_pairing`: optional (manifests written before it lack them)
+        ("rgbd_status", pa.string()),
     ]
 )
 
@@ -108,6 +114,8 @@ class IndexReport:
     bad: list[dict[str, str]]  # {"video", "status", "reason"}
     status_counts: dict[str, int]
     bad_rows: list[str] = field(default_factory=list)  # "<file>:<line>: <problem>" per refused QA row
+    rgbd_counts: dict[str, int] = field(default_factory=dict)  # RGB-D folders: paired, none, mismatch
+    rgbd_problems: list[dict[str, str]] = field(default_factory=list)  # {"video", "problem"}
 
 
 def shard_id(index: int) -> str:
@@ -125,6 +133,7 @@ class CollectedVideos:
     rows_without_video: int = 0
     bad_rows: list[str] = field(default_factory=list)
     folder_problems: list[dict[str, str]] = field(default_factory=list)
+    rgbd: dict[str, str] = field(default_factory=dict)  # video -> RGB-D folder its QA rows name
 
 
 def collect_videos(sources: list[Path], corpus_root: Path) -> CollectedVideos:
@@ -152,8 +161,19 @@ def _collect_qa_file(source: Path, corpus_root: Path, found: CollectedVideos) ->
                 found.rows_without_video += 1
                 continue
             found.videos[normalise_video(video, corpus_root)] += 1
+            _collect_rgbd(row.value, normalise_video(video, corpus_root), corpus_root, found)
         except QARowError as err:
             found.bad_rows.append(f"{row.where}: {err}")
+
+
+def _collect_rgbd(row: dict[str, Any], video: str, corpus_root: Path, found: CollectedVideos) -> None:
+    """A QA row's explicit `"rgbd"` folder (corpus-relative, or absolute) for its video."""
+    folder = row.get("rgbd")
+    if folder is None:
+        return
+    if not isinstance(folder, str) or not folder.strip():
+        raise QARowError("'rgbd' must be a non-empty folder path")
+    found.rgbd[video] = os.path.normpath(folder)
 
 
 def walk_folder(folder: Path, corpus_root: Path, problems: list[dict[str, str]]) -> list[Path]:
@@ -307,6 +327,7 @@ def build_manifest(
         for cid, name, probe in zip(clip_ids, names, probed, strict=True)
     ]
     rows.sort(key=lambda r: (r["shard"], r["clip_id"]))
+    rgbd_counts = pair_rgbd(rows, corpus_root, found.rgbd)
     metadata = {
         "format_version": MANIFEST_FORMAT_VERSION,
         "corpus_root": str(corpus_root),
@@ -334,6 +355,12 @@ def build_manifest(
         bad=sorted(bad, key=lambda b: b["video"]),
         status_counts=dict(Counter(r["status"] for r in rows)),
         bad_rows=found.bad_rows,
+        rgbd_counts=dict(rgbd_counts),
+        rgbd_problems=[
+            {"video": r["video"], "problem": r["rgbd_status"]}
+            for r in rows
+            if r["rgbd_status"] not in ("paired", "none")
+        ],
     )
 
 
@@ -352,7 +379,7 @@ def read_manifest(path: str | Path) -> Manifest:
     metadata = json.loads(raw)
     if metadata.get("format_version") != MANIFEST_FORMAT_VERSION:
         raise ValueError(f"manifest {path}: format version {metadata.get('format_version')} is not supported")
-    missing = sorted(set(MANIFEST_SCHEMA.names) - set(table.schema.names))
+    missing = sorted(set(MANIFEST_SCHEMA.names) - set(table.schema.names) - OPTIONAL_COLUMNS)
     if missing:
         raise ValueError(f"manifest {path} lacks the column(s) {', '.join(missing)}")
     return Manifest(

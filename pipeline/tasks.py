@@ -345,9 +345,10 @@ def ground_truth_labels(
     meta = {**info["meta"], "teacher_size": [int(labels["teacher_hw"][1]), int(labels["teacher_hw"][0])]}
     frames = clip_frames(meta, indices, times, labels["depth"].shape[1:])
     result = with_ground_truth(
-        ground_truth["corpus_root"], ground_truth["sources"], row["video"], row.get("rgbd") or None, frames, labels
+        ground_truth["corpus_root"], ground_truth["sources"], row["video"], row.get("rgbd"), frames, labels
     )  # fmt: skip
-    info = {**info, "meta": {**info["meta"], "label_sources": result.sources}}
+    paired = {"rgbd": row["rgbd"]} if row.get("rgbd") is not None else {}  # index's pairing, for eval
+    info = {**info, "meta": {**info["meta"], "label_sources": result.sources, **paired}}
     return info, result.labels, {"gt_fallback": result.fallback, "gt_problem": result.problem}
 
 

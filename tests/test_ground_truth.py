@@ -300,3 +300,71 @@ def test_label_quality_sees_wrong_depth_and_cameras(synth_corpus: Path, tmp_path
     assert 0.05 < metrics["depth_abs_rel"] < 0.5 and metrics["depth_delta1"] < 0.95
     assert metrics["pose_auc30"] == pytest.approx(6 / 10, abs=0.02)  # 4 of 10 pairs hold the turned camera
     assert metrics["rotation_error_deg"] == pytest.approx(4 / 10 * 40.0, abs=0.5)
+
+
+def test_frequency_baseline_answers_and_scores() -> None:
+    """Most frequent answer per multiple-choice task, mean per numerical task, scored as a model."""
+    from geovr.eval.baselines import frequency_answers, frequency_scores
+
+    records = [
+        {"question_type": "object_rel_distance", "ground_truth": g, "options": ["A. x", "B. y", "C. z"]}
+        for g in ("A", "B", "B", "C")
+    ] + [{"question_type": "object_counting", "ground_truth": g} for g in ("2", "4")]
+    assert frequency_answers(records) == {"object_rel_distance": "B", "object_counting": "3"}
+    scores = frequency_scores(records)
+    assert scores["object_rel_distance_accuracy"] == 0.5
+    # MRA of 3 against 2 and 4: relative errors 0.5 and 0.25 are within 1 - t for 1 and 6 of the
+    # 10 thresholds t = .50:.95:.05
+    assert scores["object_counting_MRA:.5:.95:.05"] == pytest.approx((0.1 + 0.6) / 2)
+    assert scores["overall"] == pytest.approx((0.5 + 0.35) / 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# index: pairing videos with RGB-D folders
+
+
+def test_index_pairs_videos_with_rgbd_folders_and_checks_them(synth_corpus: Path, tmp_path: Path) -> None:
+    """Naming rule and an explicit QA-row folder pair; a missing frame and shifted timestamps are
+    mismatches named in `rgbd_status` (the video stays, with `rgbd` = ""); precompute's lookup
+    follows the manifest column."""
+    import shutil
+
+    from geovr.pipeline.ground_truth import find_rgbd
+    from geovr.pipeline.index import build_manifest, read_manifest
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(synth_corpus, corpus)
+    for n in (2, 3):  # two more videos of the same scenes
+        shutil.copy(corpus / "videos" / f"scene_000{n - 2}.mp4", corpus / "videos" / f"scene_000{n}.mp4")
+        shutil.copytree(corpus / "videos" / f"scene_000{n - 2}", corpus / "videos" / f"scene_000{n}")
+    (corpus / "rgbd").mkdir()
+    shutil.move(corpus / "videos" / "scene_0000", corpus / "rgbd" / "s0")  # explicit in the QA row below
+    (corpus / "videos" / "scene_0002" / "depth" / "11.png").unlink()
+    (corpus / "videos" / "scene_0002" / "pose" / "11.txt").unlink()
+    (corpus / "videos" / "scene_0002" / "timestamps.txt").unlink()
+    stamps = corpus / "videos" / "scene_0003" / "timestamps.txt"
+    stamps.write_text("\n".join(str(float(t) + 0.2) for t in stamps.read_text().split()) + "\n")
+    qa = tmp_path / "qa.jsonl"
+    rows = [{"video": "videos/scene_0000.mp4", "rgbd": "rgbd/s0"}] + [
+        {"video": f"videos/scene_000{n}.mp4"} for n in (1, 2, 3)
+    ]
+    qa.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = build_manifest(
+        [qa], tmp_path / "m.parquet", SamplingConfig(fps=2.0, min_frames=4, max_frames=8), corpus, workers=1
+    )
+    assert report.rgbd_counts == {"paired": 2, "mismatch": 2}
+    by_video = {r["video"]: r for r in read_manifest(tmp_path / "m.parquet").rows}
+    assert by_video["videos/scene_0000.mp4"]["rgbd"] == "rgbd/s0"
+    assert by_video["videos/scene_0001.mp4"]["rgbd"] == "videos/scene_0001"
+    assert by_video["videos/scene_0002.mp4"]["rgbd"] == ""
+    status = by_video["videos/scene_0002.mp4"]["rgbd_status"]
+    assert status.endswith("scene_0002: 11 RGB-D frames for 12 video frames"), status
+    assert (
+        "timestamps.txt: differs from the video's timestamps by up to 0.200 s"
+        in by_video["videos/scene_0003.mp4"]["rgbd_status"]
+    )
+    assert {p["video"] for p in report.rgbd_problems} == {"videos/scene_0002.mp4", "videos/scene_0003.mp4"}
+    row = by_video["videos/scene_0000.mp4"]
+    assert find_rgbd(corpus, row["video"], row["rgbd"]) == corpus / "rgbd" / "s0"
+    assert find_rgbd(corpus, "videos/scene_0003.mp4", "") is None  # the manifest says: none
+    assert find_rgbd(corpus, "videos/scene_0003.mp4") == corpus / "videos" / "scene_0003"  # older manifests
