@@ -104,10 +104,6 @@ def summary_table(counts: RunCounts, timings: dict[str, float], failure_ratio: f
         *((f"  failed at {stage}", f"{n}") for stage, n in sorted(counts.failures_by_stage.items())),
         ("clips split for the teacher", f"{counts.clips_split}"),
         ("clips without a metric scale", f"{counts.clips_without_scale}"),
-        (
-            "clips with ground-truth labels / teacher fallback",
-            f"{counts.clips_ground_truth} / {counts.clips_gt_fallback}",
-        ),
         ("frames labelled", f"{counts.frames}"),
         ("store failure ratio", f"{failure_ratio:.3f}"),
         ("clips/s", f"{done / wall:.2f}"),
@@ -119,6 +115,10 @@ def summary_table(counts: RunCounts, timings: dict[str, float], failure_ratio: f
         ("write (task-seconds)", f"{timings.get('write_s', 0.0):.1f}"),
         ("wall time (s)", f"{timings.get('wall_s', 0.0):.1f}"),
     ]
+    if counts.clips_ground_truth or counts.clips_gt_fallback:  # a run with a ground-truth label source
+        ground_truth = f"{counts.clips_ground_truth} / {counts.clips_gt_fallback}"
+        after = next(i for i, (name, _) in enumerate(rows) if name == "clips without a metric scale")
+        rows.insert(after + 1, ("clips with ground-truth labels / teacher fallback", ground_truth))
     for name, value in rows:
         table.add_row(name, value)
     return table

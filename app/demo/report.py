@@ -276,7 +276,7 @@ def depth_verdict(predictors: dict[str, dict[str, float]]) -> str:
             "pixels rather than only reproducing the pattern common to all frames."
         )
     return text + (
-        f" The training clips' mean depth map does better ({mean_map:.3f}): most of this random teacher's depth "
+        f" The training clips' mean depth map does better ({mean_map:.3f}): most of the labels' depth "
         "variation is a pattern tied to the image position, the same in every frame, which the student "
         "has learnt only in part in this short run."
     )

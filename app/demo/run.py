@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from rich.console import Console
 
@@ -33,8 +34,9 @@ from geovr.eval.questions import write_vsi_dataset
 from geovr.eval.report import answer_examples
 from geovr.eval.vsibench import run_vsibench
 from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
+from geovr.pipeline.driver_watchdog import stop_watchdog
 from geovr.pipeline.index import build_manifest
-from geovr.pipeline.precompute import run_precompute
+from geovr.pipeline.precompute import connect_ray, run_precompute
 from geovr.student.config import DataConfig, StudentConfig
 from geovr.student.data import join_qa
 from geovr.student.export import export_plain
@@ -293,11 +295,17 @@ class DemoRun:
         return label_quality(teacher_store, self.corpus, self.eval_dir / "label-quality")
 
     def precompute(self) -> dict[str, Any]:
-        self.label_quality = self._teacher_label_quality()
         cfg = self.precompute_cfg
         if self.cfg.ground_truth:
             cfg = dataclasses.replace(cfg, depth_source="gt", camera_source="gt", scale_source="gt")
-        result = self._run_precompute(self.store, cfg)
+        started_ray = connect_ray("local")  # one local cluster for both runs
+        try:
+            self.label_quality = self._teacher_label_quality()
+            result = self._run_precompute(self.store, cfg)
+        finally:
+            if started_ray:
+                ray.shutdown()
+                stop_watchdog()
         self.label_sources = cfg.label_sources()
         self.heldout_clips = clips_of_qa(self.questions["qa_heldout"], self.store, self.data_cfg)
         self.train_clips = clips_of_qa(self.questions["qa_train"], self.store, self.data_cfg)
