@@ -3,7 +3,7 @@
 Before spending GPU-weeks training on a teacher's labels, compare them with ground truth where the
 corpus has it (ScanNet, ScanNet++, ARKitScenes exports in the `corpus.rgbd` layout; the synthetic
 corpus). For every clip of the store whose video has an RGB-D folder, the ground truth is brought
-into the teacher's conventions for the clip's own sampled frames (`pipeline.ground_truth`) and the
+into the teacher's conventions for the clip's own sampled frames (`corpus.ground_truth`) and the
 stored labels are scored against it with `eval geometry`'s metrics (`student.metrics`):
 
 - depth: AbsRel and delta<1.25 after per-frame median alignment, over pixels with ground-truth depth;
@@ -28,8 +28,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from geovr.corpus.ground_truth import GroundTruthError, ground_truth_clip
 from geovr.eval.geometry_metrics import clip_metrics, summarize
-from geovr.pipeline.ground_truth import GroundTruthError, ground_truth_clip
 from geovr.teacher_cache.schema import ClipLabels
 
 METRICS = (

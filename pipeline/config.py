@@ -13,7 +13,8 @@ from geovr.teacher_cache.backends import StoreFormat
 from geovr.teacher_cache.config import require
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
-LabelSource = Literal["teacher", "gt"]  # where a label field comes from (`pipeline.ground_truth`)
+# Where a label field comes from (`pipeline.ground_truth`; the conventions: `corpus.ground_truth`).
+LabelSource = Literal["teacher", "gt"]
 
 CLIPS_PER_SHARD = 64  # `index`: clips per output shard
 MAX_PROBE_WORKERS = 16  # `index`: probe processes at most (default: the CPU count)
@@ -113,7 +114,7 @@ class PrecomputeConfig:
         max_actor_restarts: Ray restarts of a crashed teacher actor before its batches fail.
         depth_source, camera_source, scale_source: where each label field comes from: "teacher",
             or "gt" (the clip's RGB-D ground truth in the teacher's conventions,
-            `pipeline.ground_truth`; clips without it fall back to the teacher and are counted).
+            `corpus.ground_truth`; clips without it fall back to the teacher and are counted).
             Features always come from the teacher. Recorded in the store fingerprint.
     """
 

@@ -327,7 +327,7 @@ def build_manifest(
         for cid, name, probe in zip(clip_ids, names, probed, strict=True)
     ]
     rows.sort(key=lambda r: (r["shard"], r["clip_id"]))
-    rgbd_counts = pair_rgbd(rows, corpus_root, found.rgbd)
+    rgbd = pair_rgbd(rows, corpus_root, found.rgbd)
     metadata = {
         "format_version": MANIFEST_FORMAT_VERSION,
         "corpus_root": str(corpus_root),
@@ -355,12 +355,7 @@ def build_manifest(
         bad=sorted(bad, key=lambda b: b["video"]),
         status_counts=dict(Counter(r["status"] for r in rows)),
         bad_rows=found.bad_rows,
-        rgbd_counts=dict(rgbd_counts),
-        rgbd_problems=[
-            {"video": r["video"], "problem": r["rgbd_status"]}
-            for r in rows
-            if r["rgbd_status"] not in ("paired", "none")
-        ],
+        **rgbd,
     )
 
 

@@ -81,9 +81,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from geovr.corpus.config import SamplingConfig
+from geovr.corpus.ground_truth import CONVENTIONS as GT_CONVENTIONS
 from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
 from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
-from geovr.pipeline.ground_truth import CONVENTIONS as GT_CONVENTIONS
 from geovr.pipeline.index import Manifest, read_manifest
 from geovr.pipeline.progress import PrecomputeProgress, RunCounts, summary_table
 from geovr.pipeline.tasks import TeacherActor, decode_clip, encode_labels, write_shard

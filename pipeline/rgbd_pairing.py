@@ -46,9 +46,10 @@ def check_pairing(folder: Path, video: Path, num_frames: int) -> str:
     return "paired"
 
 
-def pair_rgbd(rows: list[dict[str, Any]], corpus_root: Path, explicit: dict[str, str]) -> Counter[str]:
+def pair_rgbd(rows: list[dict[str, Any]], corpus_root: Path, explicit: dict[str, str]) -> dict[str, Any]:
     """Set `rgbd` and `rgbd_status` on every manifest row (probed columns present); `explicit`:
-    video -> folder named by its QA rows. Returns counts: paired, none, mismatch."""
+    video -> folder named by its QA rows. Returns `IndexReport`'s rgbd_counts ({paired, none,
+    mismatch}: videos) and rgbd_problems ([{"video", "problem"}] of the mismatches)."""
     counts: Counter[str] = Counter()
     for row in rows:
         video = corpus_root / row["video"]
@@ -74,4 +75,9 @@ def pair_rgbd(rows: list[dict[str, Any]], corpus_root: Path, explicit: dict[str,
             counts["paired"] += 1
         else:
             counts["mismatch"] += 1
-    return counts
+    problems = [
+        {"video": r["video"], "problem": r["rgbd_status"]}
+        for r in rows
+        if r["rgbd_status"] not in ("paired", "none")
+    ]
+    return {"rgbd_counts": dict(counts), "rgbd_problems": problems}

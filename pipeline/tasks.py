@@ -337,7 +337,8 @@ def ground_truth_labels(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(info, labels, fallback status) of one clip under the ground-truth choice
     (`pipeline.ground_truth.with_ground_truth`); the clip's meta records `label_sources`."""
-    from geovr.pipeline.ground_truth import clip_frames, with_ground_truth
+    from geovr.corpus.ground_truth import clip_frames
+    from geovr.pipeline.ground_truth import with_ground_truth
 
     indices, times = info["frame_indices"], info["timestamps"]
     if labels.get("selected") is not None:

@@ -21,7 +21,7 @@ C channels, K = min(`feature_outlier_channels`, C), (Hd, Wd) depth size):
   per-frame minimum, as uint16 values 0..65534; `depth_log_range` (S, 2) float32 holds (minimum,
   step). Stored as zigzag-coded differences along the width (`depth_q`), which zstd compresses to
   about a third. 65535 (`NO_DEPTH`) marks a pixel without depth (NaN: ground truth without a
-  measurement there, `pipeline.ground_truth`); teacher depth is always finite.
+  measurement there, `corpus.ground_truth`); teacher depth is always finite.
 - depth_conf: log-confidence over 256 levels per frame (`conf_q` uint8, same zigzag differences),
   `conf_log_range` (S, 2) float32; relative error at most half a level (1.4% for a 1..1000 range).
 - cameras (frame indices, timestamps, pose_enc, extrinsic, intrinsic, scale, scale_valid): lossless.

@@ -179,8 +179,8 @@ def test_stores_verify_and_heldout_clips_are_unseen(demo_out: Path) -> None:
 def test_demo_trains_on_ground_truth_and_reports_it(demo_out: Path) -> None:
     """The training store holds the scenes' ground truth (teacher features), the teacher's labels are
     scored against it, the student is scored against it, and VSI-Bench gets its frequency baseline."""
+    from geovr.corpus.ground_truth import clip_frames, ground_truth_labels
     from geovr.corpus.rgbd import read_rgbd, rgbd_dir_for
-    from geovr.pipeline.ground_truth import clip_frames, ground_truth_labels
     from geovr.teacher_cache.store import open_store
 
     summary = json.loads((demo_out / "summary.json").read_text())

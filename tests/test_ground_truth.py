@@ -1,5 +1,5 @@
 """Ground truth from RGB-D folders: the layout reader and writer (corpus/rgbd.py), ground-truth labels
-in the teacher's conventions (pipeline/ground_truth.py) and the precompute encode task with them.
+in the teacher's conventions (corpus/ground_truth.py, pipeline/ground_truth.py) and the precompute encode task with them.
 
 The worked example's values were computed by hand (notes of issue 16, section 1.4): a ScanNet-like
 640x480 depth stream facing a wall at 3 m, the second camera 0.5 m to the right of the first.
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from geovr.corpus.config import SamplingConfig
+from geovr.corpus.ground_truth import ClipFrames, GroundTruthError, clip_ground_truth, ground_truth_labels
 from geovr.corpus.rgbd import RGBDError, read_rgbd, rgbd_dir_for, write_rgbd
 from geovr.corpus.synth import load_scene_gt, read_corpus
-from geovr.pipeline.ground_truth import ClipFrames, GroundTruthError, clip_ground_truth, ground_truth_labels
 from geovr.teacher_cache.codecs import decode_depth, encode_depth
 from geovr.teacher_cache.geometry import mat_to_quat, normalize_clip, resize_intrinsic, unproject_to_world
 
@@ -329,7 +329,7 @@ def test_index_pairs_videos_with_rgbd_folders_and_checks_them(synth_corpus: Path
     follows the manifest column."""
     import shutil
 
-    from geovr.pipeline.ground_truth import find_rgbd
+    from geovr.corpus.ground_truth import find_rgbd
     from geovr.pipeline.index import build_manifest, read_manifest
 
     corpus = tmp_path / "corpus"

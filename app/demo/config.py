@@ -18,7 +18,7 @@ class DemoConfig:
         metric_depth: write a tiny DA3-Metric model so that the teacher labels a metric scale
             (without it the scale loss has no target).
         ground_truth: train on the synthetic corpus's RGB-D ground truth (depth, cameras, metric
-            scale in the teacher's conventions, `pipeline.ground_truth`) with the teacher's
+            scale in the teacher's conventions, `corpus.ground_truth`) with the teacher's
             features; the teacher's own labels go to a second store, scored against the ground
             truth (`eval label-quality`). False: train on the teacher's labels.
         questions_per_type: at most this many questions per question type and scene.
