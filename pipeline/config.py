@@ -115,7 +115,9 @@ class PrecomputeConfig:
         depth_source, camera_source, scale_source: where each label field comes from: "teacher",
             or "gt" (the clip's RGB-D ground truth in the teacher's conventions,
             `corpus.ground_truth`; clips without it fall back to the teacher and are counted).
-            Features always come from the teacher. Recorded in the store fingerprint.
+            Features always come from the teacher. Recorded in the store fingerprint. Ground-truth
+            translations and scale are in the ground truth's normalisation: mixed with teacher depth
+            they do not share its units (take depth, camera and scale from one source to train).
     """
 
     format: StoreFormat = "zarr"
