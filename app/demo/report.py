@@ -258,6 +258,9 @@ def camera_parts_line(camera: dict[str, Any]) -> str:
     )
 
 
+CLEAR_MARGIN = 0.9  # "beats" a baseline: at least 10% lower AbsRel; within 10% either way: level
+
+
 def depth_verdict(predictors: dict[str, dict[str, float]]) -> str:
     """One sentence on what the aligned AbsRel figures say about the structure the student learnt."""
     student = predictors["student_after"]["abs_rel_aligned"]
@@ -270,10 +273,16 @@ def depth_verdict(predictors: dict[str, dict[str, float]]) -> str:
     if "train_mean_depth_map" not in predictors:
         return text
     mean_map = predictors["train_mean_depth_map"]["abs_rel_aligned"]
-    if student < mean_map:
+    if student < CLEAR_MARGIN * mean_map:
         return text + (
             f" It also beats the training clips' mean depth map ({mean_map:.3f}), so it reads depth from the "
             "pixels rather than only reproducing the pattern common to all frames."
+        )
+    if student < mean_map / CLEAR_MARGIN:
+        return text + (
+            f" It is level with the training clips' mean depth map ({mean_map:.3f}, within "
+            f"{100 * (1 - CLEAR_MARGIN):.0f}%): beyond the pattern common to all frames it reads little depth "
+            "from the pixels yet."
         )
     return text + (
         f" The training clips' mean depth map does better ({mean_map:.3f}): most of the labels' depth "
