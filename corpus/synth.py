@@ -28,6 +28,10 @@ complete corpus):
                                           intrinsic (F, 3, 3) float64, timestamps (F,) float64 seconds,
                                           depth (F, H, W) float32 metres,
                                           visible_pixels (F, num_objects) int64 pixels of each object
+    DIR/videos/<scene_id>/                the same depth and cameras in the RGB-D layout of
+                                          `corpus.rgbd` (depth rounded to the millimetre, poses
+                                          camera-to-world, timestamps.txt), beside the video by the
+                                          layout's naming rule
 
 An object's `center` is the centre of its bounding box (so `center[2] = size[2] / 2`), `size` its
 extent along its own axes before the yaw (for a cylinder: diameter, diameter, height), `yaw` the
@@ -52,6 +56,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.numpy import load_file, save_file
 
 from geovr.corpus.config import SynthConfig
+from geovr.corpus.rgbd import rgbd_dir_for, write_rgbd
 
 FORMAT_VERSION = 1
 CAMERA_CLEARANCE = 0.5  # metres between the camera path and any object's footprint
@@ -699,6 +704,7 @@ def write_scene(scene: Scene, out: Path, crf: int = 18, on_frame=None) -> None:
         "fps": scene.fps,
     }
     (gt_dir / "scene.json").write_text(json.dumps(scene_json, indent=1))
+    write_rgbd(rgbd_dir_for(video_path), depth, scene.extrinsic, scene.intrinsic[0], scene.timestamps)
 
 
 class VideoWriter:

@@ -1,4 +1,5 @@
-"""`eval geometry`: the student's geometric heads against the cached teacher labels.
+"""`eval geometry`: the student's geometric heads against the cached teacher labels (and, given the
+corpus root, against the clips' RGB-D ground truth: the same metrics named `gt_<metric>`).
 
 Per clip (the student sees the clip's cached frames, as in training; metrics compare with the
 teacher's labels of the same clip, so they measure how well the heads learnt the teacher), the
@@ -151,9 +152,14 @@ def geometry_table(report: dict[str, Any]) -> str:
 
 
 def evaluate_geometry(
-    model: str | Path, store: str | Path, out: str | Path, limit: int | None = None, device: str = "cpu"
-) -> dict[str, Any]:
-    """Run the student over the store's first `limit` clips; write geometry.json and geometry.md."""
+    model: str | Path, store: str | Path, out: str | Path, limit: int | None = None, device: str = "cpu",
+    corpus_root: str | Path | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Run the student over the store's first `limit` clips; write geometry.json and geometry.md.
+
+    With `corpus_root`, clips whose video has an RGB-D folder are also scored against their ground
+    truth (`eval.label_quality.predictions_against_truth`: metrics named `gt_<metric>`)."""
+    from geovr.eval.label_quality import predictions_against_truth
     from geovr.teacher_cache.store import open_store
 
     reader = open_store(store)
@@ -167,6 +173,8 @@ def evaluate_geometry(
         labels = reader.read_clip(clip_id)
         pred = predict_clip(student, tokenizer, preprocess, labels, device)
         clips.append(clip_metrics(labels, layers, **pred))
+        if corpus_root is not None:
+            clips[-1].update(predictions_against_truth(labels, pred, corpus_root))
     report = {
         "model": str(model),
         "store": str(store),

@@ -118,7 +118,7 @@ def depth_comparison(
     """
     mean_depth = float(np.mean(np.concatenate([d[np.isfinite(d)] for d in train_depth])))
     shapes = {d.shape[1:] for d in train_depth} | {c.depth.shape[1:] for c in heldout.clips.values()}
-    mean_map = np.mean(np.concatenate(train_depth), axis=0) if len(shapes) == 1 else None
+    mean_map = np.nanmean(np.concatenate(train_depth), axis=0) if len(shapes) == 1 else None  # NaN: no depth
     targets = {clip_id: labels.depth.astype(np.float64) for clip_id, labels in heldout.clips.items()}
 
     def both(predict) -> dict[str, float]:

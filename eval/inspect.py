@@ -128,12 +128,14 @@ def _aligned(pred: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def depth_panels(
-    path: Path, frames: np.ndarray, teacher: np.ndarray, student: np.ndarray | None, title: str, units: str
-) -> None:
-    """The panel PNG: frames (S, H, W, 3), teacher depth (S, Hd, Wd), optional aligned student depth."""
+    path: Path, frames: np.ndarray, teacher: np.ndarray, student: np.ndarray | None, title: str, units: str,
+    label: str = "teacher depth",
+) -> None:  # fmt: skip
+    """The panel PNG: frames (S, H, W, 3), the stored depth (S, Hd, Wd) (row name `label`: "true
+    depth" for ground-truth labels), optional aligned student depth."""
     count = min(MAX_PANEL_FRAMES, len(frames))
     picks = np.unique(np.round(np.linspace(0, len(frames) - 1, count)).astype(int))
-    rows = [("frame", None), (f"teacher depth ({units})", "teacher")]
+    rows = [("frame", None), (f"{label} ({units})", "teacher")]
     if student is not None:
         rows += [(f"student depth ({units}, aligned)", "student"), ("relative error", "error")]
     finite = teacher[np.isfinite(teacher) & (teacher > 0)]
@@ -233,7 +235,8 @@ def inspect_clip(
 
     title = f"clip {clip_id} ({labels.video}), {labels.num_frames} frames"
     paths = {"depth_panels": out / "depth_panels.png", "trajectory": out / "trajectory.png"}
-    depth_panels(paths["depth_panels"], frames, teacher_depth, student_depth, title, units)
+    label = "true depth" if labels.meta.get("label_sources", {}).get("depth") == "gt" else "teacher depth"
+    depth_panels(paths["depth_panels"], frames, teacher_depth, student_depth, title, units, label)
     cameras = {"teacher": teacher_ext} | ({"student": student_ext} if student_ext is not None else {})
     trajectory_plot(paths["trajectory"], cameras, title, units)
 

@@ -13,6 +13,9 @@ from geovr.teacher_cache.backends import StoreFormat
 from geovr.teacher_cache.config import require
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
+# Where a label field comes from (`pipeline.ground_truth`; the conventions: `corpus.ground_truth`).
+LabelSource = Literal["teacher", "gt"]
+
 CLIPS_PER_SHARD = 64  # `index`: clips per output shard
 MAX_PROBE_WORKERS = 16  # `index`: probe processes at most (default: the CPU count)
 
@@ -116,6 +119,12 @@ class PrecomputeConfig:
             4 * 16 * 32 * 32): the cache stores the frames at the size the student feeds.
         jpeg_quality: quality of the stored student frames.
         max_actor_restarts: Ray restarts of a crashed teacher actor before its batches fail.
+        depth_source, camera_source, scale_source: where each label field comes from: "teacher",
+            or "gt" (the clip's RGB-D ground truth in the teacher's conventions,
+            `corpus.ground_truth`; clips without it fall back to the teacher and are counted).
+            Features always come from the teacher. Recorded in the store fingerprint. Ground-truth
+            translations and scale are in the ground truth's normalisation: mixed with teacher depth
+            they do not share its units (take depth, camera and scale from one source to train).
     """
 
     format: StoreFormat = "zarr"
@@ -133,8 +142,19 @@ class PrecomputeConfig:
     video_min_pixels: int = VIDEO_MIN_PIXELS
     jpeg_quality: int = 90
     max_actor_restarts: int = 2
+    depth_source: LabelSource = "teacher"
+    camera_source: LabelSource = "teacher"
+    scale_source: LabelSource = "teacher"
+
+    def label_sources(self) -> dict[str, str]:
+        """{"depth", "camera", "scale"}: the source of each label field."""
+        return {"depth": self.depth_source, "camera": self.camera_source, "scale": self.scale_source}
 
     def validate(self) -> None:
+        for name, source in self.label_sources().items():
+            require(
+                source in ("teacher", "gt"), f"precompute.{name}_source must be teacher or gt, got {source!r}"
+            )
         require(self.num_actors >= 0, f"precompute.num_actors must be >= 0, got {self.num_actors}")
         require(
             self.clips_per_batch >= 1, f"precompute.clips_per_batch must be >= 1, got {self.clips_per_batch}"

@@ -34,7 +34,9 @@ Manifest rows, one per clip (all probed fields null when the video failed):
   clip_id, video (relative path), shard, status ("ok" | "missing" | "broken-link" | "symlink-loop" |
   "not-a-file" | "unreadable" | "empty" | "corrupt" | "no-video-stream" | "too-short"), reason (the
   detail message, "" when ok), width, height,
-  num_frames, fps, duration_s, variable_frame_rate, codec, pix_fmt, num_qa_rows.
+  num_frames, fps, duration_s, variable_frame_rate, codec, pix_fmt, num_qa_rows, rgbd (the paired
+  RGB-D folder, "" when none), rgbd_status (`pipeline.rgbd_pairing`; a QA row may name its video's
+  folder under "rgbd").
 Parquet schema metadata key `geovr` (JSON): format_version, corpus_root (absolute), sampling
 (the policy dict), clips_per_shard, sources.
 """
@@ -57,10 +59,12 @@ import pyarrow.parquet as pq
 from geovr.corpus.config import SamplingConfig
 from geovr.corpus.video import VideoError, is_video_file, probe_video
 from geovr.pipeline.config import CLIPS_PER_SHARD, MAX_PROBE_WORKERS
+from geovr.pipeline.rgbd_pairing import pair_rgbd
 from geovr.teacher_cache.qa import QARowError, normalise_video, read_rows, video_of
 from geovr.teacher_cache.schema import clip_id_for
 
 MANIFEST_FORMAT_VERSION = 1
+OPTIONAL_COLUMNS = {"rgbd", "rgbd_status"}  # absent from older manifests: read as absent from the rows
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -78,6 +82,8 @@ MANIFEST_SCHEMA = pa.schema(
         ("codec", pa.string()),
         ("pix_fmt", pa.string()),
         ("num_qa_rows", pa.int64()),
+        ("rgbd", pa.string()),  # `rgbd_pairing`: optional (manifests written before it lack them)
+        ("rgbd_status", pa.string()),
     ]
 )
 
@@ -131,6 +137,8 @@ class IndexReport:
     bad: list[dict[str, str]]  # {"video", "status", "reason"}
     status_counts: dict[str, int]
     bad_rows: list[str] = field(default_factory=list)  # "<file>:<line>: <problem>" per refused QA row
+    rgbd_counts: dict[str, int] = field(default_factory=dict)  # RGB-D folders: paired, none, mismatch
+    rgbd_problems: list[dict[str, str]] = field(default_factory=list)  # {"video", "problem"}
 
 
 def shard_id(index: int) -> str:
@@ -148,6 +156,7 @@ class CollectedVideos:
     rows_without_video: int = 0
     bad_rows: list[str] = field(default_factory=list)
     folder_problems: list[dict[str, str]] = field(default_factory=list)
+    rgbd: dict[str, str] = field(default_factory=dict)  # video -> RGB-D folder its QA rows name
 
 
 def collect_videos(sources: list[Path], corpus_root: Path) -> CollectedVideos:
@@ -183,6 +192,7 @@ def _collect_qa_file(source: Path, corpus_root: Path, found: CollectedVideos) ->
             if isinstance(normal, QARowError):
                 raise normal
             found.videos[normal] += 1
+            _collect_rgbd(row.value, normal, corpus_root, found)
         except QARowError as err:
             found.bad_rows.append(f"{row.where}: {err}")
 
@@ -192,6 +202,16 @@ def _normalised_or_error(video: str, corpus_root: Path) -> str | QARowError:
         return normalise_video(video, corpus_root)
     except QARowError as err:
         return err
+
+
+def _collect_rgbd(row: dict[str, Any], video: str, corpus_root: Path, found: CollectedVideos) -> None:
+    """A QA row's explicit `"rgbd"` folder (corpus-relative, or absolute) for its video."""
+    folder = row.get("rgbd")
+    if folder is None:
+        return
+    if not isinstance(folder, str) or not folder.strip():
+        raise QARowError("'rgbd' must be a non-empty folder path")
+    found.rgbd[video] = os.path.normpath(folder)
 
 
 def walk_folder(folder: Path, corpus_root: Path, problems: list[dict[str, str]]) -> list[Path]:
@@ -345,6 +365,7 @@ def build_manifest(
         for cid, name, probe in zip(clip_ids, names, probed, strict=True)
     ]
     rows.sort(key=lambda r: (r["shard"], r["clip_id"]))
+    rgbd = pair_rgbd(rows, corpus_root, found.rgbd)
     metadata = {
         "format_version": MANIFEST_FORMAT_VERSION,
         "corpus_root": str(corpus_root),
@@ -372,6 +393,7 @@ def build_manifest(
         bad=sorted(bad, key=lambda b: b["video"]),
         status_counts=dict(Counter(r["status"] for r in rows)),
         bad_rows=found.bad_rows,
+        **rgbd,
     )
 
 
@@ -390,7 +412,7 @@ def read_manifest(path: str | Path) -> Manifest:
     metadata = json.loads(raw)
     if metadata.get("format_version") != MANIFEST_FORMAT_VERSION:
         raise ValueError(f"manifest {path}: format version {metadata.get('format_version')} is not supported")
-    missing = sorted(set(MANIFEST_SCHEMA.names) - set(table.schema.names))
+    missing = sorted(set(MANIFEST_SCHEMA.names) - set(table.schema.names) - OPTIONAL_COLUMNS)
     if missing:
         raise ValueError(f"manifest {path} lacks the column(s) {', '.join(missing)}")
     return Manifest(

@@ -82,6 +82,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from geovr.corpus.config import SamplingConfig
+from geovr.corpus.ground_truth import CONVENTIONS as GT_CONVENTIONS
 from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
 from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
 from geovr.pipeline.index import Manifest, read_manifest
@@ -325,6 +326,11 @@ class Precompute:
             "displayed orientation, PIL bicubic at decode, JPEG",
             "jpeg_quality": self.cfg.jpeg_quality,
         }
+        sources = self.cfg.label_sources()
+        if any(
+            source != "teacher" for source in sources.values()
+        ):  # teacher-only stores keep their fingerprint
+            preprocess["ground_truth"] = {**sources, "conventions": GT_CONVENTIONS}
         return StoreFingerprint(
             teacher=parts["teacher"],
             checkpoint_sha256=parts["checkpoint_sha256"],
@@ -482,6 +488,12 @@ class Scheduler:
         )
         self.write_task = ray.remote(write_shard).options(**write_task_options(cfg))
         self.fingerprint_json = writer.fingerprint.to_json()
+        sources = cfg.label_sources()
+        self.ground_truth = (
+            {"corpus_root": str(run.manifest.corpus_root), "sources": sources}
+            if any(source != "teacher" for source in sources.values())
+            else None
+        )
         self.voxel_size = run.sampling.voxel_size if run.sampling.method == "space_aware" else 0.0
         self.queue: deque[_Shard] = deque()
         self.active: list[_Shard] = []
@@ -522,7 +534,7 @@ class Scheduler:
                 for clip, label_ref in zip(batch.clips, label_refs, strict=True):
                     if clip.state == "encoding":
                         status, clip.encoded_ref = self.encode_task.remote(
-                            clip.row, clip.info_ref, label_ref, self.writer.codecs
+                            clip.row, clip.info_ref, label_ref, self.writer.codecs, self.ground_truth
                         )
                         clip.info_ref = None  # the encode task holds it until it has run
                         self.pending[status] = Encoded(batch.shard, clip)
@@ -709,6 +721,22 @@ class Scheduler:
         self.counts.frames += status["frames"]
         self.counts.clips_split += int(status["split"])
         self.counts.clips_without_scale += int(not status["scale_valid"])
+        self.count_ground_truth(clip, status)
+
+    def count_ground_truth(self, clip: _Clip, status: dict[str, Any]) -> None:
+        """Clips labelled from ground truth, and those that fell back to the teacher: counted; a
+        damaged RGB-D folder (not a video without one) also gets one warning line."""
+        if self.ground_truth is None:
+            return
+        if not status["gt_fallback"]:
+            self.counts.clips_ground_truth += 1
+            return
+        self.counts.clips_gt_fallback += 1
+        if status["gt_problem"]:
+            self.run_.warn(
+                f"clip {clip.row['clip_id']} ({clip.row['video']}): ground truth unusable, teacher labels "
+                f"kept: {status['gt_fallback']}"
+            )
 
     def on_written(self, ref: Any, shard: _Shard) -> None:
         try:

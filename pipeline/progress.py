@@ -29,6 +29,8 @@ class RunCounts:
     frames: int = 0  # frames labelled (kept frames of stored clips)
     clips_split: int = 0
     clips_without_scale: int = 0  # stored with scale_valid False (no metric teacher, or too few pixels)
+    clips_ground_truth: int = 0  # ground-truth label source: clips whose chosen fields came from RGB-D
+    clips_gt_fallback: int = 0  # ground-truth label source: clips without usable RGB-D, teacher labels kept
     failures_by_stage: dict[str, int] = field(default_factory=dict)
 
 
@@ -113,6 +115,10 @@ def summary_table(counts: RunCounts, timings: dict[str, float], failure_ratio: f
         ("write (task-seconds)", f"{timings.get('write_s', 0.0):.1f}"),
         ("wall time (s)", f"{timings.get('wall_s', 0.0):.1f}"),
     ]
+    if counts.clips_ground_truth or counts.clips_gt_fallback:  # a run with a ground-truth label source
+        ground_truth = f"{counts.clips_ground_truth} / {counts.clips_gt_fallback}"
+        after = next(i for i, (name, _) in enumerate(rows) if name == "clips without a metric scale")
+        rows.insert(after + 1, ("clips with ground-truth labels / teacher fallback", ground_truth))
     for name, value in rows:
         table.add_row(name, value)
     return table

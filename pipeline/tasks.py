@@ -321,19 +321,28 @@ def assemble_clip(row: dict[str, Any], info: dict[str, Any], labels: dict[str, A
 
 
 def encode_labels(
-    row: dict[str, Any], info: dict[str, Any], labels: dict[str, Any], codecs: Any
-) -> tuple[dict[str, Any], Any]:
+    row: dict[str, Any], info: dict[str, Any], labels: dict[str, Any], codecs: Any,
+    ground_truth: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], Any]:  # fmt: skip
     """Body of the `encode_labels` Ray task: one labelled clip -> its stored form (`EncodedClip`).
 
     Encoding per clip, on CPU workers, as soon as the teacher is done: the float32 labels (about
     4 MB of features per VGGT-1B frame) leave the object store early and the shard writer only
     concatenates ~7x smaller encoded clips. Returns (status, encoded clip or None); labels the
     store's codecs refuse (non-finite values, bad shapes) fail at stage "encode".
+
+    `ground_truth` ({"corpus_root", "sources"}, None for teacher labels only): the fields whose
+    source is "gt" come from the clip's RGB-D folder (`ground_truth_labels`); status "gt_fallback"
+    says why a clip kept the teacher's ("" when it did not), "gt_problem" whether that is a damaged
+    folder rather than none.
     """
     from geovr.teacher_cache.codecs import encode_clip
 
     started = time.perf_counter()
+    fallback = {"gt_fallback": "", "gt_problem": False}
     try:
+        if ground_truth is not None:
+            info, labels, fallback = ground_truth_labels(row, info, labels, ground_truth)
         encoded = encode_clip(assemble_clip(row, info, labels), codecs)
     except ValueError as err:  # SchemaError names the clip and the field
         return _failure("encode", str(err)), None
@@ -343,8 +352,30 @@ def encode_labels(
         "split": bool(labels.get("split")),
         "scale_valid": bool(labels["scale_valid"]),
         "encode_s": time.perf_counter() - started,
+        **fallback,
     }
     return status, encoded
+
+
+def ground_truth_labels(
+    row: dict[str, Any], info: dict[str, Any], labels: dict[str, Any], ground_truth: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(info, labels, fallback status) of one clip under the ground-truth choice
+    (`pipeline.ground_truth.with_ground_truth`); the clip's meta records `label_sources`."""
+    from geovr.corpus.ground_truth import clip_frames
+    from geovr.pipeline.ground_truth import with_ground_truth
+
+    indices, times = info["frame_indices"], info["timestamps"]
+    if labels.get("selected") is not None:
+        indices, times = indices[labels["selected"]], times[labels["selected"]]
+    meta = {**info["meta"], "teacher_size": [int(labels["teacher_hw"][1]), int(labels["teacher_hw"][0])]}
+    frames = clip_frames(meta, indices, times, labels["depth"].shape[1:])
+    result = with_ground_truth(
+        ground_truth["corpus_root"], ground_truth["sources"], row["video"], row.get("rgbd"), frames, labels
+    )  # fmt: skip
+    paired = {"rgbd": row["rgbd"]} if row.get("rgbd") is not None else {}  # index's pairing, for eval
+    info = {**info, "meta": {**info["meta"], "label_sources": result.sources, **paired}}
+    return info, result.labels, {"gt_fallback": result.fallback, "gt_problem": result.problem}
 
 
 def write_shard(

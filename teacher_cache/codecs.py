@@ -18,8 +18,10 @@ C channels, K = min(`feature_outlier_channels`, C), (Hd, Wd) depth size):
   weak tokens too, and no value is ever clipped. Typical int8 values are small, so zstd's entropy
   coder brings them to about 4.4 bits (cosine >= 0.998 per token on the quantised channels).
 - depth: log-depth rounded to steps of `depth_log_step` (relative error at most step / 2) from a
-  per-frame minimum, as uint16; `depth_log_range` (S, 2) float32 holds (minimum, step). Stored as
-  zigzag-coded differences along the width (`depth_q`), which zstd compresses to about a third.
+  per-frame minimum, as uint16 values 0..65534; `depth_log_range` (S, 2) float32 holds (minimum,
+  step). Stored as zigzag-coded differences along the width (`depth_q`), which zstd compresses to
+  about a third. 65535 (`NO_DEPTH`) marks a pixel without depth (NaN: ground truth without a
+  measurement there, `corpus.ground_truth`); teacher depth is always finite.
 - depth_conf: log-confidence over 256 levels per frame (`conf_q` uint8, same zigzag differences),
   `conf_log_range` (S, 2) float32; relative error at most half a level (1.4% for a 1..1000 range).
 - fusion (optional, Spatial-MLLM's fused tokens; `schema.ClipLabels.fusion`): the features codec
@@ -40,6 +42,7 @@ from geovr.teacher_cache.config import require
 from geovr.teacher_cache.schema import ClipLabels, SchemaError
 
 CODEC_VERSION = "geovr-codecs-1"
+NO_DEPTH = (1 << 16) - 1  # depth_q of a pixel without depth
 
 # Encoded arrays by stored field; the first axis of a per-frame array is the clip's frames.
 FRAME_ARRAYS: dict[str, tuple[str, ...]] = {
@@ -301,10 +304,13 @@ def _undo_zigzag_delta(u: np.ndarray, bits: int) -> np.ndarray:
 
 
 def _log_quantise(x: np.ndarray, levels: int, min_step: float) -> tuple[np.ndarray, np.ndarray]:
-    """(S, H, W) positive -> (q in [0, levels), (S, 2) float32 [log minimum, step] per frame)."""
+    """(S, H, W) positive -> (q in [0, levels), (S, 2) float32 [log minimum, step] per frame).
+    NaN pixels are left out of the range and come out as NaN in q."""
     log_x = np.log(np.maximum(x, np.finfo(np.float32).tiny)).astype(np.float32)
-    low = log_x.min(axis=(1, 2)).astype(np.float32)
-    span = log_x.max(axis=(1, 2)) - low
+    empty = np.isnan(log_x).all(axis=(1, 2))  # a frame without any value: any range will do
+    ranged = np.where(empty[:, None, None], 0.0, log_x) if empty.any() else log_x
+    low = np.nanmin(ranged, axis=(1, 2)).astype(np.float32)
+    span = np.nanmax(ranged, axis=(1, 2)) - low
     step = np.maximum(span / (levels - 1), min_step).astype(np.float32)
     step[step == 0] = 1.0  # a constant frame
     q = np.rint((log_x - low[:, None, None]) / step[:, None, None])
@@ -317,13 +323,17 @@ def _log_dequantise(q: np.ndarray, log_range: np.ndarray) -> np.ndarray:
 
 
 def encode_depth(depth: np.ndarray, log_step: float) -> dict[str, np.ndarray]:
-    """(S, Hd, Wd) positive float32 -> depth_q uint16, depth_log_range (S, 2)."""
-    q, log_range = _log_quantise(depth, 1 << 16, log_step)
+    """(S, Hd, Wd) positive float32, NaN where there is no depth -> depth_q uint16, depth_log_range (S, 2)."""
+    q, log_range = _log_quantise(depth, NO_DEPTH, log_step)
+    q = np.where(np.isnan(q), NO_DEPTH, q)
     return {"depth_q": _zigzag_delta(q.astype(np.uint16), 16), "depth_log_range": log_range}
 
 
 def decode_depth(depth_q: np.ndarray, depth_log_range: np.ndarray) -> np.ndarray:
-    return _log_dequantise(_undo_zigzag_delta(depth_q, 16), depth_log_range)
+    q = _undo_zigzag_delta(depth_q, 16)
+    depth = _log_dequantise(q, depth_log_range)
+    depth[q == NO_DEPTH] = np.nan
+    return depth
 
 
 def encode_confidence(conf: np.ndarray) -> dict[str, np.ndarray]:
@@ -343,8 +353,11 @@ def decode_confidence(conf_q: np.ndarray, conf_log_range: np.ndarray) -> np.ndar
 def encode_clip(clip: ClipLabels, config: CodecConfig) -> EncodedClip:
     """Validate and encode one clip; raises `SchemaError` naming the clip and field on bad input."""
     clip.validate()
-    for name in ("pose_enc", "extrinsic", "intrinsic", "features", "depth", "depth_conf"):
+    for name in ("pose_enc", "extrinsic", "intrinsic", "features", "depth_conf"):
         _check_finite(clip.clip_id, name, getattr(clip, name))
+    # Ground-truth depth has pixels without a measurement (NaN); the teacher's never does.
+    ground_truth = clip.meta.get("label_sources", {}).get("depth") == "gt"
+    _check_finite(clip.clip_id, "depth", np.nan_to_num(clip.depth, nan=1.0) if ground_truth else clip.depth)
     arrays: dict[str, np.ndarray] = {
         "frame_indices": np.asarray(clip.frame_indices, dtype=np.int64),
         "timestamps": np.asarray(clip.timestamps, dtype=np.float64),

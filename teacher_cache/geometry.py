@@ -257,3 +257,27 @@ def fov_to_focal(fov: Tensor, size: float) -> Tensor:
 def focal_to_fov(focal: float, size: float) -> float:
     """Focal length in pixels across `size` pixels to a field of view in radians."""
     return 2.0 * math.atan((size / 2.0) / focal)
+
+
+def resize_intrinsic(intrinsic: Tensor, src_hw: tuple[int, int], dst_hw: tuple[int, int]) -> Tensor:
+    """Intrinsics (..., 3, 3) of an (H, W) image resized to `dst_hw`: the coordinate x maps to
+    s * x (s = dst / src per axis), so `f' = s f` and `c' = s c` (a centred principal point stays
+    centred, as this module's convention has it)."""
+    scale_y, scale_x = dst_hw[0] / src_hw[0], dst_hw[1] / src_hw[1]
+    out = intrinsic.clone()
+    out[..., 0, :] = out[..., 0, :] * scale_x
+    out[..., 1, :] = out[..., 1, :] * scale_y
+    return out
+
+
+def resample_depth_nearest(depth: Tensor, dst_hw: tuple[int, int]) -> Tensor:
+    """Depth (..., H, W) resampled to `dst_hw` by nearest neighbour under the coordinate map of
+    `resize_intrinsic`: cell (i, j) takes source pixel (floor(i / s_y + 1/2), floor(j / s_x + 1/2)),
+    clamped to the image. Never interpolates, so no depth is invented across an object's edge, and
+    invalid pixels (NaN) stay invalid."""
+    height, width = depth.shape[-2:]
+    rows = torch.floor(torch.arange(dst_hw[0], dtype=torch.float64) * (height / dst_hw[0]) + 0.5)
+    cols = torch.floor(torch.arange(dst_hw[1], dtype=torch.float64) * (width / dst_hw[1]) + 0.5)
+    rows = rows.clamp(max=height - 1).long().to(depth.device)
+    cols = cols.clamp(max=width - 1).long().to(depth.device)
+    return depth[..., rows, :][..., cols]

@@ -178,6 +178,44 @@ def test_stores_verify_and_heldout_clips_are_unseen(demo_out: Path) -> None:
     assert (demo_out / "vsibench" / "synthetic" / "scene_0002.mp4").is_file()
 
 
+@pytest.mark.slow
+def test_demo_trains_on_ground_truth_and_reports_it(demo_out: Path) -> None:
+    """The training store holds the scenes' ground truth (teacher features), the teacher's labels are
+    scored against it, the student is scored against it, and VSI-Bench gets its frequency baseline."""
+    from geovr.corpus.ground_truth import clip_frames, ground_truth_labels
+    from geovr.corpus.rgbd import read_rgbd, rgbd_dir_for
+    from geovr.teacher_cache.store import open_store
+
+    summary = json.loads((demo_out / "summary.json").read_text())
+    assert summary["label_sources"] == {"depth": "gt", "camera": "gt", "scale": "gt"}
+    store = open_store(demo_out / "store")
+    assert store.fingerprint.preprocess["ground_truth"]["depth"] == "gt"
+    precompute = next(s for s in summary["stages"] if s["name"] == "precompute")["outputs"]
+    assert precompute["clips_ground_truth"] == 3 and precompute["clips_ground_truth_fallback"] == 0
+    clip = store.read_clip(store.clip_ids()[0])
+    truth = ground_truth_labels(
+        read_rgbd(rgbd_dir_for(demo_out / "corpus" / clip.video)),
+        clip_frames(clip.meta, clip.frame_indices, clip.timestamps, clip.depth.shape[1:]),
+    )
+    np.testing.assert_array_equal(clip.pose_enc, truth["pose_enc"])
+    np.testing.assert_allclose(clip.depth, truth["depth"], rtol=2.0**-11 * 1.01)
+    assert clip.scale == truth["scale"]
+    teacher = open_store(demo_out / "store-teacher")
+    assert np.array_equal(teacher.read_clip(clip.clip_id).features, clip.features)  # features: the teacher's
+
+    quality = summary["teacher_label_quality"]
+    assert quality["num_clips"] == 3 and quality["metrics"]["depth_abs_rel"] > 0.05  # a random teacher
+    assert (demo_out / "eval" / "label-quality" / "label_quality.png").is_file()
+    geometry = summary["geometry"]["metrics"]
+    # the held-out store's labels are the ground truth: against it and against the labels agree
+    assert geometry["gt_depth_abs_rel"] == pytest.approx(
+        geometry["depth_abs_rel"], abs=2e-3
+    )  # the depth codec
+    assert set(summary["vsibench_frequency"]) >= {"overall"}
+    report = (demo_out / "report.md").read_text()
+    assert "The random teacher's labels against ground truth" in report and "chance (frequency)" in report
+
+
 def test_tiny_vggt_is_seeded_and_has_usable_fov_and_depth(tmp_path: Path) -> None:
     from geovr.teachers.tiny import TINY_FOV, write_tiny_vggt
     from geovr.teachers.vggt import VGGT

@@ -144,11 +144,14 @@ def geometry(
     out: Path = typer.Option(..., "--out", help="output directory: geometry.json and geometry.md"),
     limit: int | None = typer.Option(None, help="only the store's first N clips"),
     device: str = typer.Option("cpu", help="torch device"),
+    corpus_root: Path | None = typer.Option(
+        None, "--corpus-root", help="the videos' corpus root: also score against RGB-D ground truth (gt_*)"
+    ),
 ) -> None:
     """The student's heads against the cached teacher labels: depth, cameras, scale, features."""
     from geovr.eval.geometry_metrics import evaluate_geometry
 
-    report = evaluate_geometry(model, store, out, limit=limit, device=device)
+    report = evaluate_geometry(model, store, out, limit=limit, device=device, corpus_root=corpus_root)
     for name, value in report["metrics"].items():
         typer.echo(f"{name:<28} {value:.4f}")
     typer.echo(f"{report['num_clips']} clips; report in {out / 'geometry.md'}")
@@ -168,3 +171,28 @@ def inspect(
     from geovr.eval.inspect import describe, inspect_clip
 
     typer.echo(describe(inspect_clip(store, clip, out, model=model, device=device)))
+
+
+@eval_app.command("label-quality")
+def label_quality(
+    store: Path = typer.Option(..., "--store", help="label store (precompute output)"),
+    corpus_root: Path = typer.Option(
+        ...,
+        "--corpus-root",
+        help="the corpus root of the store's videos (index's --corpus-root), with RGB-D folders",
+    ),
+    out: Path = typer.Option(..., "--out", help="output directory: label_quality.json, .md and .png"),
+    limit: int | None = typer.Option(None, help="only the store's first N clips"),
+) -> None:
+    """The store's depth, cameras and scale against the clips' RGB-D ground truth, per clip and dataset."""
+    from geovr.eval.label_quality import label_quality as run_label_quality
+
+    report = run_label_quality(store, corpus_root, out, limit=limit)
+    for name, value in report["metrics"].items():
+        typer.echo(f"{name:<28} {value:.4f}")
+    for problem in report["clips_with_unusable_ground_truth"]:
+        typer.echo(f"warning: clip {problem['clip_id']} ({problem['video']}): {problem['problem']}", err=True)
+    typer.echo(
+        f"{report['num_clips']} clips with ground truth, {report['clips_without_ground_truth']} without; "
+        f"report in {out / 'label_quality.md'}"
+    )

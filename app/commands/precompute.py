@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -67,6 +68,7 @@ def index(
         f"indexed {report.num_clips} clips into {report.num_shards} shards -> {out} "
         f"({report.num_qa_rows} QA rows, {report.rows_without_video} without a video)"
     )
+    print_rgbd_pairing(console, report)
     for line in report.bad_rows[:20]:
         console.print(f"[yellow]skipped QA row[/] {line}", highlight=False, soft_wrap=True)
     if len(report.bad_rows) > 20:
@@ -78,6 +80,20 @@ def index(
         for row in report.bad:
             table.add_row(row["video"], row["status"], row["reason"])
         console.print(table)
+
+
+def print_rgbd_pairing(console: Console, report: Any) -> None:
+    """RGB-D folders paired with the videos (`pipeline.rgbd_pairing`), one warning per mismatch."""
+    counts = report.rgbd_counts
+    if not counts.get("paired") and not report.rgbd_problems:
+        return
+    console.print(
+        f"RGB-D ground truth: {counts.get('paired', 0)} videos paired, {counts.get('mismatch', 0)} mismatched"
+    )
+    for problem in report.rgbd_problems:
+        console.print(
+            f"[yellow]warning:[/] {problem['video']}: {problem['problem']}", highlight=False, soft_wrap=True
+        )
 
 
 @app.command(rich_help_panel=STAGE_1)

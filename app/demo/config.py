@@ -17,6 +17,10 @@ class DemoConfig:
         seed: corpus, models, questions and training.
         metric_depth: write a tiny DA3-Metric model so that the teacher labels a metric scale
             (without it the scale loss has no target).
+        ground_truth: train on the synthetic corpus's RGB-D ground truth (depth, cameras, metric
+            scale in the teacher's conventions, `corpus.ground_truth`) with the teacher's
+            features; the teacher's own labels go to a second store, scored against the ground
+            truth (`eval label-quality`). False: train on the teacher's labels.
         questions_per_type: at most this many questions per question type and scene.
         clips_per_shard: clips per store shard.
         steps, lr_llm, lr_heads: the demo's training overrides (optimizer steps, learning rates).
@@ -33,6 +37,7 @@ class DemoConfig:
     fps: float = 8.0
     seed: int = 0
     metric_depth: bool = True
+    ground_truth: bool = True
     questions_per_type: int = 3
     clips_per_shard: int = 2
     steps: int = 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 from rich.console import Console
 
@@ -22,16 +24,19 @@ from geovr.app.demo.summary import build_summary, summary_table
 from geovr.app.presets import load_section
 from geovr.corpus.config import SamplingConfig, SynthConfig
 from geovr.corpus.synth import render_probe, write_corpus
+from geovr.eval.baselines import frequency_scores
 from geovr.eval.config import QuestionConfig, VSIBenchConfig, build_prompt
 from geovr.eval.geometry_metrics import evaluate_geometry
 from geovr.eval.heldout import depth_comparison, load_heldout, measure_student
 from geovr.eval.inspect import inspect_clip
+from geovr.eval.label_quality import label_quality
 from geovr.eval.questions import write_vsi_dataset
 from geovr.eval.report import answer_examples
 from geovr.eval.vsibench import run_vsibench
 from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
+from geovr.pipeline.driver_watchdog import stop_watchdog
 from geovr.pipeline.index import build_manifest
-from geovr.pipeline.precompute import run_precompute
+from geovr.pipeline.precompute import connect_ray, run_precompute
 from geovr.student.config import DataConfig, StudentConfig
 from geovr.student.data import join_qa
 from geovr.student.export import export_plain
@@ -181,7 +186,11 @@ class DemoRun:
             ("models", "tiny random teachers and student base, fixed seed", self.write_models),
             ("questions", "VSI-Bench-style questions from the scenes' 3D ground truth", self.write_questions),
             ("index", "clip manifest from the QA files", self.index),
-            ("precompute", "teacher labels on a local Ray cluster", self.precompute),
+            (
+                "precompute",
+                "labels on a local Ray cluster (teacher; ground truth: see demo.ground_truth)",
+                self.precompute,
+            ),
             ("train", f"student for {cfg.steps} steps; held-out losses before and after", self.train),
             ("export", "plain Qwen3-VL checkpoint without the geometric parts", self.export),
             ("eval", "VSI-Bench on held-out questions, geometry on held-out clips", self.evaluate),
@@ -259,7 +268,7 @@ class DemoRun:
             "sampling": self.sampling.policy(),
         }
 
-    def precompute(self) -> dict[str, Any]:
+    def _run_precompute(self, store: Path, cfg: PrecomputeConfig) -> Any:
         teacher_cfg = load_section(
             TeacherConfig,
             "teacher",
@@ -269,13 +278,35 @@ class DemoRun:
             metric_checkpoint=self.metric_dir,
         )
         record = {"preset": self.preset, "overrides": self.overrides, "manifest": str(self.manifest)}
-        result = run_precompute(
-            self.manifest, self.store, teacher_cfg, self.precompute_cfg, "local", self.console, False, record
-        )  # fmt: skip
+        result = run_precompute(self.manifest, store, teacher_cfg, cfg, "local", self.console, False, record)
         if result.exit_code or result.store_failures:
             raise ValueError(
-                f"precompute: {result.store_failures} clip(s) failed (see {self.store / 'failures.jsonl'})"
+                f"precompute: {result.store_failures} clip(s) failed (see {store / 'failures.jsonl'})"
             )
+        return result
+
+    def _teacher_label_quality(self) -> dict[str, Any] | None:
+        """With `ground_truth`: the teacher's own labels into `store-teacher`, scored against the ground
+        truth (`eval label-quality`); the training store then takes depth, cameras and scale from it."""
+        if not self.cfg.ground_truth:
+            return None
+        teacher_store = self.out / "store-teacher"
+        self._run_precompute(teacher_store, self.precompute_cfg)
+        return label_quality(teacher_store, self.corpus, self.eval_dir / "label-quality")
+
+    def precompute(self) -> dict[str, Any]:
+        cfg = self.precompute_cfg
+        if self.cfg.ground_truth:
+            cfg = dataclasses.replace(cfg, depth_source="gt", camera_source="gt", scale_source="gt")
+        started_ray = connect_ray("local")  # one local cluster for both runs
+        try:
+            self.label_quality = self._teacher_label_quality()
+            result = self._run_precompute(self.store, cfg)
+        finally:
+            if started_ray:
+                ray.shutdown()
+                stop_watchdog()
+        self.label_sources = cfg.label_sources()
         self.heldout_clips = clips_of_qa(self.questions["qa_heldout"], self.store, self.data_cfg)
         self.train_clips = clips_of_qa(self.questions["qa_train"], self.store, self.data_cfg)
         copy_clips(self.store, self.heldout_store, self.heldout_clips, self.cfg.clips_per_shard)
@@ -291,6 +322,9 @@ class DemoRun:
             "train_clips": len(self.train_clips),
             "heldout_clips": len(self.heldout_clips),
             "format": self.precompute_cfg.format,
+            "label_sources": self.label_sources,
+            "clips_ground_truth": result.counts.clips_ground_truth,
+            "clips_ground_truth_fallback": result.counts.clips_gt_fallback,
             "verified_clips": {name: v.clips_checked for name, v in verified.items()},
             "precompute_wall_s": result.timings.get("wall_s"),
             "teacher_actor_startup_s": result.timings.get("actor_startup_s"),
@@ -356,7 +390,13 @@ class DemoRun:
         # The untrained base model on the same questions, for comparison.
         self.vsibench_base = run_vsibench(self.base_dir, vsi_dir, eval_dir / "vsibench-base", vsi_cfg)
         self.answers = answer_examples(eval_dir / "vsibench-base", eval_dir / "vsibench")
-        self.geometry = evaluate_geometry(self.run_dir, self.heldout_store, eval_dir / "geometry")
+        self.geometry = evaluate_geometry(
+            self.run_dir, self.heldout_store, eval_dir / "geometry", corpus_root=self.corpus
+        )
+        vsi_records = [
+            json.loads(line) for line in (vsi_dir / "test.jsonl").read_text().splitlines() if line.strip()
+        ]
+        self.vsibench_frequency = frequency_scores(vsi_records[: vsi_cfg.limit])
         reader = open_store(self.store)
         train_depth = [reader.read_clip(c).depth for c in self.train_clips]
         student_depth = {"before": self.before["depth"], "after": self.after["depth"]}

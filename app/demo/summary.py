@@ -70,6 +70,20 @@ def build_summary(
             "examples": run.answers,
         },
         "geometry": {"num_clips": run.geometry["num_clips"], "metrics": run.geometry["metrics"]},
+        **ground_truth_summary(run),
+    }
+
+
+def ground_truth_summary(run: DemoRun) -> dict[str, Any]:
+    """Where the training labels came from, the teacher's labels against the ground truth (with
+    `demo.ground_truth`) and VSI-Bench's frequency baseline on the same questions."""
+    quality = run.label_quality
+    return {
+        "label_sources": run.label_sources,
+        "teacher_label_quality": None
+        if quality is None
+        else {"num_clips": quality["num_clips"], "metrics": quality["metrics"]},
+        "vsibench_frequency": run.vsibench_frequency,
     }
 
 
