@@ -4,18 +4,9 @@ corpus root, against the clips' RGB-D ground truth: the same metrics named `gt_<
 Per clip (the student sees the clip's cached frames, as in training; metrics compare with the
 teacher's labels of the same clip, so they measure how well the heads learnt the teacher), the
 metric of each objective of `student.objectives` the student has (computed in `student.metrics`):
-- depth: the student's depth map (S, Hd, Wd) aligned to the teacher's per frame by the ratio of
-  medians (monocular-depth convention), over pixels where the teacher depth is finite and positive;
-  AbsRel = mean |aligned - teacher| / teacher, delta<1.25 = fraction with
-  max(aligned / teacher, teacher / aligned) < 1.25.
-- cameras: both pose sets relative to frame 0 (camera-from-world); for every frame pair (i < j) the
-  relative pose E_j E_i^-1 of the student against the teacher's: rotation error = angle of
-  R_teacher^T R_student, translation error = angle between the two relative translation directions,
-  folded to [0, 90] deg (the sign is not identifiable at small baselines, as VGGT's evaluation does).
-  AUC@30 = mean over thresholds 1..30 deg of the fraction of pairs whose larger error is below it.
-- scale: |log(student scale) - log(teacher scale)| on clips whose teacher scale is valid.
-- features: per distilled layer, the mean cosine between the projected student features and the
-  teacher features over all tokens of the clip.
+- depth (AbsRel, delta<1.25 after per-frame median alignment), cameras (relative-pose errors of all
+  frame pairs and AUC@30), scale (|log ratio|) and features (cosine per distilled layer), as defined
+  in `student.metrics`.
 - point map (SpatialSV): the mean distance between the student's points (its depth composed with
   its cameras) and the teacher's (cached depth unprojected with the cached cameras), unaligned, in
   the teacher's normalised units.
