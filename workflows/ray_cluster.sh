@@ -57,6 +57,10 @@ if [[ $launch == local ]]; then
 fi
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH="$cluster_dir/auth_token"
+# Every node runs under subreaper.py: a worker whose raylet is killed first (Slurm's SIGTERM/SIGKILL on a
+# requeue or scancel) is re-parented to it and ended with the node, instead of outliving the job.
+guard=("$python" "$script_dir/subreaper.py" "$python")
+
 # `stop` ends the whole cluster once its driver is done: no node drains first (Ray's SIGTERM handler
 # would wait up to 30 s for that, outlasting the SIGTERM-to-SIGKILL grace of `stop` and of Slurm).
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=${RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S:-0}
@@ -133,10 +137,10 @@ start() {
 
     if [[ $launch == srun ]]; then
         srun --nodes=1 --ntasks=1 --overlap -w "${hosts[0]}" --export=ALL \
-            "$python" -m ray.scripts.scripts start "${head_args[@]}" \
+            "${guard[@]}" -m ray.scripts.scripts start "${head_args[@]}" \
             >"$cluster_dir/head.log" 2>&1 &
     else
-        "$python" -m ray.scripts.scripts start "${head_args[@]}" >"$cluster_dir/head.log" 2>&1 &
+        "${guard[@]}" -m ray.scripts.scripts start "${head_args[@]}" >"$cluster_dir/head.log" 2>&1 &
     fi
     echo $! >"$cluster_dir/head.pid"
     wait_for_nodes "$address" 1
@@ -145,11 +149,11 @@ start() {
     for ((i = 1; i < nodes; i++)); do
         if [[ $launch == srun ]]; then
             srun --nodes=1 --ntasks=1 --overlap -w "${hosts[$i]}" --export=ALL \
-                "$python" -m ray.scripts.scripts start --address="$address" \
+                "${guard[@]}" -m ray.scripts.scripts start --address="$address" \
                 --node-ip-address="$(node_ip "${hosts[$i]}")" --num-cpus="$cpus" --num-gpus="$gpus" \
                 --disable-usage-stats --block >"$cluster_dir/worker-$i.log" 2>&1 &
         else
-            "$python" "$script_dir/ray_local_worker.py" "$address" --num-cpus "$cpus" --num-gpus "$gpus" \
+            "${guard[@]}" "$script_dir/ray_local_worker.py" "$address" --num-cpus "$cpus" --num-gpus "$gpus" \
                 >"$cluster_dir/worker-$i.log" 2>&1 &
         fi
         echo $! >"$cluster_dir/worker-$i.pid"
