@@ -15,7 +15,7 @@ metric of each objective of `student.objectives` the student has (computed in `s
   precision / recall / F-score at 0.05 normalised units.
 
 Metric names: depth_abs_rel, depth_delta1, rotation_error_deg, translation_error_deg (pair means),
-pose_auc30, scale_log_error, feature_cosine_layer<l> (l = the teacher layer), point_map_error,
+pose_auc30, static_pair_fraction, scale_log_error, feature_cosine_layer<l> (l = the teacher layer), point_map_error,
 recon_accuracy, recon_completeness, recon_chamfer, recon_{precision,recall,fscore}@0.05. Clip values are
 averaged over the clips that have them. Output: `geometry.json` ({"model", "store", "num_clips",
 "metrics": {name: mean}, "clips": [per-clip metrics, non-finite values as null]}) and `geometry.md`.

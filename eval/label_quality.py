@@ -38,6 +38,7 @@ METRICS = (
     "rotation_error_deg",
     "translation_error_deg",
     "pose_auc30",
+    "static_pair_fraction",
     "scale_log_error",
 )
 

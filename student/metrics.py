@@ -9,6 +9,9 @@ per objective (`student.objectives`), reported by `eval geometry`.
   relative pose E_j E_i^-1 of the student against the teacher's: rotation error = angle of
   R_teacher^T R_student, translation error = angle between the two relative translation directions,
   folded to [0, 90] deg (the sign is not identifiable at small baselines, as VGGT's evaluation does).
+  A pair whose reference baseline is shorter than `MIN_BASELINE` (a camera that stood still) has no
+  translation direction: its translation error is NaN, left out of the mean, and the pair counts by
+  its rotation error alone; `static_pair_fraction` reports how many pairs that was.
   AUC@30 = mean over thresholds 1..30 deg of the fraction of pairs whose larger error is below it.
 - features: the mean cosine between projected student features and teacher features.
 """
@@ -21,6 +24,10 @@ import numpy as np
 import torch
 
 from geovr.teacher_cache.geometry import to_homogeneous
+
+# Reference baselines below this (VGGT's normalised units: the mean scene depth is about 1) are a
+# camera that stood still; 1e-3 is about 3 mm in a room 3 m deep, under a depth sensor's noise.
+MIN_BASELINE = 1e-3
 
 
 def median_align(pred: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -58,7 +65,8 @@ def relative_pose_errors(pred: torch.Tensor, target: torch.Tensor) -> tuple[np.n
         pred, target: (S, 3, 4) camera-from-world extrinsics.
 
     Returns:
-        (P,) rotation errors and (P,) translation angle errors folded to [0, 90], P = S (S - 1) / 2.
+        (P,) rotation errors and (P,) translation angle errors folded to [0, 90], P = S (S - 1) / 2;
+        NaN for the pairs whose target baseline is below `MIN_BASELINE`.
     """
     pred, target = to_homogeneous(pred.double()), to_homogeneous(target.double())
     i, j = torch.triu_indices(pred.shape[0], pred.shape[0], offset=1)
@@ -69,12 +77,14 @@ def relative_pose_errors(pred: torch.Tensor, target: torch.Tensor) -> tuple[np.n
     cos = (tp * tt).sum(-1) / (tp.norm(dim=-1) * tt.norm(dim=-1)).clamp_min(1e-12)
     trans_err = torch.rad2deg(torch.acos(cos.clamp(-1.0, 1.0)))
     trans_err = torch.minimum(trans_err, 180.0 - trans_err)
+    trans_err[tt.norm(dim=-1) < MIN_BASELINE] = math.nan
     return rot_err.numpy(), trans_err.numpy()
 
 
 def pose_auc(rot_err: np.ndarray, trans_err: np.ndarray, max_threshold: int = 30) -> float:
-    """Mean over integer thresholds 1..max of the fraction of pairs with max(rot, trans) below it."""
-    errors = np.maximum(rot_err, trans_err)
+    """Mean over integer thresholds 1..max of the fraction of pairs with max(rot, trans) below it
+    (rot alone where trans is NaN: a static pair)."""
+    errors = np.fmax(rot_err, trans_err)
     histogram, _ = np.histogram(errors, bins=np.arange(max_threshold + 1))
     return float(np.mean(np.cumsum(histogram / len(errors))))
 

@@ -220,14 +220,16 @@ def _camera_metric(pose_enc: np.ndarray, labels: ClipLabels, _: Sequence[int]) -
     """Relative-pose errors of all frame pairs and AUC@30 (`metrics.relative_pose_errors`)."""
     if labels.num_frames < 2:
         return {}
-    teacher_hw = labels.meta.get("teacher_hw") or (2 * labels.depth.shape[1], 2 * labels.depth.shape[2])
-    pred_ext, _ = decode_pose(torch.from_numpy(pose_enc).double(), (int(teacher_hw[0]), int(teacher_hw[1])))
+    # The image size only sets the intrinsics, which this metric does not use.
+    pred_ext, _ = decode_pose(torch.from_numpy(pose_enc).double(), (1, 1))
     target = relative_to_first(torch.from_numpy(np.asarray(labels.extrinsic, dtype=np.float64)))
     rot, trans = relative_pose_errors(pred_ext, target)
+    static = np.isnan(trans)
     return {
         "rotation_error_deg": float(rot.mean()),
-        "translation_error_deg": float(trans.mean()),
+        "translation_error_deg": float(trans[~static].mean()) if not static.all() else math.nan,
         "pose_auc30": pose_auc(rot, trans),
+        "static_pair_fraction": float(static.mean()),
     }
 
 

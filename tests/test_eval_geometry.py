@@ -106,6 +106,18 @@ def test_relative_pose_errors_and_auc():
     assert pose_auc(np.array([5.0, 15.0, 45.0]), np.zeros(3)) == pytest.approx(40 / 90)
 
 
+def test_static_pairs_count_by_rotation_alone():
+    """A camera that stood still (frames 1 and 2 at one place) has no translation direction: that
+    pair's translation error is NaN, and it counts by its rotation error alone."""
+    target = _random_cameras(3)
+    target[2] = target[1]
+    predicted = target.clone()
+    predicted[2, :, 3] += torch.tensor([0.3, 0.0, 0.0], dtype=target.dtype)  # any direction would do
+    _, trans = relative_pose_errors(predicted, target)
+    assert np.isnan(trans[2]) and not np.isnan(trans[:2]).any()  # pairs (0,1), (0,2), (1,2)
+    assert pose_auc(np.array([5.0, 15.0]), np.array([0.0, np.nan])) == pytest.approx((25 + 15) / 60)
+
+
 def test_feature_cosine():
     x = np.random.default_rng(0).normal(size=(2, 3, 4, 8))
     assert feature_cosine(x, x) == pytest.approx(1.0)
@@ -196,7 +208,14 @@ def test_eval_geometry_cli(run_dir, store, tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((out / "geometry.json").read_text())
     assert report["num_clips"] == 2 and len(report["clips"]) == 2
-    expected = {"depth_abs_rel", "depth_delta1", "rotation_error_deg", "translation_error_deg", "pose_auc30"}
+    expected = {
+        "depth_abs_rel",
+        "depth_delta1",
+        "rotation_error_deg",
+        "translation_error_deg",
+        "pose_auc30",
+        "static_pair_fraction",
+    }
     expected |= {"scale_log_error"} | {f"feature_cosine_layer{i}" for i in range(4)}
     expected |= {"recon_accuracy", "recon_completeness", "recon_chamfer"}
     expected |= {f"recon_{m}@0.05" for m in ("precision", "recall", "fscore")}
