@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -72,8 +74,12 @@ class ShardCheck:
 # that a task's start-up is small beside its work (a tiny shard checks in a few ms).
 SHARDS_PER_TASK = 16
 
-# (the shard-checking function, batches of shard ids) -> the results of each batch, in any order.
-BatchMap = Callable[[Callable[[list[str]], list[ShardCheck]], list[list[str]]], Iterable[list[ShardCheck]]]
+# (the shard-checking function, batches of shard ids, the report of a shard whose check killed its
+# process) -> the results of each batch, in any order.
+BatchMap = Callable[
+    [Callable[[list[str]], list[ShardCheck]], list[list[str]], Callable[[str], ShardCheck]],
+    Iterable[list[ShardCheck]],
+]
 
 
 def verify_store(
@@ -114,7 +120,7 @@ def verify_store(
     if map_batches is None:
         map_batches = partial(local_map, workers or len(os.sched_getaffinity(0)))
     results: list[ShardCheck] = []
-    for batch in map_batches(check, batches):
+    for batch in map_batches(check, batches, partial(crashed_check, root, store_format)):
         results += batch
         if on_progress is not None:
             on_progress(len(results), len(shard_ids))
@@ -124,17 +130,80 @@ def verify_store(
 
 
 def local_map(
-    workers: int, check: Callable[[list[str]], list[ShardCheck]], batches: list[list[str]]
+    workers: int,
+    check: Callable[[list[str]], list[ShardCheck]],
+    batches: list[list[str]],
+    crashed: Callable[[str], ShardCheck],
 ) -> Iterator[list[ShardCheck]]:
-    """`check` over `batches` in `workers` spawned processes (in this one when `workers` is 1)."""
+    """`check` over `batches` in `workers` spawned processes (in this one when `workers` is 1).
+
+    A process that dies mid-check (a native crash on a damaged shard, the OOM killer) breaks the
+    pool: the batches left are checked again in a new pool, and each shard a process was on when
+    the pool broke is checked alone in a process of its own; a shard that kills that one too is
+    `crashed(shard_id)`, a problem of that shard, so one bad shard never ends the whole check."""
     if workers <= 1 or len(batches) <= 1:
         yield from map(check, batches)
         return
-    # spawn: zarr runs an event-loop thread, which a fork would copy in an unknown state.
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(check, batch) for batch in batches]
+    while batches:
+        with tempfile.TemporaryDirectory(prefix="geovr-verify-") as board:
+            left = yield from _pool_round(workers, partial(_check_tracked, check, Path(board)), batches)
+            suspects = {path.read_text() for path in Path(board).iterdir()} - {""} if left else set()
+        if left and not suspects:  # the processes died before checking anything: check here
+            yield from map(check, left)
+            return
+        for shard_id in sorted(suspects):
+            yield _check_alone(check, shard_id, crashed)
+        batches = [kept for batch in left if (kept := [s for s in batch if s not in suspects])]
+
+
+# spawn: zarr runs an event-loop thread, which a fork would copy in an unknown state.
+SPAWN = multiprocessing.get_context("spawn")
+
+
+def _pool_round(
+    workers: int, task: Callable[[list[str]], list[ShardCheck]], batches: list[list[str]]
+) -> Generator[list[ShardCheck], None, list[list[str]]]:
+    """Yields the results of the batches that completed; returns those lost when the pool broke."""
+    left = []
+    with ProcessPoolExecutor(workers, mp_context=SPAWN) as pool:
+        futures = {pool.submit(task, batch): batch for batch in batches}
         for future in as_completed(futures):
-            yield future.result()
+            try:
+                result = future.result()
+            except BrokenProcessPool:
+                left.append(futures[future])
+                continue
+            yield result
+    return left
+
+
+def _check_tracked(
+    check: Callable[[list[str]], list[ShardCheck]], board: Path, batch: list[str]
+) -> list[ShardCheck]:
+    """`check` shard by shard, with the shard in hand written to `board`/<pid> (gone once done)."""
+    mine = board / str(os.getpid())
+    results = []
+    for shard_id in batch:
+        mine.write_text(shard_id)
+        results += check([shard_id])
+    mine.unlink()
+    return results
+
+
+def _check_alone(
+    check: Callable[[list[str]], list[ShardCheck]], shard_id: str, crashed: Callable[[str], ShardCheck]
+) -> list[ShardCheck]:
+    with ProcessPoolExecutor(1, mp_context=SPAWN) as pool:
+        try:
+            return pool.submit(check, [shard_id]).result()
+        except BrokenProcessPool:
+            return [crashed(shard_id)]
+
+
+def crashed_check(root: Path, store_format: str, shard_id: str) -> ShardCheck:
+    """The report of a shard whose check killed the process checking it."""
+    problem = "checking it killed the verifying process (a crash while decoding, or out of memory)"
+    return ShardCheck(shard_id, shard_path(root, store_format, shard_id).name, [problem], [])
 
 
 def _collect(results: list[ShardCheck], report: VerifyReport, quick: bool) -> None:

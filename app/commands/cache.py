@@ -88,12 +88,21 @@ def _verify_on_ray(store: Path, quick: bool, address: str, on_progress: Callable
     from geovr.pipeline.precompute import connect_ray
     from geovr.teacher_cache.verify import verify_store
 
-    def ray_map(check: Callable, batches: list[list[str]]) -> Iterator[Any]:
-        task = ray.remote(_call).options(num_cpus=1)
-        pending = [task.remote(check, batch) for batch in batches]
+    def ray_map(check: Callable, batches: list[list[str]], crashed: Callable[[str], Any]) -> Iterator[Any]:
+        # A batch whose task dies (a crash while decoding, out of memory) is checked again shard by
+        # shard; a shard whose own task dies is reported as that shard's problem.
+        task = ray.remote(_call).options(num_cpus=1, max_retries=0)
+        pending = {task.remote(check, batch): batch for batch in batches}
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            batch = pending.pop(done)
+            try:
+                yield ray.get(done)
+            except ray.exceptions.WorkerCrashedError:
+                if len(batch) == 1:
+                    yield [crashed(batch[0])]
+                else:
+                    pending.update({task.remote(check, [shard]): [shard] for shard in batch})
 
     started = connect_ray(address)
     try:
