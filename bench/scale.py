@@ -15,7 +15,9 @@ that of one process doing one thing):
 - loader: a real `TrainLoader` (random access, 2 workers; one QA row per clip): time to the first
   micro-batch of each worker;
 - verify: `verify_store` quick and full, 2 local processes, wall and CPU seconds;
-- join: `join_qa` over a QA file of `--qa-rows[i]` rows naming the store's clips, wall and RSS growth;
+- join: `join_qa` over a QA file of `--qa-rows[i]` rows naming the store's clips, wall and RSS growth,
+  and the private memory a forked worker adds by reading every sample, for the packed `SampleTable`
+  and for the same samples as a list of objects (what the join returned before);
 - index: `collect_videos` (`index`'s QA pass) over the same file, wall and peak RSS growth;
 - retry: the driver's plan (one store open and its failure rows) and, per retried shard, what the
   write task reads (`iter_committed_shard`), for 8 and 32 shards.
@@ -194,6 +196,9 @@ def _build(sample: Any, labels: Any) -> tuple[str, int]:
 
 
 def probe_join(store: Path, qa: Path) -> dict[str, Any]:
+    """`join_qa` (its `SampleTable`), then the same samples as a list of `QASample` objects (what
+    the join returned before): the RSS each adds, and the private memory a forked loader worker adds
+    by reading every sample once."""
     from geovr.student.config import DataConfig
     from geovr.student.data import join_qa
     from geovr.teacher_cache.store import open_store
@@ -201,8 +206,37 @@ def probe_join(store: Path, qa: Path) -> dict[str, Any]:
     reader = open_store(store)
     base = rss_mb()
     started = time.perf_counter()
-    _, report = join_qa(qa, reader, DataConfig())
-    return {"join_s": time.perf_counter() - started, "join_rss_mb": rss_mb() - base, "joined": report.joined}
+    table, report = join_qa(qa, reader, DataConfig())
+    out = {"join_s": time.perf_counter() - started, "join_rss_mb": rss_mb() - base, "joined": report.joined}
+    out["worker_touch_private_mb"] = forked_touch_private_mb(table)
+    base = rss_mb()
+    as_list = list(table)
+    out["list_rss_mb"] = rss_mb() - base
+    out["worker_touch_private_mb_list"] = forked_touch_private_mb(as_list)
+    return out
+
+
+def private_dirty_mb() -> float:
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Private_Dirty:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no Private_Dirty")
+
+
+def forked_touch_private_mb(samples: Any) -> float:
+    """Private memory (MB) a forked child adds by reading every sample once, as a loader worker does."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        before = private_dirty_mb()
+        for i in range(len(samples)):
+            samples[i].clip_id  # noqa: B018
+        os.write(write, str(private_dirty_mb() - before).encode())
+        os._exit(0)
+    os.close(write)
+    value = float(os.read(read, 64))
+    os.waitpid(pid, 0)
+    return value
 
 
 def probe_index(qa: Path) -> dict[str, Any]:

@@ -47,12 +47,14 @@ after another; samples above `max_seq_len` are an error or are dropped and count
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
@@ -98,6 +100,51 @@ class QASample:
     def messages(self) -> list[dict[str, str]]:
         """The conversation as chat turns [{"role", "content"}] (`make_sample` places the video)."""
         return [{"role": t.role, "content": t.text} for t in self.turns]
+
+
+class SampleTable(Sequence[QASample]):
+    """The joined QA samples, packed: each one's fields as UTF-8 JSON in one byte array, with offsets.
+
+    A list of 600k `QASample`s costs about 0.8 KB of Python objects per row, and every loader worker
+    ends up with its own copy of all of it: a spawned worker unpickles one, and a forked worker's
+    shared pages are copied one by one as reading each object writes its reference count. Two numpy
+    arrays cost about the JSON's size, stay shared after a fork, and pickle as two buffers.
+    """
+
+    def __init__(self, samples: Iterable[QASample]):
+        blob, offsets, clip_codes, labelled = bytearray(), [0], [], []
+        code_of: dict[str, int] = {}
+        for s in samples:
+            turns = [[t.role, t.text] for t in s.turns]
+            blob += json.dumps([s.row_id, s.where, s.video, s.clip_id, turns, s.labelled]).encode()
+            offsets.append(len(blob))
+            clip_codes.append(code_of.setdefault(s.clip_id, len(code_of)))
+            labelled.append(s.labelled)
+        self._blob = np.frombuffer(bytes(blob), dtype=np.uint8)
+        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._clip_codes = np.asarray(clip_codes, dtype=np.int64)
+        self.clip_ids = list(code_of)  # distinct, in first-use order
+        self.labelled = np.asarray(labelled, dtype=bool)  # (N,) per sample
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index: int) -> QASample:  # type: ignore[override]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of {len(self)}")
+        index %= len(self)
+        start, end = self._offsets[index], self._offsets[index + 1]
+        row_id, where, video, clip_id, turns, labelled = json.loads(self._blob[start:end].tobytes())
+        return QASample(row_id, where, video, clip_id, tuple(Turn(r, t) for r, t in turns), labelled)
+
+    def rows_of_clip(self) -> dict[str, list[int]]:
+        """The sample rows of each clip, in order."""
+        order = np.argsort(self._clip_codes, kind="stable")
+        bounds = np.searchsorted(self._clip_codes[order], np.arange(len(self.clip_ids) + 1))
+        return {
+            clip: order[a:b].tolist()
+            for clip, a, b in zip(self.clip_ids, bounds[:-1], bounds[1:], strict=True)
+        }
 
 
 @dataclass
@@ -170,7 +217,7 @@ class StoreLike(Protocol):
     def failures(self) -> list[dict]: ...
 
 
-def join_qa(qa_path: str | Path, store: StoreLike, config: DataConfig) -> tuple[list[QASample], JoinReport]:
+def join_qa(qa_path: str | Path, store: StoreLike, config: DataConfig) -> tuple[SampleTable, JoinReport]:
     """Parse `qa_path` and keep the video rows whose clip is in `store`, in file order.
 
     Raises `DataError` at the first bad row when the matching policy is "error"; otherwise the row
@@ -215,7 +262,7 @@ def join_qa(qa_path: str | Path, store: StoreLike, config: DataConfig) -> tuple[
     report.language_only_clips = len({s.clip_id for s in samples if not s.labelled})
     if not samples:
         raise DataError(f"{qa_path}: no QA row could be used ({report.summary()})")
-    return samples, report
+    return SampleTable(samples), report
 
 
 def _missing_reason(
@@ -369,7 +416,7 @@ class StreamingDataset(IterableDataset):
 
     def __init__(
         self,
-        samples: Sequence[QASample],
+        samples: SampleTable,
         shards: Sequence[str],
         open_store: Callable[[], StoreLike],
         build: SampleBuilder,
@@ -379,9 +426,8 @@ class StreamingDataset(IterableDataset):
         seed: int,
         batches_per_worker: int,
     ):
-        self.by_clip: dict[str, list[QASample]] = {}
-        for sample in samples:
-            self.by_clip.setdefault(sample.clip_id, []).append(sample)
+        self.samples = samples
+        self.rows_of_clip = samples.rows_of_clip()
         self.shards = list(shards)
         self.open_store = open_store
         self.build = build
@@ -418,7 +464,7 @@ class StreamingDataset(IterableDataset):
         pipeline = wds.DataPipeline(
             *shards,
             stream.clips_of_shards(self.open_store()),
-            stream.samples_of_clips(self.by_clip),
+            stream.samples_of_clips(self.rows_of_clip, self.samples),
             wds.shuffle(cfg.shuffle_buffer, initial=cfg.shuffle_initial, rng=rng),
             wds.batched(cfg.micro_batch, collation_fn=list, partial=False),
             stream.SkipFirst(skip),
@@ -651,7 +697,7 @@ class TrainLoader:
 
     def __init__(
         self,
-        samples: Sequence[QASample],
+        samples: SampleTable,
         store: StoreLike,
         open_store: Callable[[], StoreLike],
         build: SampleBuilder,
@@ -677,7 +723,7 @@ class TrainLoader:
             self.dataset: Dataset | IterableDataset = RandomAccessDataset(samples, open_store, build)
             self.batches_per_epoch = len(self.sampler)
         else:
-            if any(not s.labelled for s in samples):
+            if not samples.labelled.all():
                 raise DataError(
                     "data.missing_labels=language_only needs random access (data.access=random): the "
                     "streaming path reads clips from the store's shards, where clips without labels are not"

@@ -81,12 +81,15 @@ def _clips_of_shards(source: Iterator[dict], store: Any) -> Iterator[EncodedClip
 
 
 def _samples_of_clips(
-    source: Iterator[EncodedClip | DamagedClipError], by_clip: dict[str, list[Any]]
+    source: Iterator[EncodedClip | DamagedClipError],
+    rows_of_clip: dict[str, list[int]],
+    samples: Sequence[Any],
 ) -> Iterator[tuple[Any, EncodedClip | DamagedClipError]]:
-    """(QA sample, its clip) for every sample joined to each clip; clips without samples are dropped."""
+    """(QA sample, its clip) for every sample joined to each clip (`samples[row]` for each row of
+    `rows_of_clip[clip_id]`); clips without samples are dropped."""
     for clip in source:
-        for sample in by_clip.get(clip.clip_id, ()):
-            yield sample, clip
+        for row in rows_of_clip.get(clip.clip_id, ()):
+            yield samples[row], clip
 
 
 def _built_batches(

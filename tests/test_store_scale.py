@@ -9,6 +9,7 @@ import functools
 import json
 import os
 import pickle
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -285,3 +286,31 @@ def test_cli_verify_on_a_local_ray_cluster_names_the_bad_shard(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"BAD shard 000001: file {payload} fails its sha256 checksum" in result.stderr
     assert f"FAILED (1 bad shards: 000001): {SHARDS} shards" in result.stdout
+
+
+def test_joined_samples_are_packed_not_python_objects():
+    """`join_qa`'s `SampleTable` gives back every sample exactly, and holds them as a few arrays (no
+    object per row for a loader worker to copy): it retains well under half the list's memory."""
+    from geovr.student.data import QASample, SampleTable
+    from geovr.teacher_cache.qa import Turn
+
+    tracemalloc.start()
+    samples = [
+        QASample(str(i), f"qa.jsonl:{i + 1}", f"scannet/scene{i % 7:04d}.mp4", f"clip-{i % 7}",
+                 (Turn("user", f"<video>\nHow far is the chair {i} from the «sofa»?"), Turn("assistant", str(i))),
+                 labelled=i % 5 != 0)
+        for i in range(2000)
+    ]  # fmt: skip
+    list_bytes = tracemalloc.get_traced_memory()[0]
+    table = SampleTable(samples)
+    table_bytes = tracemalloc.get_traced_memory()[0] - list_bytes
+    tracemalloc.stop()
+    assert table_bytes < 0.4 * list_bytes, (table_bytes, list_bytes)
+    assert len(table) == len(samples) and list(table) == samples and table[-1] == samples[-1]
+    with pytest.raises(IndexError):
+        table[len(samples)]
+    assert table.labelled.tolist() == [s.labelled for s in samples]
+    rows = table.rows_of_clip()
+    assert list(rows) == table.clip_ids == [f"clip-{i}" for i in range(7)]
+    assert all(samples[r].clip_id == clip for clip, clip_rows in rows.items() for r in clip_rows)
+    assert sorted(r for clip_rows in rows.values() for r in clip_rows) == list(range(len(samples)))

@@ -70,12 +70,13 @@ def test_clips_of_shards_then_samples_of_clips(store):
     shards = [{"url": s} for s in reader.shards()]
     clips = list(stream.clips_of_shards(reader)(iter(shards)))
     assert [c.clip_id for c in clips] == reader.clip_ids() and all(isinstance(c, EncodedClip) for c in clips)
-    by_clip: dict[str, list] = {}
-    for sample in samples:
-        by_clip.setdefault(sample.clip_id, []).append(sample)
-    pairs = list(stream.samples_of_clips(by_clip)(iter(clips)))
+    rows_of_clip = samples.rows_of_clip()
+    assert {c: [samples[r].clip_id for r in rows] for c, rows in rows_of_clip.items()} == {
+        c: [c] * len(rows) for c, rows in rows_of_clip.items()
+    }
+    pairs = list(stream.samples_of_clips(rows_of_clip, samples)(iter(clips)))
     assert [(s.row_id, c.clip_id) for s, c in pairs] == [
-        (s.row_id, c.clip_id) for c in clips for s in by_clip.get(c.clip_id, ())
+        (s.row_id, c.clip_id) for c in clips for s in samples if s.clip_id == c.clip_id
     ]
     assert len(pairs) == len(samples)
 
