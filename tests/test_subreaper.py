@@ -24,6 +24,8 @@ def start(tmp_path: Path, script: str) -> tuple[subprocess.Popen, int]:
         [sys.executable, str(SUBREAPER), "bash", "-c", script],
         cwd=tmp_path,
         env={**os.environ, "SUBREAPER_GRACE_S": "0.5"},
+        stderr=subprocess.PIPE,
+        text=True,
     )
     pid_file = tmp_path / "orphan.pid"
     deadline = time.monotonic() + 30
@@ -56,6 +58,7 @@ def test_sigterm_ends_the_command_and_its_orphans(tmp_path):
     guard.send_signal(signal.SIGTERM)
     assert guard.wait(timeout=30) == 128 + signal.SIGTERM  # the command's status: bash killed by SIGTERM
     assert ended(orphan)
+    assert "1 processes outlived SIGTERM by 0.5 s: killed" in guard.stderr.read()
 
 
 def test_a_command_that_exits_takes_its_orphans_along(tmp_path):

@@ -81,7 +81,11 @@ def end_descendants(command: subprocess.Popen, grace_s: float) -> None:
     while (command.poll() is None or others()) and time.monotonic() < deadline:
         reap(others())
         time.sleep(0.05)
-    signal_all(descendants(os.getpid()), signal.SIGKILL)
+    if stragglers := descendants(os.getpid()):
+        print(
+            f"subreaper: {len(stragglers)} processes outlived SIGTERM by {grace_s} s: killed", file=sys.stderr
+        )
+        signal_all(stragglers, signal.SIGKILL)
     command.wait()
     deadline = time.monotonic() + 10
     while (left := others()) and time.monotonic() < deadline:
