@@ -155,7 +155,7 @@ def _both_clip(video: str, fallback: bool = False, rng_seed: int = 0):
         )
     other = synthetic_clip(video, 4, (64, 64), np.random.default_rng(rng_seed + 100))
     extrinsic = other.extrinsic.copy()
-    extrinsic[:, :3, 3] *= 3.0  # a different trajectory than the teacher's
+    extrinsic[:, 1, 3] += 0.2 * np.arange(4)  # a different trajectory than the teacher's
     truth = {"depth": other.depth * 2.0, "depth_conf": np.ones_like(other.depth), "pose_enc": other.pose_enc,
              "extrinsic": extrinsic, "intrinsic": other.intrinsic * 1.1, "scale": 0.25, "scale_valid": True}  # fmt: skip
     return dataclasses.replace(teacher, ground_truth=truth, meta={**teacher.meta, "label_sources": SOURCES})
@@ -246,3 +246,23 @@ def test_train_counts_fallbacks_and_refuses_what_the_store_lacks(tiny_model, tmp
     )
     with pytest.raises(ValueError, match=r"data\.scale_label=gt but the store holds no ground-truth scale"):
         check_label_choice(open_store(gt_store).fingerprint, {"scale": "gt"}, str(gt_store))
+
+
+def test_eval_geometry_scores_against_the_stored_ground_truth() -> None:
+    """On a "both" clip, `gt_*` metrics compare with the stored ground truth: perfect for predictions
+    equal to it, not for the teacher's labels; a clip that fell back has none."""
+    from geovr.eval.label_quality import predictions_against_stored_truth
+
+    clip = _both_clip("a.mp4")
+    truth = dataclasses.replace(clip, **clip.ground_truth)
+
+    def predictions(labels):
+        return {"depth": labels.depth, "pose_enc": camera_target(labels).numpy(), "scale": labels.scale}
+
+    perfect = predictions_against_stored_truth(clip, predictions(truth))
+    assert perfect["gt_depth_abs_rel"] < 1e-6 and perfect["gt_pose_auc30"] == 1.0
+    assert perfect["gt_scale_log_error"] < 1e-9
+    teacher = predictions_against_stored_truth(clip, predictions(clip))
+    assert teacher["gt_scale_log_error"] > 1.0 and teacher["gt_translation_error_deg"] > 1.0
+    assert teacher["gt_depth_abs_rel"] > 0.1
+    assert predictions_against_stored_truth(_both_clip("b.mp4", fallback=True), predictions(clip)) == {}
