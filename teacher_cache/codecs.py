@@ -99,8 +99,10 @@ ARRAY_DTYPES: dict[str, np.dtype] = {
         "fuse_outlier_channels": "int16",
     }.items()
 }
-ARRAY_DTYPES |= {f"gt_{name}": ARRAY_DTYPES[name] for names in GROUND_TRUTH_ARRAYS.values() for name in
-                 (n.removeprefix("gt_") for n in names)}  # fmt: skip
+# A ground-truth array has the dtype of the main array it stands beside.
+ARRAY_DTYPES |= {
+    n: ARRAY_DTYPES[n.removeprefix("gt_")] for group in GROUND_TRUTH_ARRAYS.values() for n in group
+}
 # Fields as reported in byte counts: the array groups above plus the JPEG frames.
 FIELDS = ("frames_jpeg", "features", "depth", "depth_conf", "cameras", "fusion", "ground_truth")
 
