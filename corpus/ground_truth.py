@@ -43,15 +43,10 @@ from geovr.teacher_cache.geometry import (
     resample_depth_nearest,
     resize_intrinsic,
 )
-from geovr.teacher_cache.schema import ClipLabels
+from geovr.teacher_cache.schema import LABEL_FIELD_KEYS, LABEL_FIELDS, ClipLabels
 
-LABEL_FIELDS = ("depth", "camera", "scale")
-# The fields of the teacher's label dict each choice replaces.
-REPLACED = {
-    "depth": ("depth", "depth_conf"),
-    "camera": ("pose_enc", "extrinsic", "intrinsic"),
-    "scale": ("scale", "scale_valid"),
-}
+# The fields of the teacher's label dict each choice replaces (or stores beside them: "both").
+REPLACED = LABEL_FIELD_KEYS
 CONVENTIONS = "vggt-normalised-v1"  # the rule of the module docstring (recorded in the fingerprint)
 
 
@@ -151,11 +146,16 @@ def ground_truth_labels(scene: RGBDScene, frames: ClipFrames) -> dict[str, Any]:
 def apply_ground_truth(
     labels: dict[str, Any], truth: dict[str, Any], sources: dict[str, str]
 ) -> dict[str, Any]:
-    """The teacher's label dict with the fields whose source is "gt" replaced by `truth`'s."""
+    """The teacher's label dict with the fields whose source is "gt" replaced by `truth`'s, and
+    under "ground_truth" those of the fields whose source is "both" (`ClipLabels.ground_truth`;
+    absent when none is "both")."""
     out = dict(labels)
+    beside = {}
     for name, source in sources.items():
-        if source == "gt":
-            out.update({key: truth[key] for key in REPLACED[name]})
+        if source in ("gt", "both"):
+            (out if source == "gt" else beside).update({key: truth[key] for key in REPLACED[name]})
+    if beside:
+        out["ground_truth"] = beside
     return out
 
 

@@ -1,5 +1,6 @@
 """`eval geometry`: the student's geometric heads against the cached teacher labels (and, given the
-corpus root, against the clips' RGB-D ground truth: the same metrics named `gt_<metric>`).
+corpus root, against the clips' RGB-D ground truth, or else against the ground truth a "both" store
+keeps beside the teacher's labels: the same metrics named `gt_<metric>`).
 
 Per clip (the student sees the clip's cached frames, as in training; metrics compare with the
 teacher's labels of the same clip, so they measure how well the heads learnt the teacher), the
@@ -149,8 +150,10 @@ def evaluate_geometry(
     """Run the student over the store's first `limit` clips; write geometry.json and geometry.md.
 
     With `corpus_root`, clips whose video has an RGB-D folder are also scored against their ground
-    truth (`eval.label_quality.predictions_against_truth`: metrics named `gt_<metric>`)."""
-    from geovr.eval.label_quality import predictions_against_truth
+    truth (`eval.label_quality.predictions_against_truth`: metrics named `gt_<metric>`); without it,
+    clips that hold ground truth beside the teacher's labels (label source "both") against that
+    (`predictions_against_stored_truth`)."""
+    from geovr.eval.label_quality import predictions_against_stored_truth, predictions_against_truth
     from geovr.teacher_cache.store import open_store
 
     reader = open_store(store)
@@ -166,6 +169,8 @@ def evaluate_geometry(
         clips.append(clip_metrics(labels, layers, **pred))
         if corpus_root is not None:
             clips[-1].update(predictions_against_truth(labels, pred, corpus_root))
+        else:
+            clips[-1].update(predictions_against_stored_truth(labels, pred))
     report = {
         "model": str(model),
         "store": str(store),

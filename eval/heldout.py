@@ -11,7 +11,7 @@ no image, set beside it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from geovr.eval.geometry_metrics import predict_clip
 from geovr.student.batch import camera_target, collate_samples, make_sample
 from geovr.student.config import DataConfig
 from geovr.student.data import QASample, join_qa
+from geovr.student.label_choice import check_label_choice, choose_labels
 from geovr.student.losses import camera_loss
 from geovr.student.metrics import depth_metrics
 from geovr.student.model import GeoVRStudent
@@ -35,15 +36,21 @@ from geovr.teacher_cache.store import open_store
 
 @dataclass
 class HeldoutSet:
-    """Held-out conversations joined with their clips, and the clips' labels by clip id."""
+    """Held-out conversations joined with their clips, and the clips' labels by clip id (as
+    `data.*_label` chooses them, `student.label_choice`); `label_fallback`: the clips whose field
+    chosen "gt" has the teacher's labels (no usable ground truth in precompute)."""
 
     samples: list[QASample]
     clips: dict[str, ClipLabels]
+    label_fallback: list[str] = field(default_factory=list)
 
 
 def load_heldout(qa: Path, store: Path, data_cfg: DataConfig, rows_per_clip: int) -> HeldoutSet:
-    """At most `rows_per_clip` conversations per held-out clip, spread over the clip's rows."""
+    """At most `rows_per_clip` conversations per held-out clip, spread over the clip's rows; the
+    clips' labels as `data_cfg` chooses them (a choice the store cannot serve is a ValueError)."""
     reader = open_store(store)
+    choice = data_cfg.label_choice()
+    check_label_choice(reader.fingerprint, choice, str(store))
     samples, _ = join_qa(qa, reader, data_cfg)
     by_clip: dict[str, list[QASample]] = {}
     for sample in samples:
@@ -52,7 +59,11 @@ def load_heldout(qa: Path, store: Path, data_cfg: DataConfig, rows_per_clip: int
     for rows in by_clip.values():
         stride = max(1, len(rows) // rows_per_clip)
         chosen.extend(rows[::stride][:rows_per_clip])
-    return HeldoutSet(chosen, {clip_id: reader.read_clip(clip_id) for clip_id in by_clip})
+    clips, fell_back = {}, []
+    for clip_id in by_clip:
+        clips[clip_id], fields = choose_labels(reader.read_clip(clip_id), choice)
+        fell_back += [clip_id] if fields else []
+    return HeldoutSet(chosen, clips, fell_back)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ Clips without an RGB-D folder are counted; an unusable folder is counted and nam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -162,4 +163,20 @@ def predictions_against_truth(
         return {}
     geometric = {k: v for k, v in predictions.items() if k in ("pose_enc", "depth", "scale")}
     metrics = clip_metrics(truth, **geometric)
+    return {f"gt_{k}": v for k, v in metrics.items() if k not in ("clip_id", "num_frames")}
+
+
+# The student output that predicts each label field (`schema.LABEL_FIELDS`).
+FIELD_OUTPUTS = {"depth": "depth", "camera": "pose_enc", "scale": "scale"}
+
+
+def predictions_against_stored_truth(labels: ClipLabels, predictions: dict[str, Any]) -> dict[str, Any]:
+    """`eval geometry` on a store that keeps ground truth beside the teacher's labels (source "both",
+    `ClipLabels.ground_truth`): the student's predictions of the fields the clip holds ground truth
+    for, against it, as `gt_<metric>` (empty for a clip without: it fell back to the teacher)."""
+    if labels.ground_truth is None:
+        return {}
+    truth = dataclasses.replace(labels, **labels.ground_truth)
+    outputs = [FIELD_OUTPUTS[name] for name in labels.ground_truth_fields]
+    metrics = clip_metrics(truth, **{name: predictions.get(name) for name in outputs})
     return {f"gt_{k}": v for k, v in metrics.items() if k not in ("clip_id", "num_frames")}

@@ -14,7 +14,7 @@ from geovr.teacher_cache.config import require
 from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
 # Where a label field comes from (`pipeline.ground_truth`; the conventions: `corpus.ground_truth`).
-LabelSource = Literal["teacher", "gt"]
+LabelSource = Literal["teacher", "gt", "both"]
 
 CLIPS_PER_SHARD = 64  # `index`: clips per output shard
 MAX_PROBE_WORKERS = 16  # `index`: probe processes at most (default: the CPU count)
@@ -120,9 +120,12 @@ class PrecomputeConfig:
         jpeg_quality: quality of the stored student frames.
         max_actor_restarts: Ray restarts of a crashed teacher actor before its batches fail.
         depth_source, camera_source, scale_source: where each label field comes from: "teacher",
-            or "gt" (the clip's RGB-D ground truth in the teacher's conventions,
-            `corpus.ground_truth`; clips without it fall back to the teacher and are counted).
-            Features always come from the teacher. Recorded in the store fingerprint. Ground-truth
+            "gt" (the clip's RGB-D ground truth in the teacher's conventions,
+            `corpus.ground_truth`; clips without it fall back to the teacher and are counted), or
+            "both" (the teacher's labels in the field, the ground truth stored beside them,
+            `ClipLabels.ground_truth`; the trainer chooses by `data.<field>_label`; clips without
+            ground truth hold the teacher's only, counted). Features always come from the teacher.
+            Recorded in the store fingerprint and each clip's meta (`label_sources`). Ground-truth
             translations and scale are in the ground truth's normalisation: mixed with teacher depth
             they do not share its units (take depth, camera and scale from one source to train).
     """
@@ -153,7 +156,8 @@ class PrecomputeConfig:
     def validate(self) -> None:
         for name, source in self.label_sources().items():
             require(
-                source in ("teacher", "gt"), f"precompute.{name}_source must be teacher or gt, got {source!r}"
+                source in ("teacher", "gt", "both"),
+                f"precompute.{name}_source must be teacher, gt or both, got {source!r}",
             )
         require(self.num_actors >= 0, f"precompute.num_actors must be >= 0, got {self.num_actors}")
         require(

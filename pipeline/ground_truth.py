@@ -23,9 +23,10 @@ class GroundTruthResult:
     """Labels of one clip after the ground-truth choice.
 
     Attributes:
-        labels: the teacher's label dict with the chosen fields replaced.
-        sources: per field (depth, camera, scale) where the stored value came from: "gt" or "teacher"
-            (recorded in the clip's meta as `label_sources`).
+        labels: the teacher's label dict with the "gt" fields replaced, and the "both" fields'
+            ground truth under "ground_truth" (`corpus.ground_truth.apply_ground_truth`).
+        sources: per field (depth, camera, scale) where the stored value came from: "gt",
+            "teacher" or "both" (recorded in the clip's meta as `label_sources`).
         fallback: "" when every field asked for came from the ground truth; else why the clip fell
             back to the teacher ("no RGB-D folder" or the problem of its folder).
         problem: whether the fallback is a problem with an existing folder (reported) rather than
@@ -42,7 +43,8 @@ def with_ground_truth(
     corpus_root: str, sources: dict[str, str], video: str, rgbd: str | None, frames: ClipFrames,
     labels: dict[str, Any],
 ) -> GroundTruthResult:  # fmt: skip
-    """Replace the fields whose source is "gt" by the clip's ground truth, or fall back to the teacher."""
+    """Replace the fields whose source is "gt" by the clip's ground truth and add that of the fields
+    whose source is "both", or fall back to the teacher (every field "teacher", no ground truth)."""
     teacher = dict.fromkeys(LABEL_FIELDS, "teacher")
     if all(source == "teacher" for source in sources.values()):
         return GroundTruthResult(labels, teacher)

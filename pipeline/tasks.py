@@ -315,6 +315,7 @@ def assemble_clip(row: dict[str, Any], info: dict[str, Any], labels: dict[str, A
         features=labels["features"].astype(np.float32),
         meta=meta,
         fusion=None if fusion is None else fusion.astype(np.float32),
+        ground_truth=labels.get("ground_truth"),
     )
     clip.validate()
     return clip
@@ -332,7 +333,8 @@ def encode_labels(
     store's codecs refuse (non-finite values, bad shapes) fail at stage "encode".
 
     `ground_truth` ({"corpus_root", "sources"}, None for teacher labels only): the fields whose
-    source is "gt" come from the clip's RGB-D folder (`ground_truth_labels`); status "gt_fallback"
+    source is "gt" come from the clip's RGB-D folder, those whose source is "both" are stored
+    beside the teacher's (`ground_truth_labels`); status "gt_fallback"
     says why a clip kept the teacher's ("" when it did not), "gt_problem" whether that is a damaged
     folder rather than none.
     """

@@ -32,6 +32,11 @@ depth map, h x w = largest feature grid):
     clip_ids           list[str]
     labelled           (B,) bool           False: a clip without teacher labels (language only);
                                            its cameras are NaN, its depth and feature grids 0 x 0
+    label_fallback     (B,) bool           True: a field chosen "gt" took the teacher's labels (its
+                                           clip fell back to the teacher in precompute; counted)
+
+The geometric targets come from the labels `make_sample`'s `label_choice` picks per field
+(`student.label_choice`): the teacher's, the ground truth, or whatever the store holds.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from geovr.student.label_choice import choose_labels
 from geovr.student.losses import IGNORE_INDEX
 from geovr.student.vision_inputs import VideoPreprocess, build_video_prompt, video_inputs
 from geovr.teacher_cache.frames import decode_jpeg
@@ -74,6 +80,7 @@ class StudentSample:
     clip_id: str
     labelled: bool = True  # False: no teacher labels, language only (`student.unlabelled`)
     fusion: Tensor | None = None  # (S, h, w, D) one fusion layer, for a fusion student
+    label_fallback: bool = False  # a field chosen "gt" took the teacher's labels (`student.label_choice`)
 
 
 @dataclass
@@ -97,6 +104,7 @@ class StudentBatch:
     scale_valid: Tensor
     clip_ids: list[str]
     labelled: Tensor
+    label_fallback: Tensor
     fusion: Tensor | None = None
 
     def to(
@@ -197,6 +205,7 @@ def make_sample(
     max_length: int | None = None,
     feature_dtype: torch.dtype = torch.float32,
     fusion_layer: int | None = None,
+    label_choice: dict[str, str] | None = None,
 ) -> StudentSample:
     """Build one training sample from a cached clip and a conversation about it.
 
@@ -209,8 +218,11 @@ def make_sample(
         feature_dtype: dtype the teacher features are kept in (bf16 halves host memory).
         fusion_layer: for a fusion student, which of the clip's fusion layers the sample carries
             (ValueError when the clip has none, or their grid is not the video's patch grid).
+        label_choice: per label field "stored", "teacher" or "gt" (`student.label_choice`; None:
+            the stored labels).
     """
     labels.validate()
+    labels, fell_back = choose_labels(labels, label_choice or {})
     frames = np.stack([decode_jpeg(jpeg) for jpeg in labels.frames_jpeg])
     inputs = _conversation_inputs(
         frames, labels.timestamps, conversation, tokenizer, preprocess, max_length, labels.clip_id
@@ -225,6 +237,7 @@ def make_sample(
         scale_valid=bool(labels.scale_valid) and bool(np.isfinite(labels.scale)),
         clip_id=labels.clip_id,
         fusion=_fusion(labels, fusion_layer, inputs["video_grid_thw"], feature_dtype),
+        label_fallback=bool(fell_back),
     )
 
 
@@ -315,6 +328,7 @@ def collate_samples(samples: Sequence[StudentSample], pad_token_id: int) -> Stud
         scale_valid=torch.tensor([s.scale_valid for s in samples]),
         clip_ids=[s.clip_id for s in samples],
         labelled=torch.tensor([s.labelled for s in samples]),
+        label_fallback=torch.tensor([s.label_fallback for s in samples]),
         fusion=_pad_fusion(samples, frames),
     )
 

@@ -186,6 +186,11 @@ class DataConfig:
         max_damaged_ratio: under "skip", every rank stops once the damaged samples exceed this
             fraction of the samples drawn, counted over at least one epoch's samples (so that an
             early damaged sample does not stop a run on its own).
+        depth_label, camera_label, scale_label: which labels each geometric target comes from, for
+            a store that may hold the teacher's, the ground truth or both (`student.label_choice`):
+            "stored" (the clip's main arrays, the teacher's in a "both" store), "gt" (the ground
+            truth; a clip that fell back to the teacher in precompute trains on the teacher's and
+            is counted) or "teacher". A choice the store cannot serve is refused at startup.
     """
 
     access: Literal["auto", "random", "stream"] = "auto"
@@ -206,6 +211,13 @@ class DataConfig:
     corpus_root: str = ""
     on_damaged_clip: Literal["skip", "error"] = "skip"
     max_damaged_ratio: float = 0.01
+    depth_label: Literal["stored", "teacher", "gt"] = "stored"
+    camera_label: Literal["stored", "teacher", "gt"] = "stored"
+    scale_label: Literal["stored", "teacher", "gt"] = "stored"
+
+    def label_choice(self) -> dict[str, str]:
+        """{"depth", "camera", "scale"}: the labels each geometric target comes from."""
+        return {"depth": self.depth_label, "camera": self.camera_label, "scale": self.scale_label}
 
     def validate(self) -> None:
         require(self.micro_batch >= 1, f"data.micro_batch must be >= 1, got {self.micro_batch}")
@@ -228,3 +240,8 @@ class DataConfig:
             0.0 <= self.max_damaged_ratio <= 1.0,
             f"data.max_damaged_ratio must be in [0, 1], got {self.max_damaged_ratio}",
         )
+        for name, choice in self.label_choice().items():
+            require(
+                choice in ("stored", "teacher", "gt"),
+                f"data.{name}_label must be stored, teacher or gt, got {choice!r}",
+            )

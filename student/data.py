@@ -534,7 +534,8 @@ class StudentSampleBuilder:
     A sample above `max_seq_len` tokens raises `DataError` under `on_bad_row="error"`, else becomes a
     `SkippedSample` that the collator drops and counts. A language-only QA sample (labels None)
     decodes its frames from the video (`language_only`, `student.unlabelled`); a video that does not
-    decode becomes a `DamagedSample`.
+    decode becomes a `DamagedSample`. `label_choice`: which labels the geometric targets come from
+    (`DataConfig.label_choice`, `student.label_choice`; None: the stored ones).
     """
 
     def __init__(
@@ -545,8 +546,10 @@ class StudentSampleBuilder:
         video_pixels: tuple[int, int] = (VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS),
         language_only: LanguageOnlySource | None = None,
         fusion_layer: int | None = None,
+        label_choice: dict[str, str] | None = None,
     ):
         self.model_dir = str(model_dir)
+        self.label_choice = label_choice
         self.fusion_layer = fusion_layer  # a fusion student's layer of the cached fusion features
         self.max_seq_len = max_seq_len
         self.on_bad_row = on_bad_row
@@ -579,7 +582,7 @@ class StudentSampleBuilder:
                 return self._language_sample(sample)
             return make_sample(
                 labels, sample.messages(), self._tokenizer, self._preprocess, self.max_seq_len,
-                fusion_layer=self.fusion_layer,
+                fusion_layer=self.fusion_layer, label_choice=self.label_choice,
             )  # fmt: skip
         except SequenceTooLong as err:
             if self.on_bad_row == "error":

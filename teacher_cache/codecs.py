@@ -27,6 +27,10 @@ C channels, K = min(`feature_outlier_channels`, C), (Hd, Wd) depth size):
 - fusion (optional, Spatial-MLLM's fused tokens; `schema.ClipLabels.fusion`): the features codec
   above on (S, Lf, h, w, Cf), arrays `fuse_*`, with `fusion_outlier_channels` float16 channels.
   A clip either has all `fuse_*` arrays or none; one store may hold both feature sets.
+- ground truth beside the teacher's labels (optional, `schema.ClipLabels.ground_truth`): per label
+  field the codecs of its main arrays, arrays `gt_<name>` (`GROUND_TRUTH_ARRAYS`): depth `gt_depth_q`,
+  `gt_depth_log_range`, `gt_conf_q`, `gt_conf_log_range`; camera `gt_pose_enc`, `gt_extrinsic`,
+  `gt_intrinsic`; scale `gt_scale`, `gt_scale_valid`. A clip has all arrays of a label field or none.
 - cameras (frame indices, timestamps, pose_enc, extrinsic, intrinsic, scale, scale_valid): lossless.
 - frames_jpeg: the JPEG bytes as given.
 """
@@ -39,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from geovr.teacher_cache.config import require
-from geovr.teacher_cache.schema import ClipLabels, SchemaError
+from geovr.teacher_cache.schema import LABEL_FIELDS, ClipLabels, SchemaError
 
 CODEC_VERSION = "geovr-codecs-1"
 NO_DEPTH = (1 << 16) - 1  # depth_q of a pixel without depth
@@ -51,15 +55,24 @@ FRAME_ARRAYS: dict[str, tuple[str, ...]] = {
     "depth": ("depth_q", "depth_log_range"),
     "depth_conf": ("conf_q", "conf_log_range"),
     "fusion": ("fuse_q", "fuse_token_step", "fuse_outliers"),
-}
+    "ground_truth": ("gt_pose_enc", "gt_extrinsic", "gt_intrinsic", "gt_depth_q", "gt_depth_log_range",
+                     "gt_conf_q", "gt_conf_log_range"),
+}  # fmt: skip
 # Per-clip arrays (no frame axis).
 CLIP_ARRAYS: dict[str, tuple[str, ...]] = {
     "cameras": ("scale", "scale_valid"),
     "features": ("feat_channel_rms", "feat_outlier_channels"),
     "fusion": ("fuse_channel_rms", "fuse_outlier_channels"),
+    "ground_truth": ("gt_scale", "gt_scale_valid"),
 }
-# Fields a clip may lack (all of its arrays or none).
-OPTIONAL_FIELDS = ("fusion",)
+# Fields a clip may lack (fusion: all of its arrays or none; ground_truth: per label field).
+OPTIONAL_FIELDS = ("fusion", "ground_truth")
+# The ground-truth arrays of each label field (`schema.LABEL_FIELDS`).
+GROUND_TRUTH_ARRAYS: dict[str, tuple[str, ...]] = {
+    "depth": ("gt_depth_q", "gt_depth_log_range", "gt_conf_q", "gt_conf_log_range"),
+    "camera": ("gt_pose_enc", "gt_extrinsic", "gt_intrinsic"),
+    "scale": ("gt_scale", "gt_scale_valid"),
+}
 ARRAY_DTYPES: dict[str, np.dtype] = {
     name: np.dtype(dtype)
     for name, dtype in {
@@ -86,8 +99,12 @@ ARRAY_DTYPES: dict[str, np.dtype] = {
         "fuse_outlier_channels": "int16",
     }.items()
 }
+# A ground-truth array has the dtype of the main array it stands beside.
+ARRAY_DTYPES |= {
+    n: ARRAY_DTYPES[n.removeprefix("gt_")] for group in GROUND_TRUTH_ARRAYS.values() for n in group
+}
 # Fields as reported in byte counts: the array groups above plus the JPEG frames.
-FIELDS = ("frames_jpeg", "features", "depth", "depth_conf", "cameras", "fusion")
+FIELDS = ("frames_jpeg", "features", "depth", "depth_conf", "cameras", "fusion", "ground_truth")
 
 
 def field_of(array_name: str) -> str:
@@ -159,7 +176,7 @@ class EncodedClip:
         clip_id, video, meta: as in `ClipLabels`.
         frames_jpeg: S JPEG frames.
         arrays: every name of `FRAME_ARRAYS` (leading axis S) and `CLIP_ARRAYS`, dtypes `ARRAY_DTYPES`;
-            the arrays of an `OPTIONAL_FIELDS` field all or none.
+            the fusion arrays all or none, the ground-truth arrays of a label field all or none.
     """
 
     clip_id: str
@@ -176,8 +193,15 @@ class EncodedClip:
     def has_fusion(self) -> bool:
         return "fuse_q" in self.arrays
 
+    @property
+    def ground_truth_fields(self) -> tuple[str, ...]:
+        """The label fields whose ground truth the clip holds (`GROUND_TRUTH_ARRAYS`)."""
+        return tuple(name for name in LABEL_FIELDS if GROUND_TRUTH_ARRAYS[name][0] in self.arrays)
+
     def geometry(self) -> str:
-        """Key of the label shapes (depth and feature grids); clips of one key stack along frames."""
+        """Key of the label shapes (depth and feature grids) and of the optional arrays the clip holds
+        (`_u...`: fusion; `_gt` + initials of the label fields: ground truth, e.g. `_gtdcs`); clips of
+        one key stack along frames."""
         _, hd, wd = self.arrays["depth_q"].shape
         _, layers, h, w, channels = self.arrays["feat_q"].shape
         outliers = self.arrays["feat_outliers"].shape[-1]
@@ -185,6 +209,8 @@ class EncodedClip:
         if self.has_fusion:
             _, layers, h, w, channels = self.arrays["fuse_q"].shape
             key += f"_u{layers}x{h}x{w}x{channels}k{self.arrays['fuse_outliers'].shape[-1]}"
+        if self.ground_truth_fields:
+            key += "_gt" + "".join(name[0] for name in self.ground_truth_fields)
         return key
 
     def validate(self) -> None:
@@ -196,6 +222,7 @@ class EncodedClip:
             if name not in OPTIONAL_FIELDS or (name == "fusion" and self.has_fusion)
             for n in group
         }
+        expected |= {n for name in self.ground_truth_fields for n in GROUND_TRUTH_ARRAYS[name]}
         if set(self.arrays) != expected:
             raise SchemaError(
                 f"clip {self.clip_id}: encoded arrays {sorted(self.arrays)} != expected {sorted(expected)}"
@@ -374,6 +401,7 @@ def encode_clip(clip: ClipLabels, config: CodecConfig) -> EncodedClip:
         arrays.update({"fuse_" + name.removeprefix("feat_"): value for name, value in fused.items()})
     arrays.update(encode_depth(clip.depth, config.depth_log_step))
     arrays.update(encode_confidence(clip.depth_conf))
+    arrays.update(encode_ground_truth(clip, config.depth_log_step))
     return EncodedClip(
         clip_id=clip.clip_id,
         video=clip.video,
@@ -409,6 +437,7 @@ def decode_clip(encoded: EncodedClip) -> ClipLabels:
         ),
         meta=dict(encoded.meta),
         fusion=_decode_fusion(a) if encoded.has_fusion else None,
+        ground_truth=_decode_ground_truth(encoded),
     )
 
 
@@ -416,3 +445,40 @@ def _decode_fusion(arrays: dict[str, np.ndarray]) -> np.ndarray:
     """(S, Lf, h, w, Cf) float32 fusion features from the `fuse_*` arrays."""
     names = ("q", "token_step", "outliers", "channel_rms", "outlier_channels")
     return decode_features(*(arrays[f"fuse_{name}"] for name in names))
+
+
+def encode_ground_truth(clip: ClipLabels, depth_log_step: float) -> dict[str, np.ndarray]:
+    """The `gt_*` arrays of the clip's ground-truth group (`GROUND_TRUTH_ARRAYS`; none without one):
+    each label field in the codec of its main arrays."""
+    truth, arrays = clip.ground_truth or {}, {}
+    if "depth" in truth:  # no measurement (NaN) is kept; the confidence is finite
+        depth = np.asarray(truth["depth"], dtype=np.float32)
+        _check_finite(clip.clip_id, "ground_truth.depth", np.nan_to_num(depth, nan=1.0))
+        _check_finite(clip.clip_id, "ground_truth.depth_conf", truth["depth_conf"])
+        arrays |= encode_depth(depth, depth_log_step)
+        arrays |= encode_confidence(np.asarray(truth["depth_conf"], dtype=np.float32))
+    if "pose_enc" in truth:
+        for name in ("pose_enc", "extrinsic", "intrinsic"):
+            _check_finite(clip.clip_id, f"ground_truth.{name}", truth[name])
+            arrays[name] = np.asarray(truth[name], dtype=np.float32)
+    if "scale" in truth:
+        arrays["scale"] = np.asarray(truth["scale"], dtype=np.float64)
+        arrays["scale_valid"] = np.asarray(bool(truth["scale_valid"]))
+    return {f"gt_{name}": value for name, value in arrays.items()}
+
+
+def _decode_ground_truth(encoded: EncodedClip) -> dict[str, Any] | None:
+    """`ClipLabels.ground_truth` from the `gt_*` arrays; None when the clip holds none."""
+    fields = encoded.ground_truth_fields
+    if not fields:
+        return None
+    a = {name.removeprefix("gt_"): value for name, value in encoded.arrays.items() if name.startswith("gt_")}
+    truth: dict[str, Any] = {}
+    if "depth" in fields:
+        truth["depth"] = decode_depth(a["depth_q"], a["depth_log_range"])
+        truth["depth_conf"] = decode_confidence(a["conf_q"], a["conf_log_range"])
+    if "camera" in fields:
+        truth |= {name: a[name] for name in ("pose_enc", "extrinsic", "intrinsic")}
+    if "scale" in fields:
+        truth |= {"scale": float(a["scale"]), "scale_valid": bool(a["scale_valid"])}
+    return truth

@@ -6,6 +6,9 @@ S = sampled frames of the clip, L = distilled teacher layers, (Ht, Wt) = teacher
 (h, w) = pooled feature grid (teacher patch grid / 2, 14x18), C = feature channels (1024 for
 VGGT-1B: the frame-attention half of the aggregator tokens). Optional, Spatial-MLLM's fusion
 features (`ClipLabels.fusion`): Lf fused layers at full width (2C) on the student's patch grid.
+Optional, the ground truth stored beside the teacher's labels (`ClipLabels.ground_truth`, a store
+whose label source is "both" for a field): the same keys and shapes as the label fields they stand
+for (`LABEL_FIELD_KEYS`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,15 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
+
+# The label fields a store can take from the teacher, the ground truth or both
+# (`pipeline.config.PrecomputeConfig.depth_source` ...), and the `ClipLabels` keys each one covers.
+LABEL_FIELDS = ("depth", "camera", "scale")
+LABEL_FIELD_KEYS = {
+    "depth": ("depth", "depth_conf"),
+    "camera": ("pose_enc", "extrinsic", "intrinsic"),
+    "scale": ("scale", "scale_valid"),
+}
 
 
 class SchemaError(ValueError):
@@ -88,6 +100,11 @@ class ClipLabels:
             none: the full-width (frame and global halves, Cf = 2 * C) patch tokens of the fused
             aggregator layers, from a teacher pass at 7/8 of the student frame size, so that (h, w)
             is the student's unmerged 16-pixel patch grid (`pipeline.labeler`'s docstring).
+        ground_truth: the clip's ground-truth labels stored beside the teacher's (whose they are in
+            the fields above), or None: keys = the `LABEL_FIELD_KEYS` of the label fields whose
+            source is "both" (`meta["label_sources"]`), values as the fields of the same name
+            (ground-truth depth is NaN where the sensor measured none). A clip that fell back to the
+            teacher in precompute has none.
     """
 
     clip_id: str
@@ -105,6 +122,7 @@ class ClipLabels:
     features: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
     fusion: np.ndarray | None = None
+    ground_truth: dict[str, Any] | None = None
 
     @property
     def num_frames(self) -> int:
@@ -134,6 +152,31 @@ class ClipLabels:
         check("features", self.features.ndim == 5 and self.features.shape[0] == s, f"({s}, L, h, w, C)")
         if self.fusion is not None:
             check("fusion", self.fusion.ndim == 5 and self.fusion.shape[0] == s, f"({s}, Lf, h, w, Cf)")
+        if self.ground_truth is not None:
+            self._validate_ground_truth()
+
+    @property
+    def ground_truth_fields(self) -> tuple[str, ...]:
+        """The label fields (`LABEL_FIELDS`) whose ground truth the clip holds in `ground_truth`."""
+        truth = self.ground_truth or {}
+        return tuple(name for name in LABEL_FIELDS if LABEL_FIELD_KEYS[name][0] in truth)
+
+    def _validate_ground_truth(self) -> None:
+        """The ground-truth group: whole label fields, each array shaped as its main field."""
+        truth = self.ground_truth or {}
+        keys = {key for name in self.ground_truth_fields for key in LABEL_FIELD_KEYS[name]}
+        if not keys or set(truth) != keys:
+            raise SchemaError(
+                f"clip {self.clip_id}: field ground_truth holds {sorted(truth)}, expected the keys of "
+                f"whole label fields ({LABEL_FIELD_KEYS})"
+            )
+        for key, value in truth.items():
+            main = getattr(self, key)
+            if isinstance(main, np.ndarray) and np.shape(value) != main.shape:
+                raise SchemaError(
+                    f"clip {self.clip_id}: field ground_truth.{key} has shape {np.shape(value)}, "
+                    f"expected {main.shape}"
+                )
 
 
 @dataclass(frozen=True)

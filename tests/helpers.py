@@ -33,7 +33,7 @@ def clip_labels(
     `student_hw`; identity cameras with a 50-pixel pinhole (`pose_enc` = translation 0, quaternion
     (0, 0, 0, 1), fields of view 1 rad); depth in [0.5, 3] and confidence in [1, 5] of `depth_hw`;
     scale 1.5 (valid); features (S, L, h, w, C) of `feature_shape` = (L, h, w, C), standard normal;
-    meta {"teacher_size": [2 * Wd, 2 * Hd]}; no fusion features.
+    meta {"teacher_size": [2 * Wd, 2 * Hd]}; no fusion features, no ground truth.
     """
     rng = np.random.default_rng(seed)
     height, width = depth_hw
@@ -55,6 +55,7 @@ def clip_labels(
         "features": lambda: rng.standard_normal((frames, *feature_shape)).astype(np.float32),
         "meta": lambda: {"teacher_size": [2 * width, 2 * height]},
         "fusion": lambda: None,
+        "ground_truth": lambda: None,
     }
     values = {name: fields[name] if name in fields else make() for name, make in defaults.items()}
     unknown = sorted(set(fields) - set(defaults))

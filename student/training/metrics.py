@@ -3,7 +3,8 @@
 `RUN/metrics.jsonl`: one JSON object per step: step, epoch, loss (the total), `loss.<name>` for the
 language loss and every objective of `student.objectives`, the learning rate of each group,
 grad_norm, skipped, samples/s, tokens/s, MFU, data-wait fraction, step time, skipped and damaged
-samples. TensorBoard scalars under `RUN/tensorboard/`, and console progress (rich).
+samples, and the samples whose field chosen "gt" took the teacher's labels (`label_fallback_samples`,
+`student.label_choice`). TensorBoard scalars under `RUN/tensorboard/`, and console progress (rich).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class StepStats:
     flops: float = 0.0
     data_wait: float = 0.0
     skipped_samples: int = 0
+    label_fallback_samples: int = 0
     damage: StepDamage = field(default_factory=StepDamage)
 
     def add_losses(self, losses: dict[str, torch.Tensor], weight: int) -> None:
@@ -41,10 +43,11 @@ class StepStats:
 
 def reduce_stats(stats: StepStats, names: list[str], env: DistEnv) -> tuple[dict[str, float], torch.Tensor]:
     """Global sample-weighted mean of each loss term, and the summed [samples, tokens, flops, wait,
-    skipped samples] over ranks."""
+    skipped samples, label-fallback samples] over ranks."""
     values = torch.tensor(
         [stats.loss_sums.get(n, 0.0) for n in names]
-        + [stats.samples, stats.tokens, stats.flops, stats.data_wait, stats.skipped_samples],
+        + [stats.samples, stats.tokens, stats.flops, stats.data_wait, stats.skipped_samples]
+        + [stats.label_fallback_samples],
         dtype=torch.float64,
         device=env.device,  # NCCL reduces device tensors only
     )
@@ -59,9 +62,9 @@ def step_record(
     step: int, epoch: int, means: dict[str, float], totals: list[float], step_time: float, **facts: Any
 ) -> dict[str, Any]:
     """The metrics.jsonl row of a step: `means` of the loss terms ("total" first), `totals` over ranks
-    (samples, tokens, flops, data wait, skipped samples); `facts`: lr, grad_norm, skipped, peak
-    (FLOP/s per device, or None), world_size, damaged_samples."""
-    samples, tokens, flops, wait, skipped = totals
+    (samples, tokens, flops, data wait, skipped samples, label-fallback samples); `facts`: lr,
+    grad_norm, skipped, peak (FLOP/s per device, or None), world_size, damaged_samples."""
+    samples, tokens, flops, wait, skipped, fallback = totals
     peak, world = facts.pop("peak"), facts.pop("world_size")
     lrs = facts.pop("lrs")
     return {
@@ -79,6 +82,7 @@ def step_record(
         "data_wait": wait / world / step_time,
         "step_time_s": step_time,
         "skipped_samples": int(skipped),
+        "label_fallback_samples": int(fallback),
         **facts,
     }
 

@@ -24,6 +24,9 @@ class TrainCounters:
     skipped_steps: int = 0
     skipped_samples: int = 0
     damaged_samples: int = 0
+    label_fallback_samples: int = (
+        0  # samples whose "gt" field took the teacher's labels (`student.label_choice`)
+    )
 
     def state_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -56,6 +56,7 @@ def accumulate_gradients(
     if stats.damage.idle_ranks:
         return stats
     chunks = [chunk for batch in micro_batches for chunk in batch.chunks]
+    stats.label_fallback_samples = sum(int(chunk.label_fallback.sum()) for chunk in chunks)
     passes = equal_pass_count(len(chunks), env)
     for index in range(passes):
         real = index < len(chunks)

@@ -37,6 +37,7 @@ from geovr.student.data import (
     join_qa,
     student_collator,
 )
+from geovr.student.label_choice import check_label_choice
 from geovr.student.model import GeoVRStudent
 from geovr.student.objectives import loss_names
 from geovr.student.training.checkpoint import CheckpointManager
@@ -91,6 +92,7 @@ class Trainer:
         removed = self.checkpoints.remove_partial()
         resume_from = self._resume_point()
         self.store = open_store(inputs.store, max_open_shards=data_cfg.open_shards)
+        check_label_choice(self.store.fingerprint, data_cfg.label_choice(), str(inputs.store))
         self.samples, self.report = join_qa(inputs.qa, self.store, data_cfg)
         self._plan_batches()
         self._build_model(student_cfg, resume_from)
@@ -142,6 +144,11 @@ class Trainer:
             "data": self.report.to_json(),
             "wall_s": time.perf_counter() - run_start,
         }
+        if self.counters.label_fallback_samples:
+            self.logger.message(
+                f"{self.counters.label_fallback_samples} sample(s) trained on the teacher's labels for a "
+                "field chosen gt (data.*_label): their clips had no usable ground truth in precompute"
+            )
         if self.env.is_main:
             (self.inputs.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         self.logger.close()
@@ -185,10 +192,11 @@ class Trainer:
     def _count(self, stats: StepStats, totals: list[float], step: int) -> None:
         """Add the step to the counters and apply the damage policy (inputs reduced over ranks: every
         rank stops at the same step, or none does)."""
-        samples, tokens, _, _, skipped = totals
+        samples, tokens, _, _, skipped, fallback = totals
         self.counters.samples += int(samples)
         self.counters.tokens += int(tokens)
         self.counters.skipped_samples += int(skipped)
+        self.counters.label_fallback_samples += int(fallback)
         self.counters.damaged_samples += stats.damage.count
         # Every micro-batch holds micro_batch samples (placeholders included): a step draws global_batch.
         drawn = step * self.cfg.global_batch
@@ -269,6 +277,7 @@ class Trainer:
             (student_cfg.video_max_pixels, student_cfg.video_min_pixels),
             language_only=language_only,
             fusion_layer=student_cfg.fusion_layer_index if student_cfg.fusion else None,
+            label_choice=data_cfg.label_choice(),
         )
         self.loader = TrainLoader(
             self.samples, store, store.detached, builder,

@@ -13,6 +13,9 @@ Members of the sample of clip <id> (the WebDataset key is the clip id), in this 
     <id>.depth_conf.safetensors.zst  conf_q, conf_log_range
     <id>.fusion.safetensors.zst      the fusion arrays (`fuse_*`), only in a clip with fusion
                                      features (its header then holds "fusion": true)
+    <id>.ground_truth.safetensors.zst  the ground-truth arrays the clip holds (`gt_*`), only in a clip
+                                     with ground truth beside the teacher's labels (its header then
+                                     holds "ground_truth": true)
     <id>.0000.jpg ... <id>.NNNN.jpg  the JPEG frames as given
 
 The tar is written with `tarfile` to a temporary name chosen by `store` (WebDataset's ShardWriter
@@ -50,9 +53,14 @@ from geovr.teacher_cache.schema import DamagedClipError
 COMPRESSED_FIELDS = ("features", "depth", "depth_conf")
 
 
-def _compressed_fields(fusion: bool) -> tuple[str, ...]:
-    """The zstd members of a sample, in write order; the fusion member only in a clip with fusion."""
-    return (*COMPRESSED_FIELDS, "fusion") if fusion else COMPRESSED_FIELDS
+def _compressed_fields(fusion: bool, ground_truth: bool) -> tuple[str, ...]:
+    """The zstd members of a sample, in write order; the fusion and ground-truth members only in a
+    clip that holds them."""
+    return (
+        *COMPRESSED_FIELDS,
+        *(("fusion",) if fusion else ()),
+        *(("ground_truth",) if ground_truth else ()),
+    )
 
 
 def _field_arrays(name: str) -> tuple[str, ...]:
@@ -73,15 +81,18 @@ def _members(clip: EncodedClip, zstd: numcodecs.Zstd, integrity: bool) -> list[t
     cameras = {n: clip.arrays[n] for n in _field_arrays("cameras")}
     # In the order of `_suffixes`.
     members = [("cameras.safetensors", "cameras", safetensors.numpy.save(cameras))]
-    for name in _compressed_fields(clip.has_fusion):
+    for name in _compressed_fields(clip.has_fusion, bool(clip.ground_truth_fields)):
+        # The ground-truth member holds the arrays of the label fields the clip has.
         payload = safetensors.numpy.save(
-            {n: np.ascontiguousarray(clip.arrays[n]) for n in _field_arrays(name)}
+            {n: np.require(clip.arrays[n], requirements="C") for n in _field_arrays(name) if n in clip.arrays}
         )
         members.append((f"{name}.safetensors.zst", name, bytes(zstd.encode(payload))))
     members.extend((f"{i:04d}.jpg", "frames_jpeg", frame) for i, frame in enumerate(clip.frames_jpeg))
     header = {"clip_id": clip.clip_id, "video": clip.video, "meta": clip.meta, "num_frames": clip.num_frames}
     if clip.has_fusion:
         header["fusion"] = True
+    if clip.ground_truth_fields:
+        header["ground_truth"] = True
     if integrity:
         header["crc32c"] = {s: google_crc32c.value(p) for s, _, p in members if not s.endswith(".zst")}
     return [("json", "metadata", json.dumps(header).encode()), *members]
@@ -137,9 +148,9 @@ Damaged = Callable[[str, str], DamagedClipError]
 """(field, problem) -> the error naming the store, shard and clip."""
 
 
-def _suffixes(num_frames: int, fusion: bool = False) -> list[str]:
+def _suffixes(num_frames: int, fusion: bool = False, ground_truth: bool = False) -> list[str]:
     """Suffixes of a sample's members after its `.json` header, in the order they are written."""
-    compressed = [f"{name}.safetensors.zst" for name in _compressed_fields(fusion)]
+    compressed = [f"{name}.safetensors.zst" for name in _compressed_fields(fusion, ground_truth)]
     return ["cameras.safetensors", *compressed, *(f"{i:04d}.jpg" for i in range(num_frames))]
 
 
@@ -151,7 +162,7 @@ def _check_members(sample: dict[str, bytes], clip_id: str, header_crc32c: int, d
     if google_crc32c.value(sample["json"]) != header_crc32c:
         raise damaged("metadata", f"member {clip_id}.json fails its crc32c checksum")
     header = json.loads(sample["json"])
-    suffixes = _suffixes(header["num_frames"], bool(header.get("fusion")))
+    suffixes = _suffixes(header["num_frames"], bool(header.get("fusion")), bool(header.get("ground_truth")))
     for suffix in suffixes:
         if suffix not in sample:
             raise damaged(_field_of_member(suffix), f"member {clip_id}.{suffix} is missing")
@@ -177,7 +188,7 @@ def decode_sample(
         suffix = "cameras.safetensors"
         arrays = dict(safetensors.numpy.load(sample[suffix]))
         zstd = numcodecs.Zstd()
-        for name in _compressed_fields(bool(header.get("fusion"))):
+        for name in _compressed_fields(bool(header.get("fusion")), bool(header.get("ground_truth"))):
             suffix = f"{name}.safetensors.zst"
             arrays.update(safetensors.numpy.load(bytes(zstd.decode(sample[suffix]))))
         frames = []

@@ -9,8 +9,8 @@ commit logic is in `store`):
     <shard>/<geometry>/               one subgroup per label geometry (`EncodedClip.geometry`, e.g.
                                       "d196x252_f4x14x18x1024k8"; a corpus of one video size has one)
         <frame array>                 (F, ...) every per-frame array of `codecs.FRAME_ARRAYS` the
-                                      clips have (the fusion arrays only in a geometry with fusion
-                                      features), the F frames of the subgroup's clips stacked in
+                                      clips have (the fusion and ground-truth arrays only in a
+                                      geometry that holds them), the F frames of the subgroup's clips stacked in
                                       order; inner chunks of `ROWS_PER_CHUNK` frames, zstd with its
                                       content checksum
         <clip array>                  (N, ...) every per-clip array of `codecs.CLIP_ARRAYS` the clips have
@@ -118,7 +118,7 @@ def write_shard(
         group = root.create_group(geometry)
         frame_counts = [c.num_frames for c in members]
         frame_offsets = np.concatenate([[0], np.cumsum(frame_counts)]).astype(np.int64)
-        # One geometry: the same fields in every member (the key includes the fusion shape).
+        # One geometry: the same fields in every member (the key includes the optional ones).
         present = members[0].arrays
         for name in (n for n in _FRAME_ARRAY_NAMES if n in present):
             _write_array(
@@ -231,7 +231,7 @@ async def _read_clip_arrays(
                 raise damaged("frames_jpeg" if name.startswith("jpeg_") else name, _problem(value))
         return [np.asarray(v) for v in values]
 
-    # The optional fields' arrays (fusion) exist only in the geometries that hold them.
+    # The optional fields' arrays (fusion, ground truth) exist only in the geometries that hold them.
     reads = [(name, slice(start, stop)) for name in _FRAME_ARRAY_NAMES if name in group]
     reads += [(name, clip_index) for name in _CLIP_ARRAY_NAMES if name in group]
     *values, offsets = await gather([*reads, ("jpeg_offsets", slice(start, stop + 1))])
@@ -322,7 +322,7 @@ class ZarrShardReader:
         """Every array of a geometry subgroup read whole (its chunks checked as for `read`), or None
         when one fails (the caller then reads clip by clip, to name the damaged clips)."""
         group = self._geometry_arrays(geometry)
-        # The optional fields' arrays (fusion) exist only in the geometries that hold them.
+        # The optional fields' arrays (fusion, ground truth) exist only in the geometries that hold them.
         fields = [name for name in (*_FRAME_ARRAY_NAMES, *_CLIP_ARRAY_NAMES) if name in group]
         names = [*fields, "jpeg_offsets", "jpeg_bytes"]
 
