@@ -229,6 +229,21 @@ class RunResult:
     exit_code: int
 
 
+def keep_ray_on_loopback() -> None:
+    """Make Ray in this process, and in the processes it starts, use 127.0.0.1.
+
+    Unless told otherwise Ray rewrites 127.0.0.1 to the host's external address
+    (`services.resolve_ip_for_localhost`), so a "local" cluster would listen on the network. The
+    switch is RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which Ray reads once, when it is imported: the
+    variable serves the processes Ray starts, and this process, which has imported Ray already,
+    needs the constant read from it set as well.
+    """
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+
+
 def connect_ray(address: str | None, cpus: int | None = None) -> bool:
     """Connect to the cluster at `address` ("local": start one in-process; None: Ray's default).
 
@@ -239,9 +254,7 @@ def connect_ray(address: str | None, cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address == "local" or (address or "").split(":")[0] in ("127.0.0.1", "localhost"):
-        # Otherwise Ray rewrites 127.0.0.1 to the host's external address. Not for real clusters:
-        # there the driver must advertise an address the other nodes can reach.
-        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        keep_ray_on_loopback()  # not for real clusters: there the driver must advertise a reachable address
     if address == "local":
         start_watchdog()
         ray.init(
