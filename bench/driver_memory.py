@@ -181,11 +181,15 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def extrapolate(largest: dict[str, Any]) -> dict[str, Any]:
-    marginal = max(0.0, largest["kb_per_clip_marginal"]["VmRSS"])
-    growth_mb = (largest["growth_kb"]["VmRSS"] + marginal * (TARGET_CLIPS - largest["clips"])) / 1024
+    def growth_mb(key: str) -> float:
+        marginal = max(0.0, largest["kb_per_clip_marginal"][key])
+        return (largest["growth_kb"][key] + marginal * (TARGET_CLIPS - largest["clips"])) / 1024
+
     return {
         "clips": TARGET_CLIPS,
-        "driver_rss_growth_mb_extrapolated": growth_mb,
+        "driver_rss_growth_mb_extrapolated": growth_mb("VmRSS"),
+        "driver_private_growth_mb_extrapolated": growth_mb("RssAnon"),
+        "driver_live_heap_growth_mb_extrapolated": growth_mb("inuse_kb"),
         "rule": "growth measured at the largest size + its marginal slope x the clips beyond it",
         "issue_17_figure_mb": ISSUE_KB_PER_CLIP * TARGET_CLIPS / 1024,
     }
