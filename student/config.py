@@ -47,7 +47,11 @@ class StudentConfig:
             precision the store's fusion pass ran in (`matched_to` sets both from the store): the
             online encoder at inference runs that stage in that precision (`student.fusion_model`).
         train_llm, train_merger: whether the language model (with its embeddings) and `visual.merger`
-            train (GeoVR and Spatial-MLLM: both; the rest of the vision tower is always frozen).
+            train (GeoVR and Spatial-MLLM: both).
+        train_vision_tower: also train the rest of the vision tower (patch embedding, position
+            embedding, blocks) at `train.lr_llm`. A departure from GeoVR and Spatial-MLLM, which freeze
+            it (a pretrained ViT); for a randomly initialised tower (the tiny demo) it lets the
+            student learn image features at all. The mergers keep their own switches.
     """
 
     base_model: str = ""
@@ -85,6 +89,7 @@ class StudentConfig:
     fusion_dtype: Literal["bfloat16", "float32"] = "bfloat16"
     train_llm: bool = True
     train_merger: bool = True
+    train_vision_tower: bool = False
 
     def validate(self) -> None:
         require(len(self.teacher_layers) > 0, "student.teacher_layers: at least one layer")

@@ -281,9 +281,9 @@ class GeoVRStudent(nn.Module):
 
     def freeze_vision_tower(self) -> None:
         """Freeze the vision tower except its merger (GeoVR's `set_model`); the DeepStack mergers
-        train only with `train_deepstack_mergers`."""
+        train only with `train_deepstack_mergers`, the rest of the tower only with `train_vision_tower`."""
         visual = self.base.model.visual
-        visual.requires_grad_(False)
+        visual.requires_grad_(self.config.train_vision_tower)
         visual.merger.requires_grad_(self.config.train_merger)
         visual.deepstack_merger_list.requires_grad_(self.config.train_deepstack_mergers)
         if not self.config.train_llm:
@@ -303,7 +303,8 @@ class GeoVRStudent(nn.Module):
     def param_groups(
         self, lr_llm: float = 2e-5, lr_heads: float = 1e-4, weight_decay: float = 0.0
     ) -> list[dict]:
-        """Optimizer groups: {"name": "llm"} LLM + trained mergers at `lr_llm`, {"name": "heads"} heads and
+        """Optimizer groups: {"name": "llm"} LLM + trained mergers (and the vision tower with
+        `train_vision_tower`) at `lr_llm`, {"name": "heads"} heads and
         new tokens at `lr_heads` (DESIGN defaults); a fusion student puts `visual.merger` with its
         connector at `lr_heads` (Spatial-MLLM's mm_projector_lr). Frozen and tied (shared)
         parameters appear once."""
@@ -322,7 +323,13 @@ class GeoVRStudent(nn.Module):
         projector = [visual.merger] if self.config.fusion else []
         heads = take([*self.geometry_modules().values(), *projector])
         llm = take(
-            [self.base.model.language_model, self.base.lm_head, visual.merger, visual.deepstack_merger_list]
+            [
+                self.base.model.language_model,
+                self.base.lm_head,
+                visual.merger,
+                visual.deepstack_merger_list,
+                visual,
+            ]
         )
         leftover = [n for n, p in self.named_parameters() if p.requires_grad and id(p) not in seen]
         if leftover:

@@ -144,3 +144,37 @@ def test_export_refuses_bad_targets(trained_run, tmp_path):
     (tmp_path / "busy" / "file").write_text("")
     with pytest.raises(ValueError, match="not empty"):
         export_plain(run, tmp_path / "busy")
+
+
+def test_trained_vision_tower_reaches_the_checkpoint_and_the_export(trained_run, tmp_path):
+    """`student.train_vision_tower` (the demo's random ViT): the tower's blocks and patch embedding
+    train in the "llm" group, and the checkpoint, its reload and the plain export carry the trained
+    weights (the export writes the whole base model, not only the GeoVR-trained parts)."""
+    tiny_dir, _, _, batch = trained_run
+    config = load_section(StudentConfig, "student", "tiny", train_vision_tower=True).matched_to(FINGERPRINT)
+    student = GeoVRStudent.from_base(tiny_dir, config)
+    visual = student.base.model.visual
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in student.param_groups(1e-2, 1e-2)}
+    tower = {id(p) for name, p in visual.named_parameters() if not name.startswith("deepstack_merger_list")}
+    assert tower <= groups["llm"]  # the DeepStack mergers keep their own switch (off here)
+    watched = {
+        "model.visual.blocks.0.attn.qkv.weight": visual.blocks[0].attn.qkv.weight,
+        "model.visual.patch_embed.proj.weight": visual.patch_embed.proj.weight,
+    }
+    before = {name: p.detach().clone() for name, p in watched.items()}
+    optimizer = torch.optim.AdamW(student.param_groups(lr_llm=1e-2, lr_heads=1e-2))
+    student(batch)["total"].backward()
+    optimizer.step()
+    assert all(not torch.equal(before[name], p) for name, p in watched.items())
+
+    student.save_pretrained(tmp_path / "checkpoint")
+    loaded = GeoVRStudent.from_pretrained(tmp_path / "checkpoint")
+    assert (
+        loaded.config.train_vision_tower and loaded.base.model.visual.blocks[0].attn.qkv.weight.requires_grad
+    )
+    plain = Qwen3VLForConditionalGeneration.from_pretrained(
+        export_plain(tmp_path / "checkpoint", tmp_path / "plain")
+    )
+    for name, trained in watched.items():
+        assert torch.equal(loaded.base.state_dict()[name], trained), name
+        assert torch.equal(plain.state_dict()[name], trained), name

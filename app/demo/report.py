@@ -277,7 +277,7 @@ def camera_parts_line(camera: dict[str, Any]) -> str:
     )
 
 
-CLEAR_MARGIN = 0.9  # "beats" a baseline: at least 10% lower AbsRel; within 10% either way: level
+CLEAR_MARGIN = 0.85  # "beats" a baseline: at least 15% lower AbsRel (issue 16); within 15% either way: level
 
 
 def depth_verdict(predictors: dict[str, dict[str, float]]) -> str:
