@@ -277,36 +277,35 @@ def camera_parts_line(camera: dict[str, Any]) -> str:
     )
 
 
-CLEAR_MARGIN = 0.85  # "beats" a baseline: at least 15% lower AbsRel (issue 16); within 15% either way: level
+CLEAR_MARGIN = 0.85  # "clearly below" a baseline: at least 15% lower AbsRel (issue 16); within 15%: level
 
 
 def depth_verdict(predictors: dict[str, dict[str, float]]) -> str:
-    """One sentence on what the aligned AbsRel figures say about the structure the student learnt."""
+    """One sentence on the student's aligned AbsRel against the image-blind baselines it must beat."""
     student = predictors["student_after"]["abs_rel_aligned"]
-    constant = predictors["constant_train_mean"]["abs_rel_aligned"]
-    text = (
-        f"After training the student's aligned AbsRel is {student:.3f}, against {constant:.3f} for a per-frame "
-        f"constant: it removes {100 * (1 - student / constant):.0f}% of the constant's error, i.e. it predicts "
-        "how depth varies within each frame."
+    baselines = {"a per-frame constant": predictors["constant_train_mean"]["abs_rel_aligned"]}
+    if "train_mean_depth_map" in predictors:
+        baselines["the training clips' mean depth map"] = predictors["train_mean_depth_map"][
+            "abs_rel_aligned"
+        ]
+    best_name, best = min(baselines.items(), key=lambda item: item[1])
+    margin = f"{100 * (1 - CLEAR_MARGIN):.0f}%"
+    text = f"After training the student's aligned AbsRel is {student:.3f}, against " + " and ".join(
+        f"{value:.3f} for {name}" for name, value in baselines.items()
     )
-    if "train_mean_depth_map" not in predictors:
-        return text
-    mean_map = predictors["train_mean_depth_map"]["abs_rel_aligned"]
-    if student < CLEAR_MARGIN * mean_map:
+    if student < CLEAR_MARGIN * best:
         return text + (
-            f" It also beats the training clips' mean depth map ({mean_map:.3f}), so it reads depth from the "
-            "pixels rather than only reproducing the pattern common to all frames."
+            f". It is clearly below every image-blind baseline ({100 * (1 - student / best):.0f}% below the "
+            "better one): it reads depth from the pixels, beyond the pattern common to all frames."
         )
-    if student < mean_map / CLEAR_MARGIN:
+    if student < best / CLEAR_MARGIN:
         return text + (
-            f" It is level with the training clips' mean depth map ({mean_map:.3f}, within "
-            f"{100 * (1 - CLEAR_MARGIN):.0f}%): beyond the pattern common to all frames it reads little depth "
-            "from the pixels yet."
+            f". It is level with {best_name} (within {margin}): beyond what an image-blind predictor gets, "
+            "it reads little depth from the pixels yet."
         )
     return text + (
-        f" The training clips' mean depth map does better ({mean_map:.3f}): most of the labels' depth "
-        "variation is a pattern tied to the image position, the same in every frame, which the student "
-        "has learnt only in part in this short run."
+        f". {best_name[0].upper()}{best_name[1:]} does better: most of the labels' depth variation is a "
+        "pattern tied to the image position, which the student has learnt only in part in this short run."
     )
 
 
