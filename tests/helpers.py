@@ -64,3 +64,26 @@ def clip_labels(
     clip = ClipLabels(clip_id=clip_id, video=video, **values)
     clip.validate()
     return clip
+
+
+def label_synthetic_clip(
+    corpus: Any, reference_dir: Any, video: str = "videos/scene_0001.mp4"
+) -> tuple[dict, dict]:
+    """(decode info, teacher label dict) of one synthetic-corpus video: decoded as precompute decodes
+    it (2 fps, 4 to 8 frames) and labelled by the tiny VGGT `tiny-a` on CPU."""
+    from geovr.corpus.config import SamplingConfig
+    from geovr.pipeline.config import TeacherConfig
+    from geovr.pipeline.labeler import TeacherLabeler
+    from geovr.pipeline.tasks import decode_clip
+    from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
+
+    policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=8).policy()
+    _, frames, info = decode_clip(
+        video, str(corpus), policy, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, 90, teacher_resize=(112, 28)
+    )
+    cfg = TeacherConfig(
+        checkpoint=reference_dir / "vggt" / "tiny-a", name="vggt-tiny", image_long_side=112,
+        feature_layers=(0, 1, 2, 3), dtype="float32",
+    )  # fmt: skip
+    (teacher,) = TeacherLabeler(cfg, "cpu").label([frames])
+    return info, {name: getattr(teacher, name) for name in teacher.__dataclass_fields__}

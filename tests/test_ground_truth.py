@@ -21,6 +21,7 @@ from geovr.corpus.rgbd import RGBDError, read_rgbd, rgbd_dir_for, write_rgbd
 from geovr.corpus.synth import load_scene_gt, read_corpus
 from geovr.teacher_cache.codecs import decode_depth, encode_depth
 from geovr.teacher_cache.geometry import mat_to_quat, normalize_clip, resize_intrinsic, unproject_to_world
+from tests.helpers import label_synthetic_clip
 
 
 def test_reader_gives_the_synthetic_scene_exactly(synth_corpus: Path) -> None:
@@ -179,24 +180,12 @@ def test_encode_task_takes_ground_truth_fields_and_counts_a_fallback(
     """The precompute encode task with camera and depth from ground truth: the stored fields are the
     ground truth (tiny-a's infinite focal length no longer matters), features the teacher's, the scale
     the teacher's; the clip's meta says so. A video without an RGB-D folder keeps the teacher's labels."""
-    from geovr.pipeline.config import TeacherConfig
-    from geovr.pipeline.labeler import TeacherLabeler
-    from geovr.pipeline.tasks import decode_clip, encode_labels
+    from geovr.pipeline.tasks import encode_labels
     from geovr.teacher_cache.codecs import CodecConfig
     from geovr.teacher_cache.codecs import decode_clip as decode_encoded
-    from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
-    policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=8).policy()
     video = "videos/scene_0001.mp4"
-    _, frames, info = decode_clip(
-        video, str(synth_corpus), policy, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, 90, teacher_resize=(112, 28)
-    )
-    cfg = TeacherConfig(
-        checkpoint=reference_dir / "vggt" / "tiny-a", name="vggt-tiny", image_long_side=112,
-        feature_layers=(0, 1, 2, 3), dtype="float32",
-    )  # fmt: skip
-    (teacher,) = TeacherLabeler(cfg, "cpu").label([frames])
-    teacher = {name: getattr(teacher, name) for name in teacher.__dataclass_fields__}
+    info, teacher = label_synthetic_clip(synth_corpus, reference_dir, video)
     sources = {"depth": "gt", "camera": "gt", "scale": "teacher"}
     ground_truth = {"corpus_root": str(synth_corpus), "sources": sources}
     status, encoded = encode_labels(

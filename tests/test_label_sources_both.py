@@ -21,6 +21,7 @@ from geovr.teacher_cache.convert import convert_store
 from geovr.teacher_cache.schema import DamagedClipError
 from geovr.teacher_cache.store import open_store, open_writer
 from geovr.teacher_cache.verify import verify_store
+from tests.helpers import label_synthetic_clip
 from tests.test_cache_integrity import flip, member
 from tests.test_data_loader import SAMPLING, store_fingerprint, synthetic_clip, write_qa
 from tests.test_train_damage import train_in_process
@@ -37,23 +38,7 @@ GT_ARRAYS = {  # stored ground-truth array -> the main array of a gt-only store 
 def labelled(synth_corpus: Path, reference_dir: Path) -> dict:
     """One synthetic clip decoded and labelled by the tiny teacher (its infinite intrinsics made
     finite, so that the teacher's cameras can be stored)."""
-    from geovr.corpus.config import SamplingConfig
-    from geovr.pipeline.config import TeacherConfig
-    from geovr.pipeline.labeler import TeacherLabeler
-    from geovr.pipeline.tasks import decode_clip
-    from geovr.teacher_cache.frames import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
-
-    policy = SamplingConfig(fps=2.0, min_frames=4, max_frames=8).policy()
-    _, frames, info = decode_clip(
-        "videos/scene_0001.mp4", str(synth_corpus), policy, VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, 90,
-        teacher_resize=(112, 28),
-    )  # fmt: skip
-    cfg = TeacherConfig(
-        checkpoint=reference_dir / "vggt" / "tiny-a", name="vggt-tiny", image_long_side=112,
-        feature_layers=(0, 1, 2, 3), dtype="float32",
-    )  # fmt: skip
-    (teacher,) = TeacherLabeler(cfg, "cpu").label([frames])
-    teacher = {name: getattr(teacher, name) for name in teacher.__dataclass_fields__}
+    info, teacher = label_synthetic_clip(synth_corpus, reference_dir)
     teacher["intrinsic"] = np.nan_to_num(teacher["intrinsic"], posinf=100.0)
     return {"info": info, "teacher": teacher, "corpus": synth_corpus}
 
