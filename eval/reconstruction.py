@@ -10,7 +10,7 @@ depth metric uses, would tear a multi-view cloud apart). Units: the teacher's no
 point distance 1 over the clip).
 
 Metrics (DTU / Spann3R convention; P the student's points, G the teacher's, d(x, Y) = min_y ||x - y||,
-at most `MAX_POINTS` random points per cloud, exact nearest neighbours):
+at most `MAX_POINTS` random points per cloud, exact nearest neighbours from a k-d tree):
     recon_accuracy     = mean_{p in P} d(p, G)          (prediction -> reference)
     recon_completeness = mean_{g in G} d(g, P)          (reference -> prediction)
     recon_chamfer      = (accuracy + completeness) / 2
@@ -28,13 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.spatial import cKDTree
 
 from geovr.student.point_map import compose_points, label_points
 from geovr.teacher_cache.schema import ClipLabels
 
 THRESHOLD = 0.05
 MAX_POINTS = 20_000
-CDIST_CHUNK = 4096
 
 
 def aligned_clouds(
@@ -61,14 +61,12 @@ def aligned_clouds(
 
 
 def nearest_distances(source: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """(N,) distance of each source point (N, 3) to its nearest target point (M, 3), exact, in
-    chunks of `CDIST_CHUNK` source points."""
-    target_t = torch.from_numpy(target).double()
-    out = [
-        torch.cdist(torch.from_numpy(chunk).double(), target_t).min(dim=1).values
-        for chunk in np.array_split(source, max(1, math.ceil(len(source) / CDIST_CHUNK)))
-    ]
-    return torch.cat(out).numpy()
+    """(N,) distance of each source point (N, 3) to its nearest target point (M, 3), exact.
+
+    A k-d tree: 20k x 20k points in about 0.02 s, where a chunked float64 `cdist` took 3.5 s
+    on one CPU core, which made label quality and `eval geometry` take seconds per clip."""
+    distances, _ = cKDTree(np.asarray(target, dtype=np.float64)).query(np.asarray(source, dtype=np.float64))
+    return distances
 
 
 def subsample(points: np.ndarray, limit: int = MAX_POINTS, seed: int = 0) -> np.ndarray:

@@ -32,7 +32,7 @@ def test_cloud_metrics_match_the_hand_computed_values():
     assert cloud_metrics(student[:0], teacher) == {}
 
 
-def test_chunked_nearest_distances_are_exact():
+def test_nearest_distances_are_exact():
     rng = np.random.default_rng(0)
     source, target = rng.normal(size=(9000, 3)), rng.normal(size=(700, 3))
     brute = np.sqrt(((source[:, None] - target[None]) ** 2).sum(-1)).min(1)
