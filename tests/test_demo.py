@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 
 CLI = str(Path(sys.executable).with_name("geovr-pipeline"))
-# Reduced settings: 2 training scenes and 1 held-out scene of 16 frames at 128x96 (the tiny
-# sampling keeps 4 frames), 12 optimizer steps, a few questions.
+# Reduced settings: 2 training scenes and 1 held-out scene of 4 frames at 128x96 (2 s at the
+# preset's 2 fps; the tiny sampling keeps all 4), 12 optimizer steps, a few questions.
 SMALL = [
-    "--train-scenes", "2", "--heldout-scenes", "1", "--frames", "16", "--steps", "12",
+    "--train-scenes", "2", "--heldout-scenes", "1", "--frames", "4", "--steps", "12",
     "--set", "demo.width=128", "--set", "demo.height=96", "--set", "demo.questions_per_type=1",
     "--set", "demo.heldout_rows_per_clip=2", "--set", "demo.vsibench_limit=6",
 ]  # fmt: skip

@@ -24,6 +24,10 @@ class DemoConfig:
         questions_per_type: at most this many questions per question type and scene.
         clips_per_shard: clips per store shard.
         steps, lr_llm, lr_heads: the demo's training overrides (optimizer steps, learning rates).
+        train_vision_tower: the demo's student trains its whole vision tower at `lr_llm`
+            (`student.train_vision_tower`). GeoVR freezes a pretrained tower; the demo's is random,
+            and a frozen random tower leaves the student too little of the image to read depth from
+            on scenes it never saw (issue 16).
         heldout_rows_per_clip: held-out conversations per held-out clip in the loss measurement.
         vsibench_frames: frames per video in `eval vsibench`.
         vsibench_limit: only the first N held-out questions (0: all).
@@ -43,6 +47,7 @@ class DemoConfig:
     steps: int = 200
     lr_llm: float = 2e-4
     lr_heads: float = 3e-3
+    train_vision_tower: bool = True
     heldout_rows_per_clip: int = 4
     vsibench_frames: int = 8
     vsibench_limit: int = 0

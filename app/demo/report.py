@@ -40,7 +40,13 @@ def _introduction(summary: dict[str, Any]) -> list[str]:
         "of view stay positive and its depth varies over the image: `teachers/tiny.py` says why),"
         + (" the metric-depth model a tiny random DA3-Metric," if cfg["metric_depth"] else "")
         + " the student",
-        "a 4-layer Qwen3-VL of width 64 with random weights. Their labels and answers",
+        "a 4-layer Qwen3-VL of width 64 with random weights"
+        + (
+            " (its vision tower trains too: GeoVR freezes a pretrained one, but a random one has to learn to see)"
+            if cfg.get("train_vision_tower")
+            else ""
+        )
+        + ". Their labels and answers",
         "carry no knowledge of the world. What the demo shows is the pipeline itself: every stage running on",
         "real files (H.264 videos, a Ray cluster, a Zarr store, Hugging Face checkpoints), and the student",
         *(

@@ -345,7 +345,12 @@ class DemoRun:
             log_every=max(1, cfg.steps // 15),
         )
         student_cfg = load_section(
-            StudentConfig, "student", self.preset, self.overrides, base_model=str(self.base_dir)
+            StudentConfig,
+            "student",
+            self.preset,
+            self.overrides,
+            base_model=str(self.base_dir),
+            train_vision_tower=cfg.train_vision_tower,
         )
         self.heldout = load_heldout(
             self.questions["qa_heldout"], self.heldout_store, data_cfg, cfg.heldout_rows_per_clip
