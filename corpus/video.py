@@ -311,11 +311,14 @@ def decode_frames(
     indices: np.ndarray,
     timestamps: tuple[np.ndarray, np.ndarray] | None = None,
     sizes: OutputSizes | None = None,
+    threads: int = 0,
 ) -> DecodedFrames:
     """Decode the frames at `indices` (positions in presentation order, as `read_timestamps` counts them).
 
     `timestamps`: `read_timestamps(path)` when the caller has it already (saves a demux pass).
     `sizes`: maps the displayed source (H, W) to the output sizes; None gives one output at (H, W).
+    `threads`: FFmpeg decoder threads; 0 lets FFmpeg choose (one per core of the machine, whatever
+    else runs on it).
 
     Memory: each frame is converted and resized as soon as it is decoded, into output arrays
     allocated once, so the decode holds at most, in bytes, with (H, W) the source size and
@@ -349,6 +352,7 @@ def decode_frames(
     with _open(path, "decode") as container:
         stream = _video_stream(container, path, "decode")
         stream.thread_type = "AUTO"
+        stream.codec_context.thread_count = threads
         counter = 0
         try:
             for frame in container.decode(stream):

@@ -105,7 +105,7 @@ class PrecomputeConfig:
         num_actors: teacher actors; 0 = one per GPU of the cluster (cuda) or 1 (cpu).
         clips_per_batch: clips per teacher call.
         decode_workers: decode tasks in flight at most; 0 = the cluster's CPUs not held by actors.
-        decode_cpus: CPUs reserved per decode task.
+        decode_cpus: CPUs reserved per decode task, and its FFmpeg decoder threads (`decode_threads`).
         actor_cpus: CPUs reserved per teacher actor (its torch threads on --device cpu).
         write_cpus: CPUs reserved per shard write task (it checksums and fsyncs the shard; > 0 so
             that the cluster's CPUs bound how many run at once, e.g. in --retry-failed).
@@ -152,6 +152,11 @@ class PrecomputeConfig:
     def label_sources(self) -> dict[str, str]:
         """{"depth", "camera", "scale"}: the source of each label field."""
         return {"depth": self.depth_source, "camera": self.camera_source, "scale": self.scale_source}
+
+    def decode_threads(self) -> int:
+        """FFmpeg threads of a decode task: its reserved CPUs, at least one. Left to itself FFmpeg
+        starts one thread per core of the node in every task, and a node runs one task per CPU."""
+        return max(1, round(self.decode_cpus))
 
     def validate(self) -> None:
         for name, source in self.label_sources().items():

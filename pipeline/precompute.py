@@ -609,7 +609,7 @@ class Scheduler:
                     continue
                 status, frames, info = self.decode_task.remote(
                     clip.row["video"], str(manifest.corpus_root), manifest.sampling, cfg.video_max_pixels,
-                    cfg.video_min_pixels, cfg.jpeg_quality, self.limits.teacher_resize,
+                    cfg.video_min_pixels, cfg.jpeg_quality, self.limits.teacher_resize, cfg.decode_threads(),
                 )  # fmt: skip
                 clip.state, clip.frames_ref, clip.info_ref = "decoding", frames, info
                 self.pending[status] = Decoded(shard, clip)

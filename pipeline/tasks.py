@@ -49,6 +49,7 @@ def decode_clip(
     video_min_pixels: int,
     jpeg_quality: int,
     teacher_resize: tuple[int, int] | None = None,
+    decode_threads: int = 0,
 ) -> tuple[dict[str, Any], np.ndarray | None, dict[str, Any] | None]:
     """Sample and decode one clip; the body of the `decode_clip` Ray task.
 
@@ -64,6 +65,8 @@ def decode_clip(
     source-size ones (10x less for 1080p). Not used with the Depth Anything V2 metric teacher, which
     reads the source frames (DA3-Metric reads the teacher's): then the task also holds the S
     source-size frames.
+
+    `decode_threads`: the FFmpeg decoder's threads (`decode_frames`; 0: one per core of the node).
 
     Returns (status, frames, info):
         status: {"ok": True, "frames": S decoded, "keep": frames to keep, "student_hw", "decode_s"} or a failure
@@ -90,7 +93,7 @@ def decode_clip(
         keep = len(indices)
         if cfg.method == "space_aware":
             keep = num_sampled_frames(duration_of(seconds), len(seconds), cfg)
-        decoded = decode_frames(path, indices, (pts, seconds), output_sizes)
+        decoded = decode_frames(path, indices, (pts, seconds), output_sizes, decode_threads)
     except VideoError as err:
         return _failure(err.stage, str(err)), None, None
     except Exception as err:  # an unexpected decoder error must not stop the run

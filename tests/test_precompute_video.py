@@ -153,6 +153,58 @@ def test_space_aware_policy_samples_candidates_and_changes_clip_identity() -> No
     assert "candidate_frames" not in GEOVR.policy()
 
 
+_THREADS = """
+import json, os, sys
+import numpy as np
+from geovr.corpus.video import decode_frames
+
+path, threads = sys.argv[1], int(sys.argv[2])
+before = len(os.listdir("/proc/self/task"))
+extra = []
+
+
+def sizes(height, width):  # called at the first decoded frame: the decoder is open, its threads started
+    extra.append(len(os.listdir("/proc/self/task")) - before)
+    return [(height, width)]
+
+
+(frames,) = decode_frames(path, np.arange(12), sizes=sizes, threads=threads).outputs
+np.save(sys.argv[3], frames)
+print(json.dumps(extra[0]))
+"""
+
+
+def test_decode_threads_cap_the_decoder(tmp_path: Path) -> None:
+    """`threads` caps the FFmpeg decoder's threads, so a decode task uses the CPUs it reserves
+    (`PrecomputeConfig.decode_threads`), not one thread per core of the node; the frames do not
+    depend on it. Threads are counted in a fresh process (/proc/self/task), at the first frame."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from geovr.pipeline.config import PrecomputeConfig
+
+    path = write_video(tmp_path / "a.mp4", smooth_frames(12, 120, 160))
+
+    def decode(threads: int) -> tuple[int, np.ndarray]:
+        out = tmp_path / f"frames_{threads}.npy"
+        run = subprocess.run(
+            [sys.executable, "-c", _THREADS, str(path), str(threads), str(out)],
+            capture_output=True, text=True, check=True, timeout=120,
+        )  # fmt: skip
+        return json.loads(run.stdout), np.load(out)
+
+    one, frames_one = decode(1)
+    two, frames_two = decode(2)
+    assert one == 0 and two >= 1, (one, two)
+    np.testing.assert_array_equal(frames_one, frames_two)
+    if (os.cpu_count() or 1) > 2:
+        auto, _ = decode(0)
+        assert auto > two
+    assert [PrecomputeConfig(decode_cpus=c).decode_threads() for c in (0.25, 1.0, 2.0, 4.0)] == [1, 1, 2, 4]
+
+
 def test_decode_matches_encoded_frames(tmp_path: Path) -> None:
     frames = smooth_frames(12, 120, 160)
     path = write_video(tmp_path / "a.mp4", frames, fps=10)
