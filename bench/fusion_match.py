@@ -103,13 +103,15 @@ def demo_synth() -> Any:
 
 
 def precompute_in_process(videos: Path, store: Path, teacher: Path, preset: str = "tiny-fusion") -> None:
-    """The precompute tasks (`pipeline.tasks`: decode, the teacher actor's labelling, encode) run one
-    after another in this process and the clips committed as one shard: the functions the Ray driver
-    schedules, without a Ray node (whose start times out on a heavily loaded box)."""
+    """The precompute work (`pipeline.tasks`: decode and encode; `pipeline.teacher_actor`: labelling)
+    runs one step after another in this process and the clips are committed as one shard: the
+    functions the Ray driver schedules, without a Ray node (whose start times out on a heavily
+    loaded box)."""
     from geovr.app.presets import load_section
     from geovr.corpus.config import SamplingConfig
     from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
-    from geovr.pipeline.tasks import TeacherActor, decode_clip, encode_labels
+    from geovr.pipeline.tasks import decode_clip, encode_labels
+    from geovr.pipeline.teacher_actor import TeacherActor
     from geovr.teacher_cache.schema import StoreFingerprint, clip_id_for
     from geovr.teacher_cache.store import open_writer
 

@@ -91,7 +91,8 @@ from geovr.pipeline.config import PrecomputeConfig, TeacherConfig
 from geovr.pipeline.driver_watchdog import start_watchdog, stop_watchdog
 from geovr.pipeline.index import Manifest, read_manifest
 from geovr.pipeline.progress import PrecomputeProgress, RunCounts, summary_table
-from geovr.pipeline.tasks import TeacherActor, decode_clip, encode_labels, write_shard
+from geovr.pipeline.tasks import decode_clip, encode_labels, write_shard
+from geovr.pipeline.teacher_actor import TeacherActor
 from geovr.teacher_cache import __version__
 from geovr.teacher_cache.config import to_dict
 from geovr.teacher_cache.lease import StoreLease, acquire_lease

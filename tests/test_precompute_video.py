@@ -205,6 +205,19 @@ def test_decode_threads_cap_the_decoder(tmp_path: Path) -> None:
     assert [PrecomputeConfig(decode_cpus=c).decode_threads() for c in (0.25, 1.0, 2.0, 4.0)] == [1, 1, 2, 4]
 
 
+def test_cpu_tasks_do_not_import_torch() -> None:
+    """The module of the decode / encode / write tasks imports no torch: Ray imports it in every
+    worker that runs one, one worker per CPU of a node (torch adds about 180 MB to each)."""
+    import subprocess
+    import sys
+
+    code = "import sys, geovr.pipeline.tasks; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert run.stdout.strip() == "[]", run.stdout
+
+
 def test_decode_matches_encoded_frames(tmp_path: Path) -> None:
     frames = smooth_frames(12, 120, 160)
     path = write_video(tmp_path / "a.mp4", frames, fps=10)
