@@ -317,8 +317,7 @@ def decode_frames(
 
     `timestamps`: `read_timestamps(path)` when the caller has it already (saves a demux pass).
     `sizes`: maps the displayed source (H, W) to the output sizes; None gives one output at (H, W).
-    `threads`: FFmpeg decoder threads; 0 lets FFmpeg choose (one per core of the machine, whatever
-    else runs on it).
+    `threads`: FFmpeg decoder threads; 0 lets FFmpeg choose (one per core, whatever else runs).
 
     Memory: each frame is converted and resized as soon as it is decoded, into output arrays
     allocated once, so the decode holds at most, in bytes, with (H, W) the source size and
