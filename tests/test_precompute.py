@@ -357,7 +357,7 @@ polls, revisions, errors = 0, set(), []
 while not os.path.exists(stop):
     try:
         reader = open_store(store)
-        time.sleep(1.0)
+        time.sleep(0.5)  # a marker may move between the open and the reads
         for shard in reader.shards():
             listed, revision = len(reader.shard_clip_ids(shard)), reader.index.revision(shard)
             read = [clip.clip_id for clip in reader.iter_shard_encoded(shard)]
@@ -407,8 +407,10 @@ def test_a_reader_never_sees_a_committed_shard_missing_while_retry_failed_replac
         stop.touch()
         reader.wait(timeout=60)
     polled = json.loads(report.read_text())
-    assert polled["errors"] == [] and polled["polls"] >= 10, polled
-    assert polled["revisions"] == [0, 1], polled  # it read the old and the new versions
+    # It read the old and the new versions, so its reads overlapped the replacement; how many
+    # polls fit in the retry depends on the machine.
+    assert polled["errors"] == [] and polled["polls"] >= 5, polled
+    assert polled["revisions"] == [0, 1], polled
     assert len(open_store(store).clip_ids()) == 12 and verify_store(store).ok
 
 
