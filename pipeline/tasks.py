@@ -4,7 +4,7 @@ clip, {"ok": True, ...} or a failure {"ok": False, "stage", "reason"}, which the
 the store's typed `ClipFailure`.
 
 This module does not import torch: every Ray worker that runs one of these tasks imports it, one
-worker per CPU of the node (torch would add about 230 MB and a second to each).
+worker per CPU of the node (torch would add about 180 MB and a second to each).
 
 - `decode_clip` (CPU task): probe the timestamps, sample, decode (PyAV, `corpus.video`), resize and
   JPEG the student frames, resize the teacher frames.
