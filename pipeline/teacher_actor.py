@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import numpy as np
+import torch
 
 from geovr.corpus.video import select_space_aware
 from geovr.pipeline.clip_split import SplitError, labels_to_dict, merge_halves, split_point
@@ -26,8 +27,6 @@ class TeacherActor:
     """
 
     def __init__(self, teacher: TeacherConfig, device: str, max_teacher_frames: int, threads: int) -> None:
-        import torch
-
         from geovr.pipeline.labeler import TeacherLabeler
 
         if device == "cpu":
